@@ -1,0 +1,159 @@
+"""The `edged` command line: run, check, status, send, bench, --version.
+
+Exit codes: 0 ok, 2 usage, 69 daemon/broker unreachable, 78 config or model error.
+User mistakes print one line on stderr, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+from edged import __version__, config
+from edged.errors import ConfigError, EdgedError, ModelError, UnavailableError
+
+EX_UNAVAILABLE, EX_CONFIG = 69, 78
+
+
+def _setup_logging(level: str, env: dict[str, str]) -> None:
+    # under systemd, journald stamps each line itself
+    fmt = "%(levelname)s %(name)s: %(message)s" if env.get("JOURNAL_STREAM") else \
+        "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=level, format=fmt, stream=sys.stderr, force=True)
+
+
+def _load(args: argparse.Namespace) -> config.Config:
+    return config.load(args.config or config.default_path(os.environ))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from edged.daemon import Supervisor
+
+    cfg = _load(args)
+    _setup_logging(cfg.logging.level, dict(os.environ))
+    logging.getLogger(__name__).info("edged %s starting: config %s, model %s", __version__, cfg.source, cfg.model.path)
+    return Supervisor(cfg).run()
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from edged import accel, postprocess
+
+    cfg = _load(args)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    choice = accel.choose(cfg)
+    model = choice.model
+    labels = postprocess.load_labels(cfg.model.labels)
+    if cfg.model.task == "detect":
+        postprocess.detection_outputs(model)
+    model.warm_up()
+    print(f"config       {cfg.source}: ok")
+    print(f"model        {model.path} ({model.backend}, task {cfg.model.task}, {len(labels)} labels)")
+    print(f"input        {list(model.input.shape)} {model.input.dtype} quantization "
+          f"{(model.input.scale, model.input.zero_point) if model.input.scale else None}")
+    for o in model.outputs:
+        print(f"output       {o.name} {list(o.shape)} {o.dtype}")
+    print(f"accelerator  {choice.kind} (preference {', '.join(cfg.accelerator.prefer)})")
+    for kind, reason in choice.skipped:
+        print(f"  skipped    {kind}: {reason}")
+    print(f"mqtt         {cfg.mqtt.host}:{cfg.mqtt.port} topics {cfg.prefix}/in/+ -> {cfg.prefix}/out/<stream>")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from edged import status
+
+    path = args.socket
+    if not path:
+        path = _load(args).status.socket
+    while True:
+        st = status.query(path)
+        if args.json:
+            print(json.dumps(st, indent=None if args.watch else 2))
+        else:
+            if args.watch:
+                print("\033[H\033[2J", end="")
+            print(status.render(st))
+        if not args.watch:
+            return 0
+        sys.stdout.flush()
+        time.sleep(args.watch)
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    from edged.mqtt import send_frame
+
+    cfg = _load(args)
+    try:
+        with open(args.file, "rb") as fh:
+            payload = fh.read()
+    except OSError as exc:
+        print(f"edged send: {args.file}: {exc.strerror}", file=sys.stderr)
+        return 66
+    result = send_frame(cfg, payload, args.stream, args.timeout)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from edged.bench import run_bench
+
+    cfg = _load(args)
+    report = run_bench(cfg, frames=args.frames, with_e2e=not args.no_e2e)
+    print(json.dumps(report, indent=2) if args.json else report["text"])
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edged", description="Edge inference daemon: TFLite models over MQTT.")
+    p.add_argument("--version", action="version", version=f"edged {__version__}")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def add(name: str, help_: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_)
+        sp.add_argument("-c", "--config", help="config file (default $EDGED_CONFIG, else /etc/edged/edged.yaml)")
+        return sp
+
+    add("run", "run the daemon in the foreground").set_defaults(fn=cmd_run)
+    add("check", "validate the config, load the model once, report").set_defaults(fn=cmd_check)
+    s = add("status", "ask a running daemon for its state")
+    s.add_argument("--json", action="store_true", help="print the status JSON")
+    s.add_argument("--socket", help="status socket path (default: status.socket from the config)")
+    s.add_argument("--watch", type=float, nargs="?", const=2.0, default=None, metavar="S",
+                   help="refresh every S seconds (default 2)")
+    s.set_defaults(fn=cmd_status)
+    s = add("send", "publish one frame and print its result")
+    s.add_argument("file", help="image file (JPEG, PNG, BMP) or raw tensor file")
+    s.add_argument("--stream", default="cli")
+    s.add_argument("--timeout", type=float, default=10.0)
+    s.set_defaults(fn=cmd_send)
+    s = add("bench", "measure raw interpreter vs. daemon paths")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--frames", type=int, default=200)
+    s.add_argument("--no-e2e", action="store_true", help="skip the end-to-end run through a broker")
+    s.set_defaults(fn=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return int(args.fn(args))
+    except (ConfigError, ModelError) as exc:
+        print(f"edged {args.cmd}: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    except UnavailableError as exc:
+        print(f"edged {args.cmd}: {exc}", file=sys.stderr)
+        return EX_UNAVAILABLE
+    except EdgedError as exc:
+        print(f"edged {args.cmd}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

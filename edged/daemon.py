@@ -1,0 +1,591 @@
+"""The supervisor: admission, dispatch, results, worker supervision, lifecycle.
+
+Threads: paho's network thread calls admit(); one dispatcher thread moves
+frames from the per-stream queues into pool blocks and onto workers; each
+worker's reader thread calls _on_worker_message(); the main thread runs
+timers (deadlines, heartbeats, restarts, pool upkeep, stats, watchdog) and
+handles signals, which only set flags and write to a wake pipe. One
+Condition guards queues, in-flight maps and worker slots. paho is never
+called with that lock held.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edged import __version__, config
+from edged.errors import ConfigError, EdgedError, ModelError, WorkerError
+from edged.metrics import Metrics, prometheus_text
+from edged.mqtt import Incoming, MqttLink
+from edged.notify import Notifier
+from edged.pool import Block, FramePool
+from edged.status import StatusServer
+from edged.workers import WorkerHandle
+
+logger = logging.getLogger(__name__)
+
+EX_OK, EX_SOFTWARE, EX_CONFIG = 0, 70, 78
+
+
+@dataclass(slots=True, eq=False)
+class Frame:
+    seq: int
+    stream: str
+    out_topic: str
+    payload: bytes | None
+    frame_id: str
+    correlation: bytes | None
+    content_type: str | None
+    mid: int
+    qos: int
+    t_in: float
+    expires_at: float | None
+    block: Block | None = None
+    t_dispatch: float = 0.0
+    error_code: str = "worker_crashed"
+
+
+@dataclass
+class Slot:
+    """A worker position: the live handle, and its restart history."""
+
+    index: int
+    handle: WorkerHandle | None = None
+    restarts: int = 0
+    restart_times: collections.deque[float] = dataclasses.field(default_factory=collections.deque)
+    next_start: float | None = None
+    last_exit: str = ""
+
+
+class Supervisor:
+    def __init__(self, cfg: config.Config, env: dict[str, str] | None = None) -> None:
+        self.cfg = cfg
+        self.env = dict(os.environ if env is None else env)
+        self.notifier = Notifier.from_env(self.env)
+        self.metrics = Metrics()
+        self.cond = threading.Condition()
+        self.queues: dict[str, collections.deque[Frame]] = {}
+        self.rr: collections.deque[str] = collections.deque()
+        self.slots: list[Slot] = []
+        self.generation = 0
+        self.seq = 0
+        self.state = "starting"
+        self.started = time.monotonic()
+        self.stopping = False
+        self.fatal: str | None = None
+        self._reload_requested = False
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        p = cfg.pool
+        self.pool = FramePool(initial_bytes=int(p.initial_mb * (1 << 20)), max_bytes=int(p.max_mb * (1 << 20)),
+                              segment_bytes=int(p.segment_mb * (1 << 20)), idle_release_s=p.idle_release_s,
+                              frag_threshold=p.frag_threshold, on_segment_released=self._segment_released)
+        self.link = MqttLink(cfg, self.admit, self._on_connection)
+        self.status_server = StatusServer(cfg.status.socket, self.snapshot)
+        self.model_info: dict[str, Any] = {}
+        self.accel_info: dict[str, Any] = {}
+        self._last_stats = 0.0
+        self._last_watchdog = 0.0
+
+    # ---- worker lifecycle -------------------------------------------------
+    def _init_msg(self, cfg: config.Config) -> dict[str, Any]:
+        src = Path(cfg.source)
+        return {"t": "init", "config_text": src.read_text(), "config_name": str(src), "config_base": str(src.resolve().parent),
+                "sandbox": cfg.sandbox.enabled, "sandbox_mode": cfg.sandbox.mode,
+                "memory_limit": cfg.sandbox.memory_limit_mb << 20,
+                "log_level": logging.getLevelName(cfg.logging.level)}
+
+    def _spawn(self, index: int, cfg: config.Config) -> WorkerHandle:
+        h = WorkerHandle(index, self._init_msg(cfg), self._on_worker_message, self._on_worker_exit, self.generation)
+        h.start()
+        logger.info("worker %d ready: pid %s, model %s on %s, sandboxed %s", index, h.pid, h.model_name,
+                    h.info.get("accelerator", {}).get("chosen"), h.info.get("sandboxed"))
+        return h
+
+    def _adopt(self, h: WorkerHandle) -> None:
+        self.model_info = dict(h.info.get("model", {}), task=h.info.get("task"), name=h.model_name)
+        self.accel_info = h.info.get("accelerator", {})
+
+    def start_workers(self) -> None:
+        """Start every worker; a model or config error here is fatal (exit 78)."""
+        handles = [self._spawn(i, self.cfg) for i in range(self.cfg.accelerator.workers)]
+        with self.cond:
+            self.slots = [Slot(i, h) for i, h in enumerate(handles)]
+            self._adopt(handles[0])
+            self.cond.notify_all()
+
+    def _on_worker_exit(self, h: WorkerHandle) -> None:
+        with self.cond:
+            frames = list(h.inflight.values())
+            h.inflight.clear()
+            expected = h.state in ("stopping", "stopped") or h.retiring
+            h.state = "dead" if not expected else "stopped"
+            slot = next((s for s in self.slots if s.handle is h), None)
+            if slot is not None and not self.stopping:
+                slot.last_exit = h.exit_description()
+                now = time.monotonic()
+                while slot.restart_times and now - slot.restart_times[0] > self.cfg.sandbox.restart_window_s:
+                    slot.restart_times.popleft()
+                backoff = min(self.cfg.sandbox.backoff_max_s, 0.25 * (2 ** len(slot.restart_times)))
+                slot.next_start = now + (0 if not slot.restart_times else backoff)
+                slot.restart_times.append(now)
+                if len(slot.restart_times) > self.cfg.sandbox.max_restarts:
+                    self.fatal = (f"worker {slot.index} died {len(slot.restart_times)} times in "
+                                  f"{self.cfg.sandbox.restart_window_s:.0f} s (last: {slot.last_exit}); giving up")
+            self.cond.notify_all()
+        if slot is not None and not expected:
+            logger.error("worker %d (pid %s) %s with %d frame(s) in flight", h.index, h.pid,
+                         h.exit_description(), len(frames))
+        for f in frames:
+            self._fail(f, f.error_code, f"worker {h.index} {h.exit_description()} while serving this frame"
+                       if f.error_code == "worker_crashed" else "inference took longer than sandbox.frame_timeout_s")
+        self._wake()
+
+    def _restart_due(self) -> None:
+        now = time.monotonic()
+        for slot in self.slots:
+            h = slot.handle
+            if h is not None and h.state != "dead":
+                continue
+            if slot.next_start is None or slot.next_start > now:
+                continue
+            slot.next_start = None
+            threading.Thread(target=self._restart, args=(slot,), name=f"restart-{slot.index}", daemon=True).start()
+
+    def _restart(self, slot: Slot) -> None:
+        try:
+            h = self._spawn(slot.index, self.cfg)
+        except EdgedError as exc:
+            logger.error("worker %d restart failed: %s", slot.index, exc)
+            with self.cond:
+                slot.restart_times.append(time.monotonic())
+                slot.next_start = time.monotonic() + self.cfg.sandbox.backoff_max_s
+                if len(slot.restart_times) > self.cfg.sandbox.max_restarts:
+                    self.fatal = f"worker {slot.index} cannot be restarted: {exc}"
+            self._wake()
+            return
+        with self.cond:
+            if self.stopping or slot.handle is not None and slot.handle.state not in ("dead", "stopped"):
+                stale = h
+            else:
+                stale = None
+                slot.handle = h
+                slot.restarts += 1
+                self.cond.notify_all()
+        if stale is not None:
+            stale.stop()
+        self._wake()
+
+    # ---- admission and dispatch -------------------------------------------
+    def _route(self, topic: str) -> tuple[str, str] | None:
+        prefixes = [self.cfg.prefix]
+        if self.cfg.mqtt.share is not None:
+            prefixes.append(self.cfg.mqtt.share.prefix.rstrip("/"))
+        for p in prefixes:
+            if topic.startswith(p + "/in/"):
+                stream = topic[len(p) + 4 :]
+                return stream, f"{p}/out/{stream}"
+        return None
+
+    def admit(self, inc: Incoming) -> None:
+        """Called on paho's thread: decide at once, never block."""
+        route = self._route(inc.topic)
+        if route is None or self.stopping:
+            return  # not acknowledged: the broker redelivers it to the next start
+        stream, out_topic = route
+        now = time.monotonic()
+        with self.cond:
+            self.seq += 1
+            seq = self.seq
+        fid = inc.frame_id or (inc.correlation.hex() if inc.correlation else str(seq))
+        f = Frame(seq, stream, inc.response_topic or out_topic, inc.payload, fid, inc.correlation, inc.content_type,
+                  inc.mid, inc.qos, now, now + inc.expiry_s if inc.expiry_s else None)
+        self.metrics.count("received")
+        if len(inc.payload) > self.cfg.queue.max_frame_bytes:
+            self.metrics.count("too_large")
+            f.payload = None
+            self._fail(f, "too_large", f"payload of {len(inc.payload)} bytes exceeds queue.max_frame_bytes "
+                       f"({self.cfg.queue.max_frame_bytes})")
+            return
+        victim = None
+        with self.cond:
+            q = self.queues.get(stream)
+            if q is None:
+                q = self.queues[stream] = collections.deque()
+                self.rr.append(stream)
+            if len(q) >= self.cfg.queue.max_per_stream:
+                if self.cfg.queue.policy == "drop_oldest":
+                    victim = q.popleft()
+                    q.append(f)
+                else:
+                    victim = f
+            else:
+                q.append(f)
+            self.cond.notify_all()
+        if victim is not None:
+            self.metrics.count("dropped")
+            victim.payload = None
+            self._fail(victim, "overloaded", f"queue for stream {stream!r} is full "
+                       f"({self.cfg.queue.max_per_stream}, policy {self.cfg.queue.policy})")
+
+    def queue_depth(self) -> int:
+        return sum(len(q) for q in self.queues.values())
+
+    def _pick(self) -> tuple[Frame, WorkerHandle] | None:
+        """Under the lock: the next frame (streams in turn) and the least busy ready worker."""
+        ready = [s.handle for s in self.slots if s.handle is not None and s.handle.state == "ready"
+                 and len(s.handle.inflight) < self.cfg.queue.inflight_per_worker]
+        if not ready:
+            return None
+        for _ in range(len(self.rr)):
+            stream = self.rr[0]
+            self.rr.rotate(-1)
+            q = self.queues[stream]
+            if q:
+                return q.popleft(), min(ready, key=lambda h: len(h.inflight))
+        return None
+
+    def _dispatch_loop(self) -> None:
+        while True:
+            with self.cond:
+                while True:
+                    if self.stopping and not self.queue_depth():
+                        return
+                    picked = self._pick()
+                    if picked is not None:
+                        break
+                    self.cond.wait(0.5)
+            frame, worker = picked
+            try:
+                self._dispatch(frame, worker)
+            except Exception:  # top of the dispatcher loop: answer the frame, keep serving
+                logger.exception("dispatch of frame %s failed", frame.frame_id)
+                self._fail(frame, "inference_failed", "internal error while dispatching the frame")
+
+    def _dispatch(self, frame: Frame, worker: WorkerHandle) -> None:
+        now = time.monotonic()
+        if frame.expires_at is not None and now > frame.expires_at:
+            frame.payload = None
+            self.metrics.count("expired")
+            self._fail(frame, "expired", "message expiry passed before inference")
+            return
+        payload = frame.payload or b""
+        block = self.pool.write(payload) if payload else self.pool.alloc(1)
+        if block is None:
+            with self.cond:
+                if now - frame.t_in > self.cfg.sandbox.frame_timeout_s:
+                    requeue = False
+                else:
+                    requeue = True
+                    self.queues[frame.stream].appendleft(frame)
+                    self.cond.wait(0.05)  # a free or a result wakes us
+            if not requeue:
+                frame.payload = None
+                self._fail(frame, "overloaded", "frame pool is full (pool.max_mb)")
+            return
+        fd_size = {sid: (fd, size) for sid, fd, size in self.pool.segments()}
+        seg = fd_size.get(block.segment)
+        with self.cond:
+            if worker.state != "ready" or seg is None:
+                self.queues[frame.stream].appendleft(frame)
+                block_to_free: Block | None = block
+            else:
+                block_to_free = None
+                frame.payload = None
+                frame.block = block
+                frame.t_dispatch = now
+                worker.inflight[frame.seq] = frame
+        if block_to_free is not None:
+            self.pool.free(block_to_free)
+            return
+        worker.ensure_segment(block.segment, *seg)
+        length = len(payload)
+        worker.send({"t": "f", "s": frame.seq, "g": block.segment, "o": block.offset, "n": length,
+                     "c": frame.content_type})
+
+    def _segment_released(self, seg_id: int) -> None:
+        for s in list(self.slots):
+            if s.handle is not None:
+                s.handle.drop_segment(seg_id)
+
+    # ---- results ------------------------------------------------------------
+    def _on_worker_message(self, h: WorkerHandle, msg: dict[str, Any]) -> None:
+        t = msg["t"]
+        if t == "pong":
+            h.last_pong = time.monotonic()
+            return
+        if t != "r":
+            return
+        with self.cond:
+            frame = h.inflight.pop(msg.get("s"), None)  # type: ignore[arg-type]
+            self.cond.notify_all()
+        h.last_pong = time.monotonic()
+        if frame is None:
+            return
+        if frame.block is not None:
+            self.pool.free(frame.block)
+            frame.block = None
+        err = msg.get("e")
+        if isinstance(err, dict):
+            self._fail(frame, str(err.get("code", "inference_failed")), str(err.get("message", "")), h)
+            return
+        body = msg.get("b") if isinstance(msg.get("b"), dict) else {}
+        now = time.monotonic()
+        timing = {"queue": round((frame.t_dispatch - frame.t_in) * 1e3, 3), "preprocess": float(msg.get("p", 0)),
+                  "inference": float(msg.get("i", 0)), "total": round((now - frame.t_in) * 1e3, 3)}
+        result = {"frame_id": frame.frame_id, "stream": frame.stream, "model": h.model_name,
+                  "accelerator": h.info.get("accelerator", {}).get("chosen"), "task": h.info.get("task"),
+                  **body, "timing_ms": timing, "ts": round(time.time(), 3)}
+        self._publish(frame, result)
+        timing["publish"] = round((time.monotonic() - now) * 1e3, 3)
+        self.metrics.observe(timing)
+
+    def _fail(self, frame: Frame, code: str, message: str, h: WorkerHandle | None = None) -> None:
+        if frame.block is not None:
+            self.pool.free(frame.block)
+            frame.block = None
+        self.metrics.error(code)
+        result: dict[str, Any] = {"frame_id": frame.frame_id, "stream": frame.stream}
+        name = h.model_name if h is not None else self.model_info.get("name")
+        if name:
+            result["model"] = name
+        result["error"] = {"code": code, "message": message}
+        result["ts"] = round(time.time(), 3)
+        self._publish(frame, result)
+
+    def _publish(self, frame: Frame, result: dict[str, Any]) -> None:
+        payload = json.dumps(result, separators=(",", ":")).encode()
+        if self.link.publish(frame.out_topic, payload, correlation=frame.correlation, frame_id=frame.frame_id):
+            self.link.ack(frame.mid, frame.qos)
+        else:
+            logger.warning("result buffer full (mqtt.result_buffer=%d): result of frame %s not held; "
+                           "the broker redelivers the frame", self.cfg.mqtt.result_buffer, frame.frame_id)
+
+    # ---- timers ---------------------------------------------------------------
+    def _check_workers(self, now: float) -> None:
+        sb = self.cfg.sandbox
+        for slot in self.slots:
+            h = slot.handle
+            if h is None or h.state != "ready":
+                continue
+            with self.cond:
+                oldest = min(h.inflight.values(), key=lambda f: f.t_dispatch, default=None)
+                if oldest is not None and now - oldest.t_dispatch > sb.frame_timeout_s:
+                    oldest.error_code = "timeout"
+            if oldest is not None and oldest.error_code == "timeout":
+                logger.error("worker %d (pid %s): frame %s exceeded %.1f s; killing the worker", h.index, h.pid,
+                             oldest.frame_id, sb.frame_timeout_s)
+                h.kill()
+                continue
+            if now - h.last_pong > max(3 * sb.heartbeat_s, sb.frame_timeout_s + sb.heartbeat_s):
+                logger.error("worker %d (pid %s) missed its heartbeats; killing it", h.index, h.pid)
+                h.kill()
+                continue
+            h.ping()
+
+    def _healthy(self, now: float) -> bool:
+        """True while at least one worker answered recently (what the watchdog vouches for)."""
+        limit = max(2 * self.cfg.sandbox.heartbeat_s, 1.0) + 1.0
+        return any(s.handle is not None and s.handle.state == "ready" and now - s.handle.last_pong < limit
+                   for s in self.slots)
+
+    def _update_state(self) -> None:
+        if self.stopping:
+            new = "stopping"
+        elif not self.link.connected or not self.slots:
+            new = "starting" if not self.link.connects else "degraded"
+        elif all(s.handle is not None and s.handle.state == "ready" for s in self.slots):
+            new = "online"
+        else:
+            new = "degraded"
+        if new != self.state:
+            logger.info("state %s -> %s", self.state, new)
+            self.state = new
+            self.link.set_status(json.dumps({"state": new, "version": __version__, "model": self.model_info.get("name"),
+                                             "ts": round(time.time(), 3)}).encode())
+            self.notifier.status(f"{new}: {self.model_info.get('name')} on {self.accel_info.get('chosen')}")
+
+    def snapshot(self) -> dict[str, Any]:
+        import psutil
+
+        with self.cond:
+            workers = [{"index": s.index, "pid": s.handle.pid if s.handle else None,
+                        "state": s.handle.state if s.handle else "absent", "restarts": s.restarts,
+                        "sandboxed": bool(s.handle and s.handle.info.get("sandboxed")),
+                        "inflight": len(s.handle.inflight) if s.handle else 0, "last_exit": s.last_exit,
+                        "model": s.handle.model_name if s.handle else None} for s in self.slots]
+            depth = self.queue_depth()
+        mem = {"rss_bytes": psutil.Process().memory_info().rss, "workers": {}}
+        for w in workers:
+            try:
+                w["rss_bytes"] = psutil.Process(w["pid"]).memory_info().rss if w["pid"] else 0
+            except psutil.Error:
+                w["rss_bytes"] = 0
+            mem["workers"][str(w["pid"])] = w["rss_bytes"]
+        m = self.metrics.snapshot()
+        return {"state": self.state, "version": __version__, "device_id": self.cfg.device_id,
+                "uptime_s": round(time.monotonic() - self.started, 1),
+                "model": {k: self.model_info.get(k) for k in ("name", "path", "task", "input", "outputs", "backend")},
+                "accelerator": self.accel_info, "frames": m["frames"], "errors_by_code": m["errors_by_code"],
+                "latency_ms": m["latency_ms"], "stages_ms": m["stages_ms"], "queue_depth": depth,
+                "pool": self.pool.stats(), "workers": workers, "memory": mem,
+                "mqtt": {"connected": self.link.connected, "reconnects": self.link.reconnects,
+                         "result_overflows": self.link.overflows, "broker": f"{self.cfg.mqtt.host}:{self.cfg.mqtt.port}"}}
+
+    def _periodic(self, now: float) -> None:
+        interval = self.cfg.status.interval
+        if interval and now - self._last_stats >= interval:
+            self._last_stats = now
+            st = self.snapshot()
+            self.link.publish_stats(json.dumps(st).encode())
+            if self.cfg.status.prometheus_file:
+                tmp = self.cfg.status.prometheus_file + ".tmp"
+                try:
+                    Path(tmp).write_text(prometheus_text(st))
+                    os.replace(tmp, self.cfg.status.prometheus_file)
+                except OSError as exc:
+                    logger.warning("status.prometheus_file: %s", exc)
+        wd = self.notifier.watchdog_interval()
+        if wd and now - self._last_watchdog >= wd and self._healthy(now):
+            self._last_watchdog = now
+            self.notifier.watchdog()
+
+    # ---- signals, reload, main loop ------------------------------------------
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+
+    def _on_connection(self, up: bool) -> None:
+        self._wake()
+
+    def _signal(self, signum: int, _frame: object) -> None:
+        if signum == signal.SIGHUP:
+            self._reload_requested = True
+        else:
+            self.stopping = True
+        self._wake()
+
+    def reload(self) -> None:
+        """Load the new config and model in fresh workers, then retire the old ones: no frame lost."""
+        self.notifier.reloading()
+        try:
+            new_cfg = config.load(self.cfg.source)
+            if new_cfg.mqtt != self.cfg.mqtt or new_cfg.status != self.cfg.status:
+                logger.warning("reload: mqtt and status changes take effect at the next restart")
+                new_cfg = dataclasses.replace(new_cfg, mqtt=self.cfg.mqtt, status=self.cfg.status)
+            self.generation += 1
+            fresh = [self._spawn(i, new_cfg) for i in range(new_cfg.accelerator.workers)]
+        except EdgedError as exc:
+            logger.error("reload failed, still serving the previous model: %s", exc)
+            self.notifier.ready(f"reload failed: {exc}")
+            return
+        with self.cond:
+            old = [s.handle for s in self.slots if s.handle is not None]
+            for h in old:
+                h.retiring = True
+            self.cfg = new_cfg
+            self.slots = [Slot(i, h) for i, h in enumerate(fresh)]
+            self._adopt(fresh[0])
+            self.cond.notify_all()
+        logger.info("reload: now serving %s; retiring %d old worker(s)", fresh[0].model_name, len(old))
+        threading.Thread(target=self._retire, args=(old,), name="retire", daemon=True).start()
+        self.notifier.ready(f"reloaded: {fresh[0].model_name}")
+
+    def _retire(self, handles: list[WorkerHandle]) -> None:
+        end = time.monotonic() + self.cfg.sandbox.frame_timeout_s + 5
+        with self.cond:
+            while any(h.inflight for h in handles) and time.monotonic() < end:
+                self.cond.wait(0.1)
+        for h in handles:
+            h.stop()
+
+    def run(self) -> int:
+        """Serve until SIGTERM/SIGINT; return the exit status."""
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self._signal)
+        try:
+            self.status_server.start()
+        except (OSError, EdgedError) as exc:
+            raise ConfigError(f"{self.cfg.source} status.socket: cannot serve {self.cfg.status.socket}: {exc}") from None
+        try:
+            self.start_workers()
+        except ModelError:
+            self.status_server.close()
+            raise
+        except WorkerError:
+            self.status_server.close()
+            raise
+        self.link.start()
+        dispatcher = threading.Thread(target=self._dispatch_loop, name="dispatcher", daemon=True)
+        dispatcher.start()
+        ready_sent = False
+        try:
+            while not self.stopping:
+                now = time.monotonic()
+                if self._reload_requested:
+                    self._reload_requested = False
+                    self.reload()
+                self._check_workers(now)
+                self._restart_due()
+                self.pool.maintain()
+                self._update_state()
+                if not ready_sent and (self.state == "online" or now - self.started > 10):
+                    ready_sent = True
+                    self.notifier.ready(f"{self.state}: {self.model_info.get('name')}")
+                self._periodic(now)
+                if self.fatal:
+                    logger.critical("%s", self.fatal)
+                    return EX_SOFTWARE
+                self._sleep(0.25)
+            return self._drain(dispatcher)
+        finally:
+            self._shutdown()
+
+    def _sleep(self, seconds: float) -> None:
+        import select
+
+        r, _, _ = select.select([self._wake_r], [], [], seconds)
+        if r:
+            try:
+                os.read(self._wake_r, 4096)
+            except OSError:
+                pass
+
+    def _drain(self, dispatcher: threading.Thread) -> int:
+        self.notifier.stopping()
+        self._update_state()
+        end = time.monotonic() + self.cfg.queue.drain_timeout_s
+        logger.info("stopping: draining %d queued and %d in-flight frame(s)", self.queue_depth(),
+                    sum(len(s.handle.inflight) for s in self.slots if s.handle))
+        with self.cond:
+            self.cond.notify_all()
+            while time.monotonic() < end and (self.queue_depth() or any(s.handle and s.handle.inflight for s in self.slots)):
+                self.cond.wait(0.1)
+            left = self.queue_depth() + sum(len(s.handle.inflight) for s in self.slots if s.handle)
+        if left:
+            logger.warning("drain timeout: %d frame(s) not answered; the broker redelivers them", left)
+        return EX_OK
+
+    def _shutdown(self) -> None:
+        self.stopping = True
+        with self.cond:
+            self.cond.notify_all()
+            handles = [s.handle for s in self.slots if s.handle is not None]
+        for h in handles:
+            h.stop(grace=2.0)
+        try:
+            self.link.stop(json.dumps({"state": "stopped", "ts": round(time.time(), 3)}).encode())
+        except Exception:  # teardown goes on whatever the broker does
+            logger.debug("mqtt stop failed", exc_info=True)
+        self.status_server.close()
+        self.pool.close()

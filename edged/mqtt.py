@@ -1,0 +1,240 @@
+"""The MQTT adapter: the only module that imports paho-mqtt.
+
+MQTT v5, a persistent session (fixed client id, clean_start off, a session
+expiry), manual acknowledgement: a QoS 1 frame is acknowledged to the broker
+only once its result has been handed to paho, so a frame the daemon never
+answered is redelivered after a restart. Results go out at QoS 1; while the
+broker is away paho holds them in its outgoing queue, bounded by
+mqtt.result_buffer. Callbacks only translate and hand over; no work in them.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import socket
+import ssl
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import paho.mqtt.client as paho
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from edged.config import Config
+from edged.errors import ConfigError, UnavailableError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Incoming:
+    topic: str
+    payload: bytes
+    qos: int
+    mid: int
+    dup: bool
+    frame_id: str | None
+    response_topic: str | None
+    correlation: bytes | None
+    content_type: str | None
+    expiry_s: int | None
+
+
+class MqttLink:
+    def __init__(self, cfg: Config, on_frame: Callable[[Incoming], None],
+                 on_connection: Callable[[bool], None] | None = None) -> None:
+        self.cfg = cfg
+        self.prefix = cfg.prefix
+        self.on_frame = on_frame
+        self.on_connection = on_connection
+        self.connected = False
+        self.reconnects = 0
+        self.connects = 0
+        self.overflows = 0
+        self.status_payload = b'{"state": "starting"}'
+        self._lock = threading.Lock()
+        m = cfg.mqtt
+        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=cfg.client_id,
+                                  protocol=paho.MQTTv5, manual_ack=True)
+        self.client.max_queued_messages_set(m.result_buffer)
+        self.client.max_inflight_messages_set(100)
+        self.client.reconnect_delay_set(1, max(1, int(m.reconnect_max_s)))
+        self.client.will_set(f"{self.prefix}/status", b'{"state": "offline"}', qos=1, retain=True)
+        if m.username:
+            self.client.username_pw_set(m.username, self._password())
+        if m.tls is not None:
+            try:
+                self.client.tls_set(ca_certs=m.tls.ca, certfile=m.tls.cert, keyfile=m.tls.key,
+                                    cert_reqs=ssl.CERT_REQUIRED)
+                self.client.tls_insecure_set(m.tls.insecure)
+            except (OSError, ssl.SSLError, ValueError) as exc:
+                raise ConfigError(f"{cfg.source} mqtt.tls: {exc}") from None
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+        self.client.on_subscribe = self._on_subscribe
+
+    def _password(self) -> str | None:
+        pf = self.cfg.mqtt.password_file
+        if not pf:
+            return None
+        try:
+            with open(pf, encoding="utf-8") as fh:
+                return fh.readline().rstrip("\r\n")
+        except OSError as exc:
+            raise ConfigError(f"{self.cfg.source} mqtt.password_file: cannot read {pf}: {exc.strerror}") from None
+
+    def start(self) -> None:
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = self.cfg.mqtt.session_expiry
+        self.client.connect_async(self.cfg.mqtt.host, self.cfg.mqtt.port, keepalive=self.cfg.mqtt.keepalive,
+                                  clean_start=False, properties=props)
+        self.client.loop_start()
+
+    def subscriptions(self) -> list[tuple[str, int]]:
+        subs = [(f"{self.prefix}/in/+", 1)]
+        share = self.cfg.mqtt.share
+        if share is not None:
+            subs.append((f"$share/{share.group}/{share.prefix.rstrip('/')}/in/+", 1))
+        return subs
+
+    def _on_connect(self, client: paho.Client, userdata: object, flags: object, rc: paho.ReasonCode,
+                    props: object) -> None:
+        if rc.is_failure:
+            logger.warning("broker %s:%s refused the connection: %s", self.cfg.mqtt.host, self.cfg.mqtt.port, rc)
+            return
+        try:
+            sock = client.socket()
+            if sock is not None and hasattr(sock, "setsockopt"):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+        self.connects += 1
+        if self.connects > 1:
+            self.reconnects += 1
+        self.connected = True
+        logger.info("connected to broker %s:%s (session present: %s)", self.cfg.mqtt.host, self.cfg.mqtt.port,
+                    getattr(flags, "session_present", "?"))
+        client.subscribe(self.subscriptions())
+        client.publish(f"{self.prefix}/status", self.status_payload, qos=1, retain=True)
+        if self.on_connection:
+            self.on_connection(True)
+
+    def _on_subscribe(self, client: paho.Client, userdata: object, mid: int, codes: list[paho.ReasonCode],
+                      props: object) -> None:
+        bad = [str(c) for c in codes if c.is_failure]
+        if bad:
+            logger.error("broker refused a subscription: %s", ", ".join(bad))
+
+    def _on_disconnect(self, client: paho.Client, userdata: object, flags: object, rc: paho.ReasonCode,
+                       props: object) -> None:
+        if self.connected:
+            logger.warning("disconnected from broker: %s; reconnecting", rc)
+        self.connected = False
+        if self.on_connection:
+            self.on_connection(False)
+
+    def _on_message(self, client: paho.Client, userdata: object, msg: paho.MQTTMessage) -> None:
+        p = getattr(msg, "properties", None)
+        frame_id = None
+        for k, v in getattr(p, "UserProperty", None) or ():
+            if k == "frame_id":
+                frame_id = v
+        self.on_frame(Incoming(msg.topic, msg.payload, msg.qos, msg.mid, bool(msg.dup), frame_id,
+                               getattr(p, "ResponseTopic", None), getattr(p, "CorrelationData", None),
+                               getattr(p, "ContentType", None), getattr(p, "MessageExpiryInterval", None)))
+
+    def publish(self, topic: str, payload: bytes, *, correlation: bytes | None = None,
+                frame_id: str | None = None) -> bool:
+        """Queue a result at the configured QoS; False when the held-results buffer is full."""
+        props = Properties(PacketTypes.PUBLISH)
+        props.ContentType = "application/json"
+        if correlation is not None:
+            props.CorrelationData = correlation
+        if frame_id is not None:
+            props.UserProperty = [("frame_id", frame_id)]
+        info = self.client.publish(topic, payload, qos=self.cfg.mqtt.qos, properties=props)
+        if info.rc == paho.MQTT_ERR_QUEUE_SIZE:
+            with self._lock:
+                self.overflows += 1
+            return False
+        return True
+
+    def ack(self, mid: int, qos: int) -> None:
+        if qos > 0:
+            self.client.ack(mid, qos)
+
+    def set_status(self, payload: bytes) -> None:
+        """Publish the retained P/status now (if connected) and on every reconnect."""
+        self.status_payload = payload
+        if self.connected:
+            self.client.publish(f"{self.prefix}/status", payload, qos=1, retain=True)
+
+    def publish_stats(self, payload: bytes) -> None:
+        if self.connected:
+            self.client.publish(f"{self.prefix}/stats", payload, qos=0)
+
+    def stop(self, final_status: bytes, timeout: float = 5.0) -> None:
+        """Publish the final status, flush what is queued, disconnect cleanly (no last will)."""
+        self.status_payload = final_status
+        if self.connected:
+            info = self.client.publish(f"{self.prefix}/status", final_status, qos=1, retain=True)
+            end = time.monotonic() + timeout
+            while time.monotonic() < end and (not info.is_published() or self._pending()):
+                time.sleep(0.02)
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def _pending(self) -> bool:
+        return bool(getattr(self.client, "_out_messages", None))
+
+
+def send_frame(cfg: Config, payload: bytes, stream: str = "cli", timeout: float = 10.0) -> dict[str, Any]:
+    """Send a frame to P/in/<stream> with a private response topic; return the result JSON."""
+    token = secrets.token_hex(6)
+    reply = f"{cfg.prefix}/reply/{token}"
+    got: dict[str, Any] = {}
+    subscribed, answered = threading.Event(), threading.Event()
+    c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"edged-send-{token}", protocol=paho.MQTTv5)
+    if cfg.mqtt.username:
+        pw = None
+        if cfg.mqtt.password_file:
+            with open(cfg.mqtt.password_file, encoding="utf-8") as fh:
+                pw = fh.readline().rstrip("\r\n")
+        c.username_pw_set(cfg.mqtt.username, pw)
+    if cfg.mqtt.tls is not None:
+        c.tls_set(ca_certs=cfg.mqtt.tls.ca, certfile=cfg.mqtt.tls.cert, keyfile=cfg.mqtt.tls.key)
+        c.tls_insecure_set(cfg.mqtt.tls.insecure)
+    c.on_subscribe = lambda *a: subscribed.set()
+
+    def on_message(client: Any, userdata: Any, msg: Any) -> None:
+        try:
+            got.update(json.loads(msg.payload))
+        except ValueError:
+            got["_raw"] = msg.payload.decode("utf-8", "replace")
+        answered.set()
+
+    c.on_message = on_message
+    try:
+        c.connect(cfg.mqtt.host, cfg.mqtt.port, keepalive=30)
+    except OSError as exc:
+        raise UnavailableError(f"broker {cfg.mqtt.host}:{cfg.mqtt.port} not reachable: {exc}") from None
+    c.loop_start()
+    try:
+        c.subscribe(reply, qos=1)
+        if not subscribed.wait(timeout):
+            raise UnavailableError(f"broker {cfg.mqtt.host}:{cfg.mqtt.port} did not confirm the subscription")
+        props = Properties(PacketTypes.PUBLISH)
+        props.ResponseTopic = reply
+        props.CorrelationData = token.encode()
+        props.UserProperty = [("frame_id", f"send-{token}")]
+        c.publish(f"{cfg.prefix}/in/{stream}", payload, qos=1, properties=props)
+        if not answered.wait(timeout):
+            raise UnavailableError(f"no result from edged on {cfg.prefix}/in/{stream} within {timeout:.0f} s")
+        return got
+    finally:
+        c.loop_stop()
+        c.disconnect()

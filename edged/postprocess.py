@@ -1,0 +1,92 @@
+"""Output tensors to result JSON bodies: top-k, SSD detections, raw outputs.
+
+Pure functions over a loaded runtime.Model; run in the worker.
+"""
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edged.errors import ModelError
+from edged.runtime import Model
+
+_ID_LINE = re.compile(r"^\s*(\d+)[\s:,]+(.+?)\s*$")
+
+
+def load_labels(path: str | None) -> dict[int, str]:
+    """Labels as plain lines (line i = class i) or as 'id label' lines."""
+    if not path:
+        return {}
+    try:
+        lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError as exc:
+        raise ModelError(f"labels {path}: {exc.strerror}") from None
+    lines = [ln for ln in lines if ln.strip()]
+    matches = [_ID_LINE.match(ln) for ln in lines]
+    if lines and all(matches):
+        return {int(m.group(1)): m.group(2) for m in matches if m}
+    return {i: ln.strip() for i, ln in enumerate(lines)}
+
+
+def _label(labels: dict[int, str], i: int) -> str:
+    return labels.get(i, str(i))
+
+
+def classify(model: Model, labels: dict[int, str], top_k: int) -> dict[str, Any]:
+    scores = model.dequantized(0).reshape(-1)
+    k = min(top_k, scores.size)
+    idx = np.argpartition(-scores, k - 1)[:k]
+    idx = idx[np.argsort(-scores[idx], kind="stable")]
+    return {"classes": [{"id": int(i), "label": _label(labels, int(i)), "score": round(float(scores[i]), 4)}
+                        for i in idx]}
+
+
+def detection_outputs(model: Model) -> tuple[int, int, int, int | None]:
+    """Indices of (boxes, classes, scores, count) among the outputs of TFLite_Detection_PostProcess."""
+    outs = model.outputs
+    boxes = [i for i, o in enumerate(outs) if len(o.shape) == 3 and o.shape[-1] == 4]
+    count = [i for i, o in enumerate(outs) if int(np.prod(o.shape)) == 1]
+    pairs = [i for i, o in enumerate(outs) if len(o.shape) == 2 and i not in count]
+    if len(boxes) != 1 or len(pairs) != 2:
+        raise ModelError(f"model {model.name} does not look like an SSD with TFLite_Detection_PostProcess "
+                         f"(outputs {[list(o.shape) for o in outs]}); use task: raw")
+    named = {i: outs[i].name.lower() for i in pairs}
+    cls_i = next((i for i in pairs if "class" in named[i]), pairs[0])
+    score_i = next((i for i in pairs if "score" in named[i]), pairs[1] if cls_i == pairs[0] else pairs[0])
+    return boxes[0], cls_i, score_i, count[0] if count else None
+
+
+def detect(model: Model, labels: dict[int, str], threshold: float, layout: tuple[int, int, int, int | None]) -> dict[str, Any]:
+    b_i, c_i, s_i, n_i = layout
+    boxes = model.dequantized(b_i).reshape(-1, 4)
+    classes = model.dequantized(c_i).reshape(-1)
+    scores = model.dequantized(s_i).reshape(-1)
+    n = len(scores) if n_i is None else min(len(scores), int(model.dequantized(n_i).reshape(-1)[0]))
+    dets = []
+    for j in range(n):
+        score = float(scores[j])
+        if not score >= threshold:
+            continue
+        cid = int(classes[j])
+        box = [round(min(1.0, max(0.0, float(v))), 4) for v in boxes[j]]
+        dets.append({"id": cid, "label": _label(labels, cid), "score": round(score, 4), "box": box})
+    dets.sort(key=lambda d: -d["score"])
+    return {"detections": dets}
+
+
+def raw(model: Model) -> dict[str, Any]:
+    outputs = []
+    for i, info in enumerate(model.outputs):
+        data = model.dequantized(i)
+        if data.dtype.kind == "f" and not np.isfinite(data).all():
+            flat: list[Any] = [x if math.isfinite(x) else None for x in data.reshape(-1).tolist()]
+        elif data.dtype.kind == "f":
+            flat = data.astype(np.float64).reshape(-1).tolist()
+        else:
+            flat = data.reshape(-1).tolist()
+        outputs.append({"name": info.name, "shape": list(info.shape), "dtype": info.dtype, "data": flat})
+    return {"outputs": outputs}

@@ -1,0 +1,86 @@
+"""The control channel between supervisor and worker.
+
+An AF_UNIX SOCK_STREAM socketpair carries length-prefixed JSON messages (4-byte
+big-endian length, then UTF-8 JSON); file descriptors (new pool segments) ride
+along as SCM_RIGHTS ancillary data. JSON, never pickle: the supervisor must
+not trust what a compromised worker sends.
+
+Messages, by their ``t`` field:
+  supervisor -> worker: init, seg (+fd), unseg, f (frame), ping, stop
+  worker -> supervisor: ready, fatal, r (result), pong, log
+"""
+from __future__ import annotations
+
+import array
+import json
+import socket
+import struct
+from typing import Any
+
+MAX_MESSAGE = 64 << 20  # results of `raw` models can be large; anything bigger is a broken peer
+_HDR = struct.Struct(">I")
+_MAX_FDS = 16
+
+
+class ProtocolError(Exception):
+    """The peer closed the channel or sent a malformed message."""
+
+
+def encode(obj: Any) -> bytes:
+    body = json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
+    return _HDR.pack(len(body)) + body
+
+
+def send(sock: socket.socket, obj: Any, fds: tuple[int, ...] = ()) -> None:
+    data = encode(obj)
+    if fds:
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+        sent = sock.sendmsg([data], anc)
+        data = data[sent:]
+    if data:
+        sock.sendall(data)
+
+
+class Reader:
+    """Reassembles messages (and the fds sent with them) from a stream socket."""
+
+    def __init__(self, sock: socket.socket, chunk: int = 1 << 16) -> None:
+        self.sock = sock
+        self.chunk = chunk
+        self.buf = bytearray()
+        self.fds: list[int] = []
+
+    def _fill(self) -> None:
+        data, anc, _flags, _addr = self.sock.recvmsg(self.chunk, socket.CMSG_SPACE(_MAX_FDS * 4))
+        for level, kind, payload in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds = array.array("i")
+                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+                self.fds.extend(fds)
+        if not data:
+            raise ProtocolError("channel closed")
+        self.buf += data
+
+    def read(self) -> dict[str, Any]:
+        """Block until one whole message is in; return it."""
+        while len(self.buf) < 4:
+            self._fill()
+        (size,) = _HDR.unpack_from(self.buf)
+        if size > MAX_MESSAGE:
+            raise ProtocolError(f"message of {size} bytes exceeds the limit")
+        while len(self.buf) < 4 + size:
+            self._fill()
+        body = bytes(self.buf[4 : 4 + size])
+        del self.buf[: 4 + size]
+        try:
+            msg = json.loads(body)
+        except ValueError as exc:
+            raise ProtocolError(f"malformed message: {exc}") from None
+        if not isinstance(msg, dict) or not isinstance(msg.get("t"), str):
+            raise ProtocolError("message without a type")
+        return msg
+
+    def take_fd(self) -> int:
+        if not self.fds:
+            raise ProtocolError("expected a file descriptor with the message")
+        return self.fds.pop(0)

@@ -1,0 +1,133 @@
+"""The local status socket: the daemon answers each connection with its status JSON.
+
+Server: a Unix stream socket (mode 0660) in the runtime directory; each client
+gets one JSON document and the connection is closed. Client: `edged status`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+from typing import Any, Callable
+
+from edged.errors import UnavailableError
+
+logger = logging.getLogger(__name__)
+
+
+class StatusServer:
+    def __init__(self, path: str, snapshot: Callable[[], dict[str, Any]]) -> None:
+        self.path = path
+        self.snapshot = snapshot
+        self.sock: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        if os.path.exists(self.path):
+            if _alive(self.path):
+                raise UnavailableError(f"status.socket {self.path}: another edged already answers there")
+            os.unlink(self.path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o117)
+        try:
+            sock.bind(self.path)
+        finally:
+            os.umask(old)
+        os.chmod(self.path, 0o660)
+        sock.listen(8)
+        self.sock = sock
+        self._thread = threading.Thread(target=self._serve, name="status-socket", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        sock = self.sock
+        while sock is not None:
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                return
+            with conn:
+                try:
+                    conn.settimeout(2.0)
+                    conn.sendall(json.dumps(self.snapshot()).encode() + b"\n")
+                except Exception:  # a broken client must not stop the server
+                    logger.debug("status client failed", exc_info=True)
+
+    def close(self) -> None:
+        sock, self.sock = self.sock, None
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+
+
+def _alive(path: str) -> bool:
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(1.0)
+            s.connect(path)
+            return True
+    except OSError:
+        return False
+
+
+def query(path: str, timeout: float = 5.0) -> dict[str, Any]:
+    """Ask a running daemon for its status; UnavailableError when nothing answers."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(path)
+            chunks = []
+            while True:
+                data = s.recv(65536)
+                if not data:
+                    break
+                chunks.append(data)
+    except OSError as exc:
+        raise UnavailableError(f"no edged answers on {path}: {exc.strerror or exc}") from None
+    try:
+        return dict(json.loads(b"".join(chunks)))
+    except ValueError:
+        raise UnavailableError(f"edged on {path} sent no status") from None
+
+
+def render(st: dict[str, Any]) -> str:
+    """A readable table of the status."""
+    m = st.get("model", {})
+    inp = m.get("input", {})
+    fr = st.get("frames", {})
+    lat = st.get("latency_ms", {})
+    pool = st.get("pool", {})
+    acc = st.get("accelerator", {})
+    rows = [
+        ("state", st.get("state")),
+        ("version", st.get("version")),
+        ("uptime", f"{st.get('uptime_s', 0):.0f} s"),
+        ("model", f"{m.get('name', '')} ({m.get('task')}) {m.get('path', '')}"),
+        ("input", f"{inp.get('shape')} {inp.get('dtype')}"),
+        ("accelerator", f"{acc.get('chosen')}" + "".join(f"; {s['kind']} skipped: {s['reason']}"
+                                                          for s in acc.get("skipped", []))),
+        ("frames", f"received {fr.get('received', 0)}  completed {fr.get('completed', 0)}  "
+                   f"errors {fr.get('errors', 0)}  dropped {fr.get('dropped', 0)}"),
+        ("latency", f"p50 {lat.get('p50', 0)} ms  p95 {lat.get('p95', 0)} ms  p99 {lat.get('p99', 0)} ms"),
+        ("queue", st.get("queue_depth")),
+        ("pool", f"{pool.get('used_bytes', 0) >> 10}/{pool.get('capacity_bytes', 0) >> 10} KiB  high-water "
+                 f"{pool.get('high_water_bytes', 0) >> 10} KiB  fragmentation {pool.get('fragmentation', 0)}  "
+                 f"grows {pool.get('grows', 0)}  shrinks {pool.get('shrinks', 0)}"),
+        ("mqtt", f"connected {st.get('mqtt', {}).get('connected')}  reconnects {st.get('mqtt', {}).get('reconnects')}"),
+        ("memory", f"daemon RSS {st.get('memory', {}).get('rss_bytes', 0) >> 20} MiB"),
+    ]
+    for w in st.get("workers", []):
+        rows.append((f"worker {w.get('index')}", f"pid {w.get('pid')}  {w.get('state')}  restarts {w.get('restarts')}  "
+                     f"sandboxed {'yes' if w.get('sandboxed') else 'no'}  RSS {(w.get('rss_bytes') or 0) >> 20} MiB"))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

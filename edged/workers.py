@@ -1,0 +1,188 @@
+"""Worker handles: the supervisor's side of each inference worker process.
+
+A WorkerHandle spawns ``python -m edged.worker`` (a fresh interpreter, not a
+fork of the threaded supervisor), hands it the config, waits for it to load
+the model, then sends it frames and pool segments and reads its results on a
+thread of its own. It never parses frame bytes.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from typing import Any, Callable
+
+from edged import protocol
+from edged.errors import ModelError, WorkerError
+
+logger = logging.getLogger(__name__)
+wlog = logging.getLogger("edged.worker")
+
+
+class WorkerHandle:
+    """One worker process; `on_message(handle, msg)` gets results and pongs, `on_exit(handle)` its death."""
+
+    def __init__(self, index: int, init: dict[str, Any], on_message: Callable[[WorkerHandle, dict[str, Any]], None],
+                 on_exit: Callable[[WorkerHandle], None], generation: int = 0) -> None:
+        self.index = index
+        self.init_msg = init
+        self.on_message = on_message
+        self.on_exit = on_exit
+        self.generation = generation
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.sock: socket.socket | None = None
+        self.state = "starting"
+        self.info: dict[str, Any] = {}
+        self.segments: set[int] = set()
+        self.inflight: dict[int, Any] = {}  # seq -> Frame, guarded by the supervisor's lock
+        self.last_pong = time.monotonic()
+        self.retiring = False
+        self._send_lock = threading.Lock()
+        self._reader: threading.Thread | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    @property
+    def model_name(self) -> str:
+        path = str(self.info.get("model", {}).get("path", ""))
+        name = os.path.basename(path)
+        return name[:-7] if name.endswith(".tflite") else name
+
+    def start(self, timeout: float = 120.0) -> dict[str, Any]:
+        """Spawn the worker and block until it has loaded the model; raise ModelError/WorkerError."""
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        try:
+            self.proc = subprocess.Popen([sys.executable, "-m", "edged.worker", str(child.fileno())],
+                                         pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, env=env)
+        finally:
+            child.close()
+        self.sock = parent
+        reader = protocol.Reader(parent)
+        try:
+            parent.settimeout(timeout)
+            protocol.send(parent, self.init_msg)
+            while True:
+                msg = reader.read()
+                if msg["t"] == "log":
+                    wlog.log(int(msg.get("lvl", logging.INFO)), "[%s] %s", self.pid, msg.get("msg"))
+                    continue
+                break
+            parent.settimeout(None)
+        except (OSError, protocol.ProtocolError) as exc:
+            self.kill()
+            raise WorkerError(f"worker {self.index} did not start: {exc}; exit status {self._reap()}") from None
+        if msg["t"] == "fatal":
+            self.kill()
+            if msg.get("kind") == "model":
+                raise ModelError(str(msg.get("message")))
+            raise WorkerError(f"worker {self.index} failed to start: {msg.get('message')}")
+        if msg["t"] != "ready":
+            self.kill()
+            raise WorkerError(f"worker {self.index} sent {msg['t']!r} instead of ready")
+        self.info = {k: v for k, v in msg.items() if k != "t"}
+        self.state = "ready"
+        self.last_pong = time.monotonic()
+        self._reader = threading.Thread(target=self._read_loop, args=(reader,), name=f"worker-{self.index}-reader",
+                                        daemon=True)
+        self._reader.start()
+        return self.info
+
+    def _read_loop(self, reader: protocol.Reader) -> None:
+        try:
+            while True:
+                msg = reader.read()
+                if msg["t"] == "log":
+                    wlog.log(int(msg.get("lvl", logging.INFO)), "[%s] %s", self.pid, msg.get("msg"))
+                else:
+                    self.on_message(self, msg)
+        except (OSError, protocol.ProtocolError) as exc:
+            if self.state not in ("stopping", "stopped"):
+                logger.debug("worker %s channel closed: %s", self.pid, exc)
+        except Exception:  # a bug in our handling must not leave frames unanswered
+            logger.exception("worker %s reader failed", self.pid)
+        self._reap(wait=5.0)
+        self.on_exit(self)
+
+    def send(self, msg: dict[str, Any], fds: tuple[int, ...] = ()) -> bool:
+        sock = self.sock
+        if sock is None or self.state in ("dead", "stopped"):
+            return False
+        try:
+            with self._send_lock:
+                protocol.send(sock, msg, fds)
+            return True
+        except OSError:
+            return False
+
+    def ensure_segment(self, seg_id: int, fd: int, size: int) -> bool:
+        if seg_id in self.segments:
+            return True
+        if self.send({"t": "seg", "id": seg_id, "size": size}, (fd,)):
+            self.segments.add(seg_id)
+            return True
+        return False
+
+    def drop_segment(self, seg_id: int) -> None:
+        if seg_id in self.segments:
+            self.segments.discard(seg_id)
+            self.send({"t": "unseg", "id": seg_id})
+
+    def ping(self) -> None:
+        self.send({"t": "ping"})
+
+    def stop(self, grace: float = 3.0) -> None:
+        """Ask the worker to exit; SIGTERM, then SIGKILL after the grace period."""
+        self.state = "stopping"
+        self.send({"t": "stop"})
+        if self.proc is not None:
+            try:
+                self.proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self._close()
+        self.state = "stopped"
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                self.proc.send_signal(signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self._close()
+
+    def _close(self) -> None:
+        sock, self.sock = self.sock, None
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+
+    def _reap(self, wait: float = 2.0) -> int | None:
+        if self.proc is None:
+            return None
+        try:
+            return self.proc.wait(wait)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return self.proc.wait(5)
+
+    def exit_description(self) -> str:
+        rc = self.proc.returncode if self.proc else None
+        if rc is None:
+            return "channel closed"
+        if rc < 0:
+            try:
+                return f"killed by {signal.Signals(-rc).name}"
+            except ValueError:
+                return f"killed by signal {-rc}"
+        return f"exited with status {rc}"
