@@ -1,0 +1,49 @@
+# edged: `make run` serves the bundled model on a local broker; `make test` runs every test.
+# Both set everything up from a fresh clone: .venv, the package, Mosquitto from the OS packages.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+CONFIG ?= configs/edged.yaml
+HOURS  ?= 1
+
+.PHONY: run test check bench soak model mosquitto install uninstall tflite-venv clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+mosquitto:
+	@tools/ensure_mosquitto.sh
+
+run: $(STAMP) mosquitto
+	tools/run_local.sh $(CONFIG)
+
+test: $(STAMP) mosquitto
+	$(BIN)/python -m pytest -q
+
+check: $(STAMP)
+	$(BIN)/edged check -c $(CONFIG)
+
+bench: $(STAMP) mosquitto
+	$(BIN)/edged bench -c $(CONFIG)
+
+soak: $(STAMP) mosquitto
+	$(BIN)/python tools/soak.py --hours $(HOURS)
+
+# Rebuilds the bundled model (needs TensorFlow, in a venv of its own).
+model:
+	test -x .venv-model/bin/python || $(PYTHON) -m venv .venv-model
+	.venv-model/bin/python -m pip install -q tensorflow-cpu scikit-learn pillow
+	.venv-model/bin/python tools/build_model.py
+
+install:
+	tools/install.sh
+
+uninstall:
+	tools/uninstall.sh
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis .run

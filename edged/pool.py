@@ -1,0 +1,372 @@
+"""The supervisor's shared-memory frame pool.
+
+Owns the memfd segments that frames travel in (creating, mapping, unmapping
+them), the allocator bookkeeping inside them, growth up to ``max_bytes``, the
+release of idle grown segments and the response to fragmentation. Handing the
+segment fds to workers is not owned here: the supervisor does that from the
+``on_segment_added`` / ``on_segment_released`` callbacks, which run outside the
+pool's lock. Standard library only, so the supervisor stays light.
+
+Allocator: blocks are 64-byte aligned. Each segment keeps its free extents in a
+sorted offset list (plus offset -> size), so a free finds its neighbours by
+bisection and coalesces with them at once. Allocation is best-fit over all free
+extents, ties going to the oldest segment: frames in flight are few (tens), so
+the scan is short, and best-fit keeps the big extents whole for the 1-6 MB
+frames that a mixed JPEG/PNG/tensor workload also carries; packing into older
+segments lets young ones empty and be released.
+
+Growth: when nothing fits, a segment of max(segment_bytes, request rounded up
+to a multiple of segment_bytes) is added, cut down to the room left under
+``max_bytes`` if that still holds the request; otherwise alloc returns None.
+The first segment (``initial_bytes``, 0 for none) is the base and lives until
+close(). A grown segment is unmapped and its fd closed, so RSS really drops,
+once it has been empty for ``idle_release_s``; maintain() does this.
+
+Fragmentation is 1 - largest free extent / free bytes over the whole pool.
+When it stays above ``frag_threshold`` for ``frag_window_s`` while the pool has
+more than one segment, maintain() marks the non-base segment holding the most
+free bytes outside its own largest extent as *draining*: allocations avoid it
+unless no other segment fits (it is still preferred to growing), so its
+short-lived frames drain away and the idle rule releases it; later frames land
+in the packed segments or in a fresh, unfragmented one. Each such action is
+logged at INFO and counted in ``recycles``; the window then starts over.
+Compaction is impossible (workers hold offsets), so this is the only remedy.
+
+Blocks are compared by value: a stale copy of a freed block that equals a block
+since allocated at the same place cannot be told from it.
+"""
+from __future__ import annotations
+
+import bisect
+import logging
+import mmap
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from edged.errors import EdgedError
+
+log = logging.getLogger(__name__)
+
+ALIGN = 64
+PAGE = mmap.PAGESIZE
+
+
+class PoolError(EdgedError):
+    """Misuse of the frame pool: double or foreign free, use after close, bad size."""
+
+
+@dataclass(frozen=True, slots=True)
+class Block:
+    """A frame's place in the pool: ``size`` is the 64-aligned capacity, ``length`` the bytes asked for."""
+    segment: int
+    offset: int
+    size: int
+    length: int
+
+
+def _round_up(n: int, unit: int) -> int:
+    return -(-n // unit) * unit
+
+
+class _Segment:
+    """One mapping and its free extents; mutated only under the pool's lock."""
+    __slots__ = ("id", "size", "fd", "mm", "base", "starts", "extents", "live", "empty_since", "draining")
+
+    def __init__(self, seg_id: int, size: int, fd: int, mm: mmap.mmap | None, base: bool, now: float) -> None:
+        self.id, self.size, self.fd, self.mm, self.base = seg_id, size, fd, mm, base
+        self.starts: list[int] = [0]            # free extent offsets, sorted
+        self.extents: dict[int, int] = {0: size}  # free extent offset -> size
+        self.live = 0
+        self.empty_since = now
+        self.draining = False
+
+    def take(self, start: int, size: int) -> None:
+        i = bisect.bisect_left(self.starts, start)
+        rest = self.extents.pop(start) - size
+        if rest:
+            self.starts[i] = start + size
+            self.extents[start + size] = rest
+        else:
+            del self.starts[i]
+
+    def give(self, start: int, size: int) -> None:
+        i = bisect.bisect_left(self.starts, start)
+        if i < len(self.starts) and self.starts[i] == start + size:  # merge with the next extent
+            size += self.extents.pop(self.starts.pop(i))
+        if i > 0 and (prev := self.starts[i - 1]) + self.extents[prev] == start:  # and the previous one
+            self.extents[prev] += size
+        else:
+            self.starts.insert(i, start)
+            self.extents[start] = size
+
+    def largest(self) -> int:
+        return max(self.extents.values(), default=0)
+
+    def unmap(self) -> None:
+        if self.mm is not None:
+            try:
+                self.mm.close()
+            except BufferError:  # a view() is still held: the mapping goes when the last one is dropped
+                log.warning("segment %d still has exported views; unmap deferred to their release", self.id)
+            self.mm = None
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class FramePool:
+    """Variable-size, 64-byte aligned frame blocks in growable shared-memory segments."""
+
+    def __init__(self, *, initial_bytes: int = 1 << 20, max_bytes: int = 256 << 20, segment_bytes: int = 4 << 20,
+                 idle_release_s: float = 10.0, frag_threshold: float = 0.5, frag_window_s: float = 10.0,
+                 backing: str = "memfd", on_segment_added: Callable[[int, int, int], Any] | None = None,
+                 on_segment_released: Callable[[int], Any] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if backing not in ("memfd", "none"):
+            raise PoolError(f"backing must be 'memfd' or 'none', not {backing!r}")
+        if initial_bytes < 0 or segment_bytes <= 0 or max_bytes < _round_up(initial_bytes, PAGE):
+            raise PoolError(f"need 0 <= initial_bytes <= max_bytes and segment_bytes > 0 "
+                            f"(got {initial_bytes}, {max_bytes}, {segment_bytes})")
+        self._max = max_bytes
+        self._seg_bytes = _round_up(segment_bytes, PAGE)
+        self._idle_s, self._frag_thr, self._frag_win = idle_release_s, frag_threshold, frag_window_s
+        self._backing = backing
+        self._on_added, self._on_released = on_segment_added, on_segment_released
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._segs: dict[int, _Segment] = {}
+        self._live: dict[tuple[int, int], Block] = {}
+        self._next_id = 0
+        self._capacity = self._used = self._high_water = 0
+        self._grows = self._shrinks = self._failed = self._recycles = 0
+        self._frag_since: float | None = None
+        self._closed = False
+        if initial_bytes:
+            self._new_segment(_round_up(initial_bytes, PAGE), base=True)
+
+    # -- allocation -----------------------------------------------------------------------------
+
+    def alloc(self, length: int) -> Block | None:
+        """A block of at least ``length`` bytes, or None when max_bytes leaves no room."""
+        if length < 0:
+            raise PoolError(f"negative length {length}")
+        size = _round_up(max(length, 1), ALIGN)
+        added: _Segment | None = None
+        with self._lock:
+            if self._closed:
+                raise PoolError("pool is closed")
+            place = self._best_fit(size, draining=False) or self._best_fit(size, draining=True)
+            if place is None and (added := self._grow(size)) is not None:
+                place = (added, 0)
+            if place is None:
+                self._failed += 1
+                log.debug("alloc of %d bytes failed: capacity %d of max %d", length, self._capacity, self._max)
+                return None
+            seg, start = place
+            seg.take(start, size)
+            seg.live += 1
+            block = Block(seg.id, start, size, length)
+            self._live[(seg.id, start)] = block
+            self._used += size
+            self._high_water = max(self._high_water, self._used)
+        if added is not None and self._on_added is not None:
+            self._on_added(added.id, added.fd, added.size)
+        return block
+
+    def write(self, data: Any) -> Block | None:
+        """Alloc a block for a contiguous bytes-like and copy it in, once. None when it does not fit."""
+        if self._backing == "none":
+            raise PoolError("write needs real memory; this pool has backing='none'")
+        src = memoryview(data)
+        if src.ndim != 1 or src.itemsize != 1:
+            src = src.cast("B")
+        block = self.alloc(src.nbytes)
+        if block is not None:
+            with self._lock:
+                mm = self._segs[block.segment].mm
+            mm[block.offset:block.offset + block.length] = src  # type: ignore[index]
+        return block
+
+    def view(self, block: Block) -> memoryview:
+        """Writable view of exactly ``block.length`` bytes; release() it before the block is freed."""
+        with self._lock:
+            seg = self._segment_of(block)
+            if seg.mm is None:
+                raise PoolError("view needs real memory; this pool has backing='none'")
+            return memoryview(seg.mm)[block.offset:block.offset + block.length]
+
+    def free(self, block: Block) -> None:
+        """Give a live block back. Double and foreign frees raise PoolError; after close() it is a no-op."""
+        with self._lock:
+            if self._closed:
+                return
+            seg = self._segment_of(block)
+            del self._live[(block.segment, block.offset)]
+            seg.give(block.offset, block.size)
+            seg.live -= 1
+            self._used -= block.size
+            if seg.live == 0:
+                seg.empty_since = self._clock()
+
+    # -- upkeep ---------------------------------------------------------------------------------
+
+    def maintain(self, now: float | None = None) -> None:
+        """Release grown segments idle for idle_release_s and act on lasting fragmentation (~1/s)."""
+        now = self._clock() if now is None else now
+        gone: list[_Segment] = []
+        with self._lock:
+            if self._closed:
+                return
+            for seg in list(self._segs.values()):
+                if not seg.base and seg.live == 0 and now - seg.empty_since >= self._idle_s:
+                    del self._segs[seg.id]
+                    self._capacity -= seg.size
+                    self._shrinks += 1
+                    gone.append(seg)
+            self._watch_fragmentation(now)
+        for seg in gone:
+            seg.unmap()
+            log.info("released segment %d (%d bytes) after %.1f s idle", seg.id, seg.size, now - seg.empty_since)
+            if self._on_released is not None:
+                self._on_released(seg.id)
+
+    def segments(self) -> list[tuple[int, int, int]]:
+        """(id, fd, size) of the live segments, base first; fd is -1 with backing='none'."""
+        with self._lock:
+            return [(s.id, s.fd, s.size) for s in self._segs.values()]
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return {"capacity_bytes": self._capacity, "used_bytes": self._used,
+                    "high_water_bytes": self._high_water, "fragmentation": round(self._fragmentation(), 4),
+                    "grows": self._grows, "shrinks": self._shrinks, "failed_allocs": self._failed,
+                    "segments": len(self._segs), "recycles": self._recycles, "live_blocks": len(self._live)}
+
+    def close(self) -> None:
+        """Unmap everything; on_segment_released fires for grown segments. Safe to call twice."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            segs = list(self._segs.values())
+            self._segs.clear()
+            self._live.clear()
+            self._capacity = self._used = 0
+        for seg in segs:
+            seg.unmap()
+            if not seg.base and self._on_released is not None:
+                self._on_released(seg.id)
+
+    def __enter__(self) -> FramePool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals (lock held) ------------------------------------------------------------------
+
+    def _segment_of(self, block: Block) -> _Segment:
+        if not isinstance(block, Block) or self._live.get((block.segment, block.offset)) != block:
+            raise PoolError(f"{block!r} is not a live block of this pool (double free or foreign)")
+        return self._segs[block.segment]
+
+    def _best_fit(self, size: int, *, draining: bool) -> tuple[_Segment, int] | None:
+        best: tuple[_Segment, int] | None = None
+        best_size = 0
+        for seg in self._segs.values():
+            if seg.draining != draining:
+                continue
+            for start, ext in seg.extents.items():
+                if size <= ext and (best is None or ext < best_size):
+                    best, best_size = (seg, start), ext
+                    if ext == size:
+                        return best
+        return best
+
+    def _grow(self, size: int) -> _Segment | None:
+        want = max(self._seg_bytes, _round_up(size, self._seg_bytes))
+        room = self._max - self._capacity
+        if want > room:
+            want = room // PAGE * PAGE
+            if want < size:
+                return None
+        self._grows += 1
+        seg = self._new_segment(want, base=False)
+        log.info("grew pool by segment %d (%d bytes), capacity now %d", seg.id, want, self._capacity)
+        return seg
+
+    def _new_segment(self, size: int, *, base: bool) -> _Segment:
+        seg_id, self._next_id = self._next_id, self._next_id + 1
+        fd, mm = -1, None
+        if self._backing == "memfd":
+            fd = os.memfd_create(f"edged-pool-{seg_id}", os.MFD_CLOEXEC)
+            try:
+                os.ftruncate(fd, size)
+                mm = mmap.mmap(fd, size)
+            except OSError as exc:
+                os.close(fd)
+                raise PoolError(f"cannot map a {size}-byte segment: {exc}") from exc
+        seg = _Segment(seg_id, size, fd, mm, base, self._clock())
+        self._segs[seg_id] = seg
+        self._capacity += size
+        return seg
+
+    def _fragmentation(self) -> float:
+        free = self._capacity - self._used
+        largest = max((s.largest() for s in self._segs.values()), default=0)
+        return 1.0 - largest / free if free else 0.0
+
+    def _watch_fragmentation(self, now: float) -> None:
+        if self._fragmentation() <= self._frag_thr or len(self._segs) < 2:
+            self._frag_since = None
+            return
+        if self._frag_since is None:
+            self._frag_since = now
+        if now - self._frag_since < self._frag_win:
+            return
+        self._frag_since = None
+        victims = [s for s in self._segs.values() if not s.base and not s.draining]
+        score = {s.id: sum(s.extents.values()) - s.largest() for s in victims}
+        victim = max(victims, key=lambda s: score[s.id], default=None)
+        if victim is None or score[victim.id] <= 0:
+            return
+        victim.draining = True
+        self._recycles += 1
+        log.info("fragmentation %.2f for %.0f s: draining segment %d (%d free bytes outside its largest extent)",
+                 self._fragmentation(), self._frag_win, victim.id, score[victim.id])
+
+    def _check_invariants(self) -> None:
+        """Raise AssertionError unless the bookkeeping is consistent (tests call this)."""
+        def fail(msg: str) -> None:
+            raise AssertionError(msg)
+
+        with self._lock:
+            by_seg: dict[int, list[tuple[int, int, str]]] = {i: [] for i in self._segs}
+            for (sid, off), b in self._live.items():
+                if (sid, off) != (b.segment, b.offset) or sid not in by_seg:
+                    fail(f"live block {b} is keyed wrongly or lies in a released segment")
+                if off % ALIGN or b.size % ALIGN or b.size < b.length or b.size <= 0:
+                    fail(f"block {b} is misaligned or too small")
+                by_seg[sid].append((off, b.size, "live"))
+            for seg in self._segs.values():
+                if seg.starts != sorted(seg.extents) or len(seg.starts) != len(seg.extents):
+                    fail(f"segment {seg.id}: free offsets out of sync")
+                if seg.live != sum(1 for _, _, k in by_seg[seg.id] if k == "live"):
+                    fail(f"segment {seg.id}: live count {seg.live} is wrong")
+                for a, b in zip(seg.starts, seg.starts[1:]):
+                    if a + seg.extents[a] >= b:
+                        fail(f"segment {seg.id}: free extents at {a} and {b} touch or overlap (not coalesced)")
+                pos = 0
+                for off, size, _ in sorted(by_seg[seg.id] + [(o, n, "free") for o, n in seg.extents.items()]):
+                    if off != pos or size <= 0:
+                        fail(f"segment {seg.id}: byte {pos} is covered {'twice' if off < pos else 'never'}")
+                    pos = off + size
+                if pos != seg.size:
+                    fail(f"segment {seg.id}: covered up to {pos} of {seg.size}")
+            if self._used != sum(b.size for b in self._live.values()):
+                fail(f"used_bytes {self._used} is not the sum of live blocks")
+            if self._capacity != sum(s.size for s in self._segs.values()):
+                fail("capacity_bytes is not the sum of segment sizes")

@@ -1,0 +1,251 @@
+"""Shared fixtures: a real Mosquitto on a free loopback port, a real `edged run`
+process, and an MQTT v5 client that sends frames and collects results."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+import paho.mqtt.client as mqtt
+import pytest
+import yaml
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "models"
+BUNDLED = ROOT / "edged" / "models"
+DATA = Path(__file__).resolve().parent / "data"
+
+
+def shared(name: str) -> Path:
+    """A file from ../shared/models, or skip the test saying what is missing."""
+    p = SHARED / name
+    if not p.exists():
+        pytest.skip(f"{p} is absent: the shared test models live beside the checkout in ../shared/models")
+    return p
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def mosquitto_bin() -> str:
+    path = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    if not os.path.exists(path):
+        pytest.fail("mosquitto is not installed: `make test` installs it (tools/ensure_mosquitto.sh)")
+    return path
+
+
+class Broker:
+    """A Mosquitto of our own on 127.0.0.1:<free port>."""
+
+    def __init__(self, tmp: Path, extra: list[str] | None = None, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.dir = tmp
+        self.extra = extra or []
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Broker:
+        conf = self.dir / f"mosquitto-{self.port}.conf"
+        lines = [f"listener {self.port} 127.0.0.1", "allow_anonymous true", "max_queued_messages 100000",
+                 "set_tcp_nodelay true", *self.extra]
+        conf.write_text("\n".join(lines) + "\n")
+        self.proc = subprocess.Popen([mosquitto_bin(), "-c", str(conf)], stdout=subprocess.DEVNULL,
+                                     stderr=open(self.dir / f"mosquitto-{self.port}.log", "ab"))
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return self
+            time.sleep(0.05)
+        raise RuntimeError("mosquitto did not start")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        self.proc = None
+
+
+def edged_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "edged", *args]
+
+
+class Daemon:
+    """`edged run` as a real process with a config written into tmp_path."""
+
+    def __init__(self, tmp: Path, broker: Broker, overrides: dict[str, Any] | None = None,
+                 env: dict[str, str] | None = None, device_id: str | None = None) -> None:
+        self.device_id = device_id or "t-" + uuid.uuid4().hex[:6]
+        self.dir = tmp
+        self.prefix = f"test/{self.device_id}"
+        cfg: dict[str, Any] = {
+            "device_id": self.device_id,
+            "mqtt": {"host": "127.0.0.1", "port": broker.port, "topic_prefix": self.prefix},
+            "model": {"path": str(BUNDLED / "digits.tflite"), "labels": str(BUNDLED / "digits_labels.txt"),
+                      "task": "classify", "top_k": 3},
+            "status": {"socket": str(tmp / f"{self.device_id}.sock"), "interval": 1},
+        }
+        for key, val in (overrides or {}).items():
+            if isinstance(val, dict) and isinstance(cfg.get(key), dict):
+                cfg[key] = {**cfg[key], **val}
+            else:
+                cfg[key] = val
+        self.config = cfg
+        self.cfg_path = tmp / f"{self.device_id}.yaml"
+        self.cfg_path.write_text(yaml.safe_dump(cfg))
+        self.env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = tmp / f"{self.device_id}.log"
+
+    def start(self, wait: bool = True) -> Daemon:
+        self.proc = subprocess.Popen(edged_cmd("run", "-c", str(self.cfg_path)), env=self.env,
+                                     stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        if wait:
+            self.wait_state("online")
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def status(self) -> dict[str, Any] | None:
+        from edged.status import query
+        from edged.errors import UnavailableError
+
+        try:
+            return query(str(self.dir / f"{self.device_id}.sock"), timeout=5)
+        except UnavailableError:
+            return None
+
+    def wait_state(self, state: str, timeout: float = 30) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited {self.proc.returncode}: {self.log()[-1500:]}")
+            st = self.status()
+            if st and st.get("state") == state:
+                return st
+            time.sleep(0.1)
+        raise AssertionError(f"daemon not {state} in {timeout}s: {self.log()[-1500:]}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+        return self.proc.returncode
+
+
+class Client:
+    """MQTT v5 test client: send frames with a frame_id, gather results by frame_id."""
+
+    def __init__(self, broker: Broker, prefix: str) -> None:
+        self.prefix = prefix
+        self.results: dict[str, dict[str, Any]] = {}
+        self.count = 0
+        self.status_msgs: list[dict[str, Any]] = []
+        self.cv = threading.Condition()
+        self._subs = threading.Semaphore(0)
+        self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="test-" + uuid.uuid4().hex[:8],
+                             protocol=mqtt.MQTTv5)
+        self.c.max_inflight_messages_set(1000)
+        self.c.on_message = self._on_message
+        self.c.on_subscribe = lambda *a: self._subs.release()
+        self.c.connect("127.0.0.1", broker.port)
+        self.c.loop_start()
+        for topic in (f"{prefix}/out/#", f"{prefix}/status"):
+            self.c.subscribe(topic, qos=1)
+        for _ in range(2):
+            assert self._subs.acquire(timeout=10), "broker did not confirm subscriptions"
+
+    def _on_message(self, c: Any, u: Any, msg: Any) -> None:
+        body = json.loads(msg.payload)
+        with self.cv:
+            if msg.topic.endswith("/status"):
+                self.status_msgs.append(body)
+            else:
+                self.count += 1
+                self.results[str(body.get("frame_id"))] = dict(body, _topic=msg.topic)
+            self.cv.notify_all()
+
+    def send(self, payload: bytes, frame_id: str, stream: str = "cam1", qos: int = 1,
+             content_type: str | None = None, expiry: int | None = None) -> mqtt.MQTTMessageInfo:
+        props = Properties(PacketTypes.PUBLISH)
+        props.UserProperty = [("frame_id", frame_id)]
+        if content_type:
+            props.ContentType = content_type
+        if expiry is not None:
+            props.MessageExpiryInterval = expiry
+        return self.c.publish(f"{self.prefix}/in/{stream}", payload, qos=qos, properties=props)
+
+    def wait(self, ids: list[str], timeout: float = 30) -> dict[str, dict[str, Any] | None]:
+        deadline = time.monotonic() + timeout
+        with self.cv:
+            while not all(i in self.results for i in ids):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self.cv.wait(left)
+            return {i: self.results.get(i) for i in ids}
+
+    def close(self) -> None:
+        self.c.loop_stop()
+        self.c.disconnect()
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Broker]:
+    b = Broker(tmp_path).start()
+    yield b
+    b.stop()
+
+
+@pytest.fixture
+def daemon_factory(tmp_path: Path, broker: Broker) -> Iterator[Any]:
+    started: list[Daemon] = []
+
+    def make(overrides: dict[str, Any] | None = None, start: bool = True, **kw: Any) -> Daemon:
+        d = Daemon(tmp_path, kw.pop("broker", broker), overrides, **kw)
+        started.append(d)
+        return d.start() if start else d
+
+    yield make
+    for d in started:
+        d.stop(signal.SIGKILL, 5)
+
+
+@pytest.fixture
+def client_factory(broker: Broker) -> Iterator[Any]:
+    made: list[Client] = []
+
+    def make(prefix: str, b: Broker | None = None) -> Client:
+        c = Client(b or broker, prefix)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        with contextlib.suppress(Exception):
+            c.close()
