@@ -75,6 +75,7 @@ class Supervisor:
         self.cond = threading.Condition()
         self.queues: dict[str, collections.deque[Frame]] = {}
         self.rr: collections.deque[str] = collections.deque()
+        self.queued_bytes = 0
         self.slots: list[Slot] = []
         self.generation = 0
         self.seq = 0
@@ -221,14 +222,16 @@ class Supervisor:
             if q is None:
                 q = self.queues[stream] = collections.deque()
                 self.rr.append(stream)
-            if len(q) >= self.cfg.queue.max_per_stream:
-                if self.cfg.queue.policy == "drop_oldest":
-                    victim = q.popleft()
-                    q.append(f)
-                else:
-                    victim = f
-            else:
+            full = len(q) >= self.cfg.queue.max_per_stream or \
+                self.queued_bytes + len(inc.payload) > self.cfg.queue.max_queued_mb * (1 << 20)
+            if full and self.cfg.queue.policy == "drop_oldest" and q:
+                victim = q.popleft()
+                self.queued_bytes -= len(victim.payload or b"")
+            elif full:
+                victim = f
+            if victim is not f:
                 q.append(f)
+                self.queued_bytes += len(inc.payload)
             self.cond.notify_all()
         if victim is not None:
             self.metrics.count("dropped")
@@ -250,8 +253,15 @@ class Supervisor:
             self.rr.rotate(-1)
             q = self.queues[stream]
             if q:
-                return q.popleft(), min(ready, key=lambda h: len(h.inflight))
+                frame = q.popleft()
+                self.queued_bytes -= len(frame.payload or b"")
+                return frame, min(ready, key=lambda h: len(h.inflight))
         return None
+
+    def _requeue(self, frame: Frame) -> None:
+        """Under the lock: put a frame back at the head of its stream."""
+        self.queues[frame.stream].appendleft(frame)
+        self.queued_bytes += len(frame.payload or b"")
 
     def _dispatch_loop(self) -> None:
         while True:
@@ -285,7 +295,7 @@ class Supervisor:
                     requeue = False
                 else:
                     requeue = True
-                    self.queues[frame.stream].appendleft(frame)
+                    self._requeue(frame)
                     self.cond.wait(0.05)  # a free or a result wakes us
             if not requeue:
                 frame.payload = None
@@ -295,7 +305,7 @@ class Supervisor:
         seg = fd_size.get(block.segment)
         with self.cond:
             if worker.state != "ready" or seg is None:
-                self.queues[frame.stream].appendleft(frame)
+                self._requeue(frame)
                 block_to_free: Block | None = block
             else:
                 block_to_free = None

@@ -90,6 +90,8 @@ class MqttLink:
     def start(self) -> None:
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = self.cfg.mqtt.session_expiry
+        # backpressure for QoS 1 frames: the broker holds back what our queue could not take
+        props.ReceiveMaximum = min(65535, self.cfg.queue.max_per_stream)
         self.client.connect_async(self.cfg.mqtt.host, self.cfg.mqtt.port, keepalive=self.cfg.mqtt.keepalive,
                                   clean_start=False, properties=props)
         self.client.loop_start()

@@ -90,7 +90,8 @@ class Notifier:
         except OSError as exc:
             if not self._warned:
                 self._warned = True
-                logger.warning("sd_notify to %r failed: %s (further errors not logged)",
-                               self._address.replace("\0", "@"), exc)
+                logger.warning(
+                    "sd_notify to %r failed: %s (further errors not logged)", self._address.replace("\0", "@"), exc
+                )
             return False
         return True

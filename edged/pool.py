@@ -43,8 +43,7 @@ import mmap
 import os
 import threading
 import time
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from edged.errors import EdgedError
 
@@ -58,8 +57,7 @@ class PoolError(EdgedError):
     """Misuse of the frame pool: double or foreign free, use after close, bad size."""
 
 
-@dataclass(frozen=True, slots=True)
-class Block:
+class Block(NamedTuple):
     """A frame's place in the pool: ``size`` is the 64-aligned capacity, ``length`` the bytes asked for."""
     segment: int
     offset: int
@@ -158,7 +156,7 @@ class FramePool:
         with self._lock:
             if self._closed:
                 raise PoolError("pool is closed")
-            place = self._best_fit(size, draining=False) or self._best_fit(size, draining=True)
+            place = self._best_fit(size)
             if place is None and (added := self._grow(size)) is not None:
                 place = (added, 0)
             if place is None:
@@ -273,18 +271,18 @@ class FramePool:
             raise PoolError(f"{block!r} is not a live block of this pool (double free or foreign)")
         return self._segs[block.segment]
 
-    def _best_fit(self, size: int, *, draining: bool) -> tuple[_Segment, int] | None:
-        best: tuple[_Segment, int] | None = None
-        best_size = 0
+    def _best_fit(self, size: int) -> tuple[_Segment, int] | None:
+        """Tightest extent outside draining segments, else tightest inside them; ties to the oldest."""
+        best: list[tuple[_Segment, int] | None] = [None, None]   # [normal, draining]
+        best_size = [0, 0]
         for seg in self._segs.values():
-            if seg.draining != draining:
-                continue
+            d = seg.draining
             for start, ext in seg.extents.items():
-                if size <= ext and (best is None or ext < best_size):
-                    best, best_size = (seg, start), ext
-                    if ext == size:
-                        return best
-        return best
+                if size <= ext and (best[d] is None or ext < best_size[d]):
+                    best[d], best_size[d] = (seg, start), ext
+                    if ext == size and not d:
+                        return best[0]
+        return best[0] or best[1]
 
     def _grow(self, size: int) -> _Segment | None:
         want = max(self._seg_bytes, _round_up(size, self._seg_bytes))

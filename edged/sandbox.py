@@ -1,67 +1,54 @@
 """The worker's sandbox: rlimits, fd hygiene and the seccomp allowlist.
 
 The only module that imports pyseccomp. The worker calls, in this order and
-only after it loaded the model, allocated tensors, ran one warm-up invoke and
-warmed every decoder (``Image.init()`` plus one tiny JPEG/PNG/BMP decode):
+only after it loaded the model, allocated tensors, ran one warm-up invoke,
+called ``Image.init()`` and decoded one tiny JPEG, PNG and BMP:
 
     harden(memory_limit_bytes=..., keep_fds=(control_socket_fd,))
     install_filter("kill")
 
-After that the worker can still read/write/recvmsg/sendmsg on fds it holds,
-receive fds (SCM_RIGHTS), mmap them without PROT_EXEC, close fds, allocate
-memory, wait on futexes, read clocks and exit. It cannot open files, make
-sockets, connect, bind, exec, fork, ptrace, change credentials or map
-anything executable: each of those kills the whole process with SIGSYS
-(SECCOMP_RET_KILL_PROCESS; KILL_THREAD would leave a zombie with live
-threads). ``clone`` is allowed only with CLONE_THREAD (a thread, never a
-process); ``clone3`` answers ENOSYS so glibc falls back to ``clone``.
+Afterwards it can read/write/recvmsg/sendmsg on fds it holds, receive fds
+(SCM_RIGHTS), mmap them without PROT_EXEC, close fds, allocate memory, wait
+on futexes, read clocks and exit. Opening files, sockets, connect, bind,
+exec, fork, ptrace, setuid and executable or anonymous-shared mappings kill
+the whole process with SIGSYS (KILL_PROCESS: KILL_THREAD leaves a zombie).
+``clone`` needs CLONE_THREAD; ``clone3`` gets ENOSYS so glibc falls back.
 
-Things that kill a filtered worker, found while tracing (do them before the
-filter, or not at all):
-  * any lazy import: Pillow imports TiffImagePlugin/ImageOps the first time
-    it meets a JPEG with EXIF/MPO data (``Image.init()`` first avoids that);
-  * a traceback or warning printed with source lines (``logger.exception``,
-    ``warnings.warn``): linecache stats and opens the .py file;
-  * a socket timeout (``settimeout``) would need poll/ppoll, not allowed.
+What kills a filtered worker that looks harmless (do it before, or never):
+any lazy import (Pillow imports TiffImagePlugin the first time a JPEG has
+EXIF/MPO data; ``Image.init()`` first); a warning printed by the default
+``warnings`` machinery (a PNG with a bad acTL chunk makes Pillow warn) or a
+traceback formatted by ``traceback``/``logger.exception`` (linecache stats
+the .py files even with lookup_lines=False); ``socket.socket(fileno=...)``
+(getsockopt) and socket timeouts (poll).
 
 How the allowlist was found (x86-64, glibc 2.36, Python 3.11, LiteRT 2.3.0,
-Pillow 13, numpy 2.4). A worker-like script loads a model with
-``Interpreter(model_path=M, num_threads=T)``, allocates, warms up, warms the
-decoders, then calls ``os.getppid()`` as a marker and serves frames from a
-parent that sends each frame in a memfd plus an output memfd over an AF_UNIX
-socketpair (SCM_RIGHTS): mmap.mmap(fd), Image.open(BytesIO).draft().convert()
-.resize(), set_tensor/invoke/get_tensor, reset_all_variables(), json.dumps,
-logging through a handler that writes to the socket, then sys.exit() or
-os._exit(). Frames: cat.bmp, cat as PNG and JPEG, grace_hopper.bmp,
-kite_and_cold.jpg and a 2704x1800 JPEG (draft path). Run for the three models
-(mobilenet_v2_1.0_224_quant, mobilenet_v1_0.25_128_quant,
-coco_ssd_mobilenet_v1_1.0_quant_2018_06_29_detect) at T=1 and T=2:
+Pillow 13, numpy 2.4): a worker-like script loads each of
+mobilenet_v2_1.0_224_quant, mobilenet_v1_0.25_128_quant and
+coco_ssd_mobilenet_v1_1.0_quant_2018_06_29_detect with num_threads 1 and 2,
+warms up, calls ``os.getppid()`` as a marker, then serves six frames (cat
+as BMP/PNG/JPEG, grace_hopper.bmp, kite_and_cold.jpg, a 2704x1800 JPEG
+through draft()) that a parent sends as memfds over a socketpair: mmap.mmap,
+Image.open(BytesIO).draft/convert/resize, set_tensor/invoke/get_tensor,
+reset_all_variables, json.dumps, logging to the socket, sys.exit or
+os._exit. ``strace -f -qq -s 40 -o trace.txt python worker_sim.py MODEL T FD``
+and every syscall line of any thread after the marker gave: brk close exit
+exit_group fcntl(F_DUPFD_CLOEXEC) futex getpid madvise mmap munmap
+newfstatat(fd, "", AT_EMPTY_PATH) recvmsg rt_sigaction rt_sigprocmask
+sendto (fcntl/newfstatat: Python's mmap dups and fstats the fd;
+rt_sigaction: sys.exit restoring SIGINT; exit/madvise/rt_sigprocmask:
+XNNPACK threads ending), plus getsockname and getpeername when sys.exit
+finds a socket object still open (repr for its ResourceWarning). The table adds the 32-bit ARM names, the other
+directions of socket I/O, mremap, mprotect, clocks and sleeps, sched_yield,
+what a new thread needs (clone, set_robust_list, rseq), restart_syscall,
+getrandom, gettid, and tgkill to our own pid so abort() ends in SIGABRT, not
+a misleading SIGSYS. The same script then ran under install_filter("kill")
+(all frames right, exit 0) and "log" (no audit type=1326 line in dmesg).
 
-    strace -f -qq -s 40 -o trace.txt python worker_sim.py MODEL T FD
-
-and count every syscall line (all threads) after the ``getppid()`` line. The
-union was: brk close exit exit_group fcntl(F_DUPFD_CLOEXEC) futex getpid
-madvise mmap(MAP_SHARED|anon, never PROT_EXEC) munmap
-newfstatat(fd, "", AT_EMPTY_PATH) recvmsg rt_sigaction rt_sigprocmask sendto.
-(fcntl and newfstatat come from Python's mmap module, which fstat()s and dups
-the fd; rt_sigaction from sys.exit() restoring SIGINT; exit, madvise and
-rt_sigprocmask from the XNNPACK threads ending.) Then the table below adds
-what the same code needs elsewhere or on a bad day: the 32-bit ARM names
-(mmap2, *_time64, fcntl64, fstat64/fstatat64/statx, recv/send, sigreturn),
-read/write/sendmsg/recvfrom, mremap, mprotect (no PROT_EXEC), clocks and
-sleeps, sched_yield, what glibc needs to start a thread (clone with
-CLONE_THREAD, set_robust_list, rseq), restart_syscall (a futex or sleep
-interrupted by SIGSTOP/SIGCONT), getrandom, gettid, and tgkill aimed at our
-own pid so that abort() still ends in SIGABRT rather than a misleading SIGSYS.
-Checked by running the same script with ``install_filter("kill")`` after the
-marker (all frames right, exit status 0) and with ``"log"`` (no audit
-``type=1326`` line in dmesg).
-
-fstat is allowed: it reads metadata of an fd we already hold. newfstatat /
-fstatat64 / statx only with AT_EMPTY_PATH in their flags (how glibc >= 2.33
-implements fstat). A hostile caller can still pass a path with
-AT_EMPTY_PATH and learn a file's metadata (size, mode, times), never its
-content and never an fd; the price of Python's mmap module working.
+fstat is allowed (metadata of an fd already held); newfstatat, fstatat64
+and statx only with AT_EMPTY_PATH, which is how glibc >= 2.33 does fstat. A
+hostile caller could pass a path with that flag and learn a file's size,
+mode and times, never its content nor an fd.
 """
 from __future__ import annotations
 
@@ -97,8 +84,6 @@ SELF = "self"         # tgkill aimed at our own thread group (abort, raise)
 ENOSYS = "enosys"     # not allowed: fails with ENOSYS (clone3: glibc falls back to clone)
 
 _ALL = ("x86_64", "aarch64", "arm")
-_X64 = ("x86_64",)
-_A64 = ("aarch64",)
 _ARM = ("arm",)
 _64 = ("x86_64", "aarch64")
 
@@ -114,6 +99,8 @@ _TABLE: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("recv", PLAIN, _ARM),
     ("send", PLAIN, _ARM),
     ("close", PLAIN, _ALL),
+    ("getsockname", PLAIN, _ALL),  # repr() of a socket left open at sys.exit (ResourceWarning)
+    ("getpeername", PLAIN, _ALL),
     ("fcntl", FCNTL, _ALL),      # mmap.mmap() dups the fd with F_DUPFD_CLOEXEC
     ("fcntl64", FCNTL, _ARM),
     ("fstat", PLAIN, _64),       # mmap.mmap() checks the fd's size
@@ -159,7 +146,7 @@ _TABLE: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("getrandom", PLAIN, _ALL),
 )
 
-# Which argument a condition looks at, per syscall.
+# Which argument a condition looks at, per syscall (MAP also checks flags, arg 3).
 _ARG_INDEX = {"mmap": 2, "mmap2": 2, "mprotect": 2, "clone": 0, "newfstatat": 3,
               "fstatat64": 3, "statx": 2, "fcntl": 1, "fcntl64": 1, "tgkill": 0}
 
@@ -397,9 +384,9 @@ def _close_fds_except(keep: set[int]) -> None:
         open_fds = {int(n) for n in os.listdir("/proc/self/fd")}
     except OSError:
         open_fds = set()
-    doomed = sorted(open_fds - keep)
-    if doomed:
-        logger.debug("closing inherited fds: %s", ", ".join(f"{fd}={_fd_target(fd)}" for fd in doomed))
+    doomed = {fd: _fd_target(fd) for fd in sorted(open_fds - keep)}
+    if doomed:  # the fd listdir used is gone already: no target
+        logger.debug("closing fds: %s", ", ".join(f"{fd}={t}" for fd, t in doomed.items() if t))
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     top = hard if hard != resource.RLIM_INFINITY else os.sysconf("SC_OPEN_MAX")
     top = max(top, max(keep) + 1, max(open_fds, default=0) + 1)
@@ -415,7 +402,7 @@ def _fd_target(fd: int) -> str:
     try:
         return os.readlink(f"/proc/self/fd/{fd}")
     except OSError:
-        return "?"
+        return ""
 
 
 def _status_kib(key: str) -> int:

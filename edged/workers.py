@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 from edged import protocol
 from edged.errors import ModelError, WorkerError
+from edged.notify import NOTIFY_ENV_VARS
 
 logger = logging.getLogger(__name__)
 wlog = logging.getLogger("edged.worker")
@@ -58,7 +59,9 @@ class WorkerHandle:
     def start(self, timeout: float = 120.0) -> dict[str, Any]:
         """Spawn the worker and block until it has loaded the model; raise ModelError/WorkerError."""
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        # the worker must not talk to systemd: only the supervisor vouches for the pipeline
+        env = {k: v for k, v in os.environ.items() if k not in NOTIFY_ENV_VARS}
+        env.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         try:
             self.proc = subprocess.Popen([sys.executable, "-m", "edged.worker", str(child.fileno())],
                                          pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, env=env)

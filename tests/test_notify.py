@@ -74,9 +74,7 @@ def test_notifier_unset_socket_is_noop() -> None:
     assert n.watchdog_interval() is None
 
 
-def test_notifier_send_failure_warns_once_never_raises(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_notifier_send_failure_warns_once_never_raises(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     n = Notifier.from_env({"NOTIFY_SOCKET": str(tmp_path / "nobody-listens")})
     with caplog.at_level(logging.WARNING, logger="edged.notify"):
         assert not n.ready("x")
@@ -97,9 +95,7 @@ def test_notifier_send_failure_warns_once_never_raises(
         ({}, None),
     ],
 )
-def test_notifier_watchdog_interval_is_half_timeout_for_our_pid(
-    env: dict[str, str], expected: float | None
-) -> None:
+def test_notifier_watchdog_interval_is_half_timeout_for_our_pid(env: dict[str, str], expected: float | None) -> None:
     n = Notifier.from_env({"NOTIFY_SOCKET": "/nonexistent", **env}, pid=4242)
     assert n.watchdog_interval() == expected
 

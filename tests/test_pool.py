@@ -334,3 +334,37 @@ def test_close_twice_is_safe_and_releases_all():
     pool.free(b)                                               # no-op after close
     with pytest.raises(PoolError):
         pool.alloc(1)
+
+
+# -- threads -----------------------------------------------------------------------------------
+
+def test_alloc_free_from_threads_keeps_bookkeeping_consistent():
+    import random
+    import threading
+
+    errors: list[BaseException] = []
+    with FramePool(initial_bytes=MiB, segment_bytes=MiB, max_bytes=16 * MiB, backing="none",
+                   idle_release_s=0.0) as pool:
+        def worker(seed: int) -> None:
+            rng, mine = random.Random(seed), []
+            try:
+                for _ in range(3000):
+                    if mine and (len(mine) > 8 or rng.random() < 0.5):
+                        pool.free(mine.pop(rng.randrange(len(mine))))
+                    elif (b := pool.alloc(rng.choice([20_000, 150528, 270000, 900_000]))) is not None:
+                        mine.append(b)
+                    if rng.random() < 0.01:
+                        pool.maintain()
+                for b in mine:
+                    pool.free(b)
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors
+        pool._check_invariants()
+        assert pool.stats()["used_bytes"] == 0 and pool.stats()["live_blocks"] == 0

@@ -114,9 +114,9 @@ class MemfdPoolMachine(PoolMachine):
                 assert mv == expected, f"{block} was overwritten"
 
 
-PoolMachine.TestCase.settings = settings(max_examples=300, stateful_step_count=60, deadline=None,
+PoolMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=60, deadline=None,
                                          suppress_health_check=[HealthCheck.too_slow])
-MemfdPoolMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=40, deadline=None,
+MemfdPoolMachine.TestCase.settings = settings(max_examples=40, stateful_step_count=40, deadline=None,
                                               suppress_health_check=[HealthCheck.too_slow])
 TestPoolAllocatorOnly = PoolMachine.TestCase
 TestPoolMemfd = MemfdPoolMachine.TestCase

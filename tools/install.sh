@@ -79,6 +79,15 @@ else
 fi
 
 # --- venv and package -------------------------------------------------------
+# A running daemon is stopped for the upgrade (it drains; QoS 1 frames wait in
+# its broker session): its workers are spawned from the venv, and a worker
+# started from a half-replaced package, or newer than its supervisor, must not run.
+WAS_ACTIVE=0
+if (( LIVE )) && [[ -d /run/systemd/system ]] && systemctl is-active --quiet edged.service; then
+    systemctl stop edged.service
+    WAS_ACTIVE=1
+    say "stopped the running edged.service for the upgrade"
+fi
 # The venv links to its base interpreter: the service must be able to reach
 # it, and ProtectHome=yes hides /home and /root (e.g. a pyenv build) from it.
 base=$("$PYTHON" -c 'import os, sys; print(os.path.realpath(sys.executable))')
@@ -210,10 +219,9 @@ say "installed $R$UNITDIR/edged.service"
 if (( LIVE )) && [[ -d /run/systemd/system ]]; then
     systemctl daemon-reload
     say "ran systemctl daemon-reload"
-    if systemctl is-active --quiet edged.service; then
-        # Old supervisor + new worker code must not mix: restart onto the new code.
-        systemctl restart edged.service
-        say "restarted the running edged.service onto the new version"
+    if (( WAS_ACTIVE )); then
+        systemctl start edged.service
+        say "started edged.service again on the new version"
     else
         say "start it with: systemctl enable --now edged.service"
     fi
@@ -224,7 +232,8 @@ else
 fi
 
 if (( LIVE )); then
-    if timeout 300 "$BINDIR/edged" check -c "$CONF" >/dev/null 2>&1; then
+    # As the service user, so unreadable files show up now, not at first start.
+    if timeout 300 runuser -u "$SERVICE_USER" -- "$BINDIR/edged" check -c "$CONF" >/dev/null 2>&1; then
         say "edged check -c $CONF: ok"
     else
         say "warning: 'edged check -c $CONF' failed; run it to see why"
