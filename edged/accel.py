@@ -7,15 +7,13 @@ Runs in the worker (it loads native libraries); the supervisor only reads the re
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 from edged.config import Config
 from edged.errors import ModelError
-from edged.runtime import Model, load_delegate, needs_edgetpu
+from edged.runtime import Model, gpu_unavailable, load_delegate, needs_edgetpu
 
 logger = logging.getLogger(__name__)
 
@@ -27,42 +25,32 @@ class Choice:
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
     def report(self) -> dict[str, Any]:
+        """What was chosen and why the others were not; for a delegate, how much of the model it took.
+
+        delegated_ops/total_ops are None when no delegate was applied (cpu) or
+        the runtime cannot list its nodes; partial is True when some ops stay on the CPU.
+        """
         return {"chosen": self.kind, "skipped": [{"kind": k, "reason": r} for k, r in self.skipped],
-                "model": self.model.path}
+                "model": self.model.path, "backend": self.model.backend,
+                "delegated_ops": self.model.delegated_ops, "total_ops": self.model.total_ops,
+                "partial": self.model.partial}
 
 
 def _coral(cfg: Config, path: str, device: str | None) -> Model:
-    lib = cfg.accelerator.coral.library
-    try:
-        # probe first: LiteRT's load_delegate leaves a noisy half-built object behind when dlopen fails
-        ctypes.CDLL(lib)
-    except OSError as exc:
-        raise ModelError(f"no Edge TPU runtime: {lib} cannot be loaded ({exc})") from None
-    opts = dict(cfg.accelerator.coral.options)
-    dev = device or cfg.accelerator.coral.device
+    coral = cfg.accelerator.coral
+    opts = dict(coral.options)
+    dev = device or coral.device
     if dev:
         opts["device"] = dev
-    delegate = load_delegate(cfg.accelerator.coral.library, opts)
-    return Model(path, threads=cfg.model.threads, delegates=[delegate])
-
-
-def _gpu_reason(path: str) -> str:
-    """Why the GPU cannot serve this model here (LiteRT's CompiledModel GPU path)."""
-    if ctypes.util.find_library("vulkan") is None:
-        return "no Vulkan loader (libvulkan.so.1) on this machine, so no GPU adapter"
-    try:
-        from ai_edge_litert.compiled_model import CompiledModel
-        from ai_edge_litert.hardware_accelerator import HardwareAccelerator
-    except ImportError:
-        return "this runtime has no GPU accelerator (LiteRT's CompiledModel is not installed)"
-    try:
-        cm = CompiledModel.from_file(path, hardware_accel=HardwareAccelerator.GPU)
-    except Exception as exc:  # the native layer raises bare RuntimeError/ValueError variants
-        text = " ".join(str(exc).split())
-        hint = " (No adapters found: Vulkan has no usable GPU)" if "adapter" not in text.lower() else ""
-        return f"LiteRT GPU accelerator failed: {text[:200] or type(exc).__name__}{hint}"
-    full = cm.is_fully_accelerated() if hasattr(cm, "is_fully_accelerated") else False
-    return f"a GPU answered (fully accelerated: {full}) but this build serves the GPU path through CompiledModel only in a later release"
+    delegate = load_delegate(coral.library, opts)
+    model = Model(path, threads=cfg.model.threads, delegates=[delegate])
+    if model.delegated_ops == 0:
+        logger.warning("%s took none of the %s ops of %s: the CPU runs all of it", coral.library,
+                       model.total_ops, model.name)
+    elif model.partial:
+        logger.warning("%s took %s of %s ops of %s; the rest run on the CPU", coral.library,
+                       model.delegated_ops, model.total_ops, model.name)
+    return model
 
 
 def choose(cfg: Config, coral_device: str | None = None) -> Choice:
@@ -78,7 +66,7 @@ def choose(cfg: Config, coral_device: str | None = None) -> Choice:
                 if edgetpu:
                     skipped.append(("gpu", "the model is compiled for the Edge TPU"))
                     continue
-                skipped.append(("gpu", _gpu_reason(path)))
+                skipped.append(("gpu", gpu_unavailable(path)))
                 continue
             if kind == "cpu":
                 if edgetpu:

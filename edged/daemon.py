@@ -24,7 +24,7 @@ from typing import Any
 
 from edged import __version__, config
 from edged.errors import ConfigError, EdgedError, ModelError, WorkerError
-from edged.metrics import Metrics, prometheus_text
+from edged.metrics import Metrics, write_prometheus
 from edged.mqtt import Incoming, MqttLink
 from edged.notify import Notifier
 from edged.pool import Block, FramePool
@@ -66,6 +66,15 @@ class Slot:
     last_exit: str = ""
 
 
+def cfg_needs_prometheus(cfg: config.Config) -> bool:
+    """True when Prometheus output is configured but its library is missing."""
+    if not cfg.status.prometheus_file:
+        return False
+    import importlib.util
+
+    return importlib.util.find_spec("prometheus_client") is None
+
+
 class Supervisor:
     def __init__(self, cfg: config.Config, env: dict[str, str] | None = None) -> None:
         self.cfg = cfg
@@ -102,6 +111,7 @@ class Supervisor:
         return {"t": "init", "config_text": src.read_text(), "config_name": str(src), "config_base": str(src.resolve().parent),
                 "sandbox": cfg.sandbox.enabled, "sandbox_mode": cfg.sandbox.mode,
                 "memory_limit": cfg.sandbox.memory_limit_mb << 20,
+                "max_fds": 32 + int(cfg.pool.max_mb / max(cfg.pool.segment_mb, 0.0625)) + 1,
                 "log_level": logging.getLevelName(cfg.logging.level)}
 
     def _spawn(self, index: int, cfg: config.Config) -> WorkerHandle:
@@ -457,10 +467,8 @@ class Supervisor:
             st = self.snapshot()
             self.link.publish_stats(json.dumps(st).encode())
             if self.cfg.status.prometheus_file:
-                tmp = self.cfg.status.prometheus_file + ".tmp"
                 try:
-                    Path(tmp).write_text(prometheus_text(st))
-                    os.replace(tmp, self.cfg.status.prometheus_file)
+                    write_prometheus(self.cfg.status.prometheus_file, st)
                 except OSError as exc:
                     logger.warning("status.prometheus_file: %s", exc)
         wd = self.notifier.watchdog_interval()
@@ -523,6 +531,9 @@ class Supervisor:
         """Serve until SIGTERM/SIGINT; return the exit status."""
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._signal)
+        if cfg_needs_prometheus(self.cfg):
+            raise ConfigError(f"{self.cfg.source} status.prometheus_file: needs the prometheus-client package "
+                              "(pip install 'edged[prometheus]')")
         try:
             self.status_server.start()
         except (OSError, EdgedError) as exc:

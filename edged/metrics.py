@@ -76,25 +76,27 @@ class Metrics:
                     "stages_ms": {s: h.summary() for s, h in self.hist.items()}}
 
 
-def prometheus_text(status: dict[str, Any]) -> str:
-    """The status as Prometheus exposition text (for node_exporter's textfile collector)."""
-    lines = []
+def write_prometheus(path: str, status: dict[str, Any]) -> None:
+    """Write the status as Prometheus text for node_exporter's textfile collector (atomic rename)."""
+    from prometheus_client import CollectorRegistry, Gauge, write_to_textfile
 
-    def g(name: str, value: Any, help_: str, labels: str = "") -> None:
-        lines.append(f"# HELP edged_{name} {help_}")
-        lines.append(f"# TYPE edged_{name} gauge")
-        lines.append(f"edged_{name}{labels} {float(value)}")
-
+    reg = CollectorRegistry()
+    frames = Gauge("edged_frames", "frames since start, by kind", ["kind"], registry=reg)
     for k, v in status.get("frames", {}).items():
-        g(f"frames_{k}", v, f"frames {k} since start")
+        frames.labels(k).set(v)
+    lat = Gauge("edged_latency_ms", "latency percentiles per stage in ms", ["stage", "quantile"], registry=reg)
     for stage, s in status.get("stages_ms", {}).items():
         for q in ("p50", "p95", "p99"):
-            g(f"latency_{stage}_{q}_ms", s.get(q, 0), f"{stage} latency {q} in ms")
-    pool = status.get("pool", {})
-    for k in ("capacity_bytes", "used_bytes", "high_water_bytes", "fragmentation"):
-        if k in pool:
-            g(f"pool_{k}", pool[k], f"frame pool {k}")
-    g("queue_depth", status.get("queue_depth", 0), "frames waiting for a worker")
-    g("mqtt_connected", 1 if status.get("mqtt", {}).get("connected") else 0, "1 while connected to the broker")
-    g("uptime_seconds", status.get("uptime_s", 0), "seconds since start")
-    return "\n".join(lines) + "\n"
+            lat.labels(stage, q).set(s.get(q, 0))
+    pool = Gauge("edged_pool", "frame pool figures", ["figure"], registry=reg)
+    for k in ("capacity_bytes", "used_bytes", "high_water_bytes", "fragmentation", "grows", "shrinks"):
+        pool.labels(k).set(status.get("pool", {}).get(k, 0))
+    Gauge("edged_queue_depth", "frames waiting for a worker", registry=reg).set(status.get("queue_depth", 0))
+    Gauge("edged_mqtt_connected", "1 while connected to the broker", registry=reg).set(
+        1 if status.get("mqtt", {}).get("connected") else 0)
+    Gauge("edged_uptime_seconds", "seconds since start", registry=reg).set(status.get("uptime_s", 0))
+    rss = Gauge("edged_rss_bytes", "resident memory", ["process"], registry=reg)
+    rss.labels("supervisor").set(status.get("memory", {}).get("rss_bytes", 0))
+    for w in status.get("workers", []):
+        rss.labels(f"worker{w.get('index')}").set(w.get("rss_bytes") or 0)
+    write_to_textfile(path, reg)

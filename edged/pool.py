@@ -1,39 +1,38 @@
-"""The supervisor's shared-memory frame pool.
+"""The supervisor's shared-memory frame pool (stdlib only, so the supervisor stays light).
 
-Owns the memfd segments that frames travel in (creating, mapping, unmapping
-them), the allocator bookkeeping inside them, growth up to ``max_bytes``, the
-release of idle grown segments and the response to fragmentation. Handing the
-segment fds to workers is not owned here: the supervisor does that from the
-``on_segment_added`` / ``on_segment_released`` callbacks, which run outside the
-pool's lock. Standard library only, so the supervisor stays light.
+Owns the memfd segments frames travel in (create, map, unmap), the allocator
+bookkeeping inside them, growth up to ``max_bytes``, release of idle grown
+segments and the response to fragmentation. Handing fds to workers is the
+supervisor's, from ``on_segment_added(id, fd, size)`` / ``on_segment_released(id)``,
+which run outside the lock. No other alloc uses a grown segment before its
+on_segment_added returns, so no block reaches a worker before its segment; if
+the callback raises, alloc re-raises and the unused segment goes by the idle
+rule. The base segment is not announced: read it from segments().
 
-Allocator: blocks are 64-byte aligned. Each segment keeps its free extents in a
-sorted offset list (plus offset -> size), so a free finds its neighbours by
-bisection and coalesces with them at once. Allocation is best-fit over all free
-extents, ties going to the oldest segment: frames in flight are few (tens), so
-the scan is short, and best-fit keeps the big extents whole for the 1-6 MB
-frames that a mixed JPEG/PNG/tensor workload also carries; packing into older
-segments lets young ones empty and be released.
+Allocator: 64-byte aligned blocks; per segment, free extents sit in a sorted
+offset list (plus offset -> size), so free() finds its neighbours by bisection
+and coalesces at once. Best-fit over all extents, ties to the oldest segment:
+frames in flight are few, so the scan is short, and best-fit keeps big extents
+whole for the 1-6 MB frames among small JPEGs and tensors, while packing old
+segments lets young ones empty and go.
 
-Growth: when nothing fits, a segment of max(segment_bytes, request rounded up
-to a multiple of segment_bytes) is added, cut down to the room left under
-``max_bytes`` if that still holds the request; otherwise alloc returns None.
-The first segment (``initial_bytes``, 0 for none) is the base and lives until
-close(). A grown segment is unmapped and its fd closed, so RSS really drops,
-once it has been empty for ``idle_release_s``; maintain() does this.
+Growth: when nothing fits, add max(segment_bytes, request rounded up to a
+multiple of it), cut to the room left under max_bytes if that still fits the
+request; else alloc returns None. The first segment (initial_bytes; 0 = none)
+is the base and lives until close(). maintain() unmaps grown segments empty for
+idle_release_s and closes their fds, so RSS really drops.
 
-Fragmentation is 1 - largest free extent / free bytes over the whole pool.
-When it stays above ``frag_threshold`` for ``frag_window_s`` while the pool has
-more than one segment, maintain() marks the non-base segment holding the most
-free bytes outside its own largest extent as *draining*: allocations avoid it
-unless no other segment fits (it is still preferred to growing), so its
-short-lived frames drain away and the idle rule releases it; later frames land
-in the packed segments or in a fresh, unfragmented one. Each such action is
-logged at INFO and counted in ``recycles``; the window then starts over.
-Compaction is impossible (workers hold offsets), so this is the only remedy.
+Fragmentation is 1 - largest free extent / free bytes, over the whole pool (so
+free space split across segments counts too). Compaction is impossible (workers
+hold offsets), so when it stays above frag_threshold for frag_window_s with more
+than one segment, maintain() marks the non-base segment with the most free bytes
+outside its own largest extent as *draining*: allocs avoid it unless no other
+segment fits (it still beats growing), its short-lived frames drain away and the
+idle rule releases it. Each action is logged at INFO, counted in ``recycles``,
+and restarts the window.
 
-Blocks are compared by value: a stale copy of a freed block that equals a block
-since allocated at the same place cannot be told from it.
+Blocks are values: a stale copy of a freed block that equals a block since
+allocated at the same place cannot be told from it (that double free goes unseen).
 """
 from __future__ import annotations
 
@@ -71,15 +70,13 @@ def _round_up(n: int, unit: int) -> int:
 
 class _Segment:
     """One mapping and its free extents; mutated only under the pool's lock."""
-    __slots__ = ("id", "size", "fd", "mm", "base", "starts", "extents", "live", "empty_since", "draining")
+    __slots__ = ("id", "size", "fd", "mm", "base", "starts", "extents", "live", "empty_since", "draining", "ready")
 
     def __init__(self, seg_id: int, size: int, fd: int, mm: mmap.mmap | None, base: bool, now: float) -> None:
         self.id, self.size, self.fd, self.mm, self.base = seg_id, size, fd, mm, base
-        self.starts: list[int] = [0]            # free extent offsets, sorted
+        self.starts: list[int] = [0]              # free extent offsets, sorted
         self.extents: dict[int, int] = {0: size}  # free extent offset -> size
-        self.live = 0
-        self.empty_since = now
-        self.draining = False
+        self.live, self.empty_since, self.draining, self.ready = 0, now, False, base
 
     def take(self, start: int, size: int) -> None:
         i = bisect.bisect_left(self.starts, start)
@@ -145,8 +142,6 @@ class FramePool:
         if initial_bytes:
             self._new_segment(_round_up(initial_bytes, PAGE), base=True)
 
-    # -- allocation -----------------------------------------------------------------------------
-
     def alloc(self, length: int) -> Block | None:
         """A block of at least ``length`` bytes, or None when max_bytes leaves no room."""
         if length < 0:
@@ -170,8 +165,8 @@ class FramePool:
             self._live[(seg.id, start)] = block
             self._used += size
             self._high_water = max(self._high_water, self._used)
-        if added is not None and self._on_added is not None:
-            self._on_added(added.id, added.fd, added.size)
+        if added is not None:
+            self._announce(added, block)
         return block
 
     def write(self, data: Any) -> Block | None:
@@ -184,7 +179,7 @@ class FramePool:
         block = self.alloc(src.nbytes)
         if block is not None:
             with self._lock:
-                mm = self._segs[block.segment].mm
+                mm = self._segment_of(block).mm
             mm[block.offset:block.offset + block.length] = src  # type: ignore[index]
         return block
 
@@ -208,8 +203,6 @@ class FramePool:
             self._used -= block.size
             if seg.live == 0:
                 seg.empty_since = self._clock()
-
-    # -- upkeep ---------------------------------------------------------------------------------
 
     def maintain(self, now: float | None = None) -> None:
         """Release grown segments idle for idle_release_s and act on lasting fragmentation (~1/s)."""
@@ -264,7 +257,15 @@ class FramePool:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- internals (lock held) ------------------------------------------------------------------
+    def _announce(self, seg: _Segment, block: Block) -> None:
+        try:
+            if self._on_added is not None:
+                self._on_added(seg.id, seg.fd, seg.size)
+        except BaseException:
+            self.free(block)  # the segment stays hidden, so empty, and the idle rule releases it
+            raise
+        with self._lock:
+            seg.ready = True
 
     def _segment_of(self, block: Block) -> _Segment:
         if not isinstance(block, Block) or self._live.get((block.segment, block.offset)) != block:
@@ -273,16 +274,20 @@ class FramePool:
 
     def _best_fit(self, size: int) -> tuple[_Segment, int] | None:
         """Tightest extent outside draining segments, else tightest inside them; ties to the oldest."""
-        best: list[tuple[_Segment, int] | None] = [None, None]   # [normal, draining]
-        best_size = [0, 0]
+        best = spare = None
+        best_size = spare_size = 0
         for seg in self._segs.values():
-            d = seg.draining
-            for start, ext in seg.extents.items():
-                if size <= ext and (best[d] is None or ext < best_size[d]):
-                    best[d], best_size[d] = (seg, start), ext
-                    if ext == size and not d:
-                        return best[0]
-        return best[0] or best[1]
+            for start, ext in seg.extents.items() if seg.ready else ():
+                if ext < size:
+                    continue
+                if seg.draining:
+                    if spare is None or ext < spare_size:
+                        spare, spare_size = (seg, start), ext
+                elif best is None or ext < best_size:
+                    best, best_size = (seg, start), ext
+                    if ext == size:
+                        return best
+        return best or spare
 
     def _grow(self, size: int) -> _Segment | None:
         want = max(self._seg_bytes, _round_up(size, self._seg_bytes))
@@ -321,50 +326,43 @@ class FramePool:
         if self._fragmentation() <= self._frag_thr or len(self._segs) < 2:
             self._frag_since = None
             return
-        if self._frag_since is None:
-            self._frag_since = now
+        self._frag_since = now if self._frag_since is None else self._frag_since
         if now - self._frag_since < self._frag_win:
             return
         self._frag_since = None
-        victims = [s for s in self._segs.values() if not s.base and not s.draining]
-        score = {s.id: sum(s.extents.values()) - s.largest() for s in victims}
-        victim = max(victims, key=lambda s: score[s.id], default=None)
-        if victim is None or score[victim.id] <= 0:
-            return
-        victim.draining = True
-        self._recycles += 1
-        log.info("fragmentation %.2f for %.0f s: draining segment %d (%d free bytes outside its largest extent)",
-                 self._fragmentation(), self._frag_win, victim.id, score[victim.id])
+        score, victim = max(((sum(s.extents.values()) - s.largest(), s) for s in self._segs.values()
+                             if not s.base and not s.draining), key=lambda sv: sv[0], default=(0, None))
+        if victim is not None and score > 0:
+            victim.draining = True
+            self._recycles += 1
+            log.info("fragmentation %.2f for %.0f s: draining segment %d (%d free bytes outside its largest "
+                     "extent)", self._fragmentation(), self._frag_win, victim.id, score)
 
     def _check_invariants(self) -> None:
         """Raise AssertionError unless the bookkeeping is consistent (tests call this)."""
         def fail(msg: str) -> None:
             raise AssertionError(msg)
-
         with self._lock:
-            by_seg: dict[int, list[tuple[int, int, str]]] = {i: [] for i in self._segs}
+            by_seg: dict[int, list[tuple[int, int]]] = {i: [] for i in self._segs}
             for (sid, off), b in self._live.items():
                 if (sid, off) != (b.segment, b.offset) or sid not in by_seg:
                     fail(f"live block {b} is keyed wrongly or lies in a released segment")
                 if off % ALIGN or b.size % ALIGN or b.size < b.length or b.size <= 0:
                     fail(f"block {b} is misaligned or too small")
-                by_seg[sid].append((off, b.size, "live"))
+                by_seg[sid].append((off, b.size))
             for seg in self._segs.values():
-                if seg.starts != sorted(seg.extents) or len(seg.starts) != len(seg.extents):
-                    fail(f"segment {seg.id}: free offsets out of sync")
-                if seg.live != sum(1 for _, _, k in by_seg[seg.id] if k == "live"):
-                    fail(f"segment {seg.id}: live count {seg.live} is wrong")
+                if seg.starts != sorted(seg.extents) or seg.live != len(by_seg[seg.id]):
+                    fail(f"segment {seg.id}: free offsets or live count out of sync")
                 for a, b in zip(seg.starts, seg.starts[1:]):
                     if a + seg.extents[a] >= b:
                         fail(f"segment {seg.id}: free extents at {a} and {b} touch or overlap (not coalesced)")
                 pos = 0
-                for off, size, _ in sorted(by_seg[seg.id] + [(o, n, "free") for o, n in seg.extents.items()]):
+                for off, size in sorted(by_seg[seg.id] + list(seg.extents.items())):
                     if off != pos or size <= 0:
                         fail(f"segment {seg.id}: byte {pos} is covered {'twice' if off < pos else 'never'}")
                     pos = off + size
                 if pos != seg.size:
                     fail(f"segment {seg.id}: covered up to {pos} of {seg.size}")
-            if self._used != sum(b.size for b in self._live.values()):
-                fail(f"used_bytes {self._used} is not the sum of live blocks")
-            if self._capacity != sum(s.size for s in self._segs.values()):
-                fail("capacity_bytes is not the sum of segment sizes")
+            if self._used != sum(b.size for b in self._live.values()) or \
+                    self._capacity != sum(s.size for s in self._segs.values()):
+                fail(f"used_bytes {self._used} or capacity_bytes {self._capacity} is not the sum of its parts")

@@ -96,7 +96,8 @@ class Preprocessor:
         assert lay is not None
         try:
             with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                # every warning becomes an error: showing one reads a source file, which the sandbox kills
+                warnings.simplefilter("error")
                 img = Image.open(io.BytesIO(payload), formats=[PIL_FORMATS[kind]])
                 w, h = img.size
                 if w <= 0 or h <= 0 or w * h > MAX_PIXELS:
@@ -112,7 +113,7 @@ class Preprocessor:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise FrameError("too_large", f"{kind} image too large: {exc}") from None
-        except (OSError, ValueError, SyntaxError, EOFError, IndexError, struct.error) as exc:
+        except (OSError, ValueError, SyntaxError, EOFError, IndexError, struct.error, Warning) as exc:
             raise FrameError("bad_payload", f"cannot decode {kind}: {exc}") from None
         except MemoryError:
             raise FrameError("too_large", f"{kind} image does not fit the worker's memory limit") from None

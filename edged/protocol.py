@@ -51,7 +51,9 @@ class Reader:
         self.fds: list[int] = []
 
     def _fill(self) -> None:
-        data, anc, _flags, _addr = self.sock.recvmsg(self.chunk, socket.CMSG_SPACE(_MAX_FDS * 4))
+        data, anc, flags, _addr = self.sock.recvmsg(self.chunk, socket.CMSG_SPACE(_MAX_FDS * 4))
+        if flags & socket.MSG_CTRUNC:
+            raise ProtocolError("file descriptors were dropped in transit (fd limit reached)")
         for level, kind, payload in anc:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 fds = array.array("i")

@@ -7,7 +7,9 @@ the worker process only.
 """
 from __future__ import annotations
 
+import ctypes
 import importlib
+import importlib.util
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +22,8 @@ from edged.errors import ModelError
 logger = logging.getLogger(__name__)
 
 BACKENDS = {"litert": "ai_edge_litert.interpreter", "tflite": "tflite_runtime.interpreter"}
+ALIASES = {"tflite-runtime": "tflite", "tflite_runtime": "tflite", "ai_edge_litert": "litert"}
+DELEGATE_OP = "DELEGATE"  # the op name of a delegate kernel node in the interpreter's node list
 EDGETPU_OP = "edgetpu-custom-op"
 
 
@@ -41,15 +45,31 @@ class TensorInfo:
                 "quantization": [self.scale, self.zero_point] if self.scale else None}
 
 
+def installed_backends() -> list[str]:
+    """The backends whose package is installed here, LiteRT first (nothing is imported)."""
+    return [n for n, mod in BACKENDS.items() if importlib.util.find_spec(mod.split(".")[0]) is not None]
+
+
 def backend_module(name: str = "auto") -> Any:
-    """Import the interpreter module of a backend ('auto' prefers LiteRT)."""
-    names = list(BACKENDS) if name == "auto" else [name]
+    """Import the interpreter module of a backend: 'litert', 'tflite', or 'auto' (what is installed, LiteRT first).
+
+    Each venv holds one runtime (tflite-runtime needs numpy<2, LiteRT numpy>=2), so
+    'auto' asks which package is installed rather than taking a setting.
+    """
+    key = ALIASES.get(name, name)
+    if key != "auto" and key not in BACKENDS:
+        raise ModelError(f"unknown runtime backend {name!r} (known: auto, {', '.join(BACKENDS)})")
+    names = installed_backends() if key == "auto" else [key]
+    errors = []
     for n in names:
         try:
             return importlib.import_module(BACKENDS[n])
-        except ImportError:
-            continue
-    raise ModelError(f"no TFLite runtime installed (tried {', '.join(BACKENDS[n] for n in names)})")
+        except ImportError as exc:
+            # installed but broken, e.g. tflite-runtime under numpy 2
+            errors.append(f"{BACKENDS[n]}: {_first_line(exc)}")
+            logger.warning("runtime %s is installed but cannot be imported: %s", n, _first_line(exc))
+    tried = "; ".join(errors) or f"none of {', '.join(BACKENDS[n].split('.')[0] for n in BACKENDS)} is installed"
+    raise ModelError(f"no TFLite runtime can be used ({tried})")
 
 
 def backend_name(module: Any) -> str:
@@ -82,9 +102,15 @@ class Model:
         self.backend = backend_name(mod)
         if not Path(path).is_file():
             raise ModelError(f"model {path}: no such file")
+        self.delegated_ops: int | None = None
+        self.total_ops: int | None = None
         try:
             self._interp = mod.Interpreter(model_path=path, num_threads=threads,
                                            experimental_delegates=delegates or None)
+            if delegates:
+                # counted before allocate_tensors(): that is where the runtime adds its own
+                # XNNPACK delegate, whose nodes would otherwise count as the accelerator's
+                self.delegated_ops, self.total_ops = _delegation(self._interp)
             self._interp.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
             raise ModelError(f"model {self.name} cannot load: {_first_line(exc)}") from None
@@ -94,7 +120,13 @@ class Model:
         self.input = _info(inputs[0])
         self.outputs = [_info(d) for d in self._interp.get_output_details()]
         self.stateful = False
-        self.delegated_nodes: int | None = None
+
+    @property
+    def partial(self) -> bool | None:
+        """True when a delegate was applied but some ops still run on the CPU (None: no delegate or unknown)."""
+        if self.delegated_ops is None or self.total_ops is None:
+            return None
+        return self.delegated_ops < self.total_ops
 
     def input_view(self) -> np.ndarray:
         """A writable view of the input tensor; drop it before invoke()."""
@@ -140,13 +172,81 @@ class Model:
                 "stateful": self.stateful}
 
 
+def _delegation(interp: Any) -> tuple[int | None, int | None]:
+    """(ops a delegate took, ops in the model) from the node list, or (None, None) if it cannot be read.
+
+    Neither runtime has a public API for this; `_get_ops_details()` (private,
+    "experimental" in both LiteRT and tflite-runtime) lists the model's nodes
+    followed by one DELEGATE node per delegated partition. A node belongs to a
+    partition when one of its outputs is a partition output, or feeds a node of
+    the partition without being a partition input.
+    """
+    try:
+        ops = interp._get_ops_details()
+    except (AttributeError, ValueError, RuntimeError) as exc:
+        logger.debug("cannot list nodes to count delegated ops: %s", exc)
+        return None, None
+    model_ops = [op for op in ops if op.get("op_name") != DELEGATE_OP]
+    kernels = [op for op in ops if op.get("op_name") == DELEGATE_OP]
+    part_in = {int(t) for k in kernels for t in k["inputs"]}
+    part_out = {int(t) for k in kernels for t in k["outputs"]}
+    consumers: dict[int, list[int]] = {}
+    for op in model_ops:
+        for t in op["inputs"]:
+            consumers.setdefault(int(t), []).append(int(op["index"]))
+    taken: set[int] = set()
+    for op in reversed(model_ops):  # node order is execution order: consumers come later
+        for t in (int(x) for x in op["outputs"]):
+            if t in part_out or (t not in part_in and any(c in taken for c in consumers.get(t, ()))):
+                taken.add(int(op["index"]))
+                break
+    return len(taken), len(model_ops)
+
+
 def load_delegate(library: str, options: dict[str, str], backend: str = "auto") -> Any:
-    """Load an external delegate (e.g. libedgetpu) or raise ModelError with the cause."""
+    """Load a TFLite external delegate (e.g. libedgetpu) or raise ModelError naming the library and cause."""
     mod = backend_module(backend)
+    # Checked here first: when dlopen fails or a symbol is missing, the runtime's Delegate
+    # object is left half-built and its __del__ prints a traceback on stderr.
+    try:
+        lib = ctypes.CDLL(library)
+    except OSError as exc:
+        raise ModelError(f"{library} cannot be loaded: {_first_line(exc)}") from None
+    for sym in ("tflite_plugin_create_delegate", "tflite_plugin_destroy_delegate"):
+        if not hasattr(lib, sym):
+            raise ModelError(f"{library} is not a TFLite external delegate (it has no {sym})")
     try:
         return mod.load_delegate(library, options)
-    except (ValueError, RuntimeError, OSError) as exc:
+    except ValueError as exc:
+        # "Failed to load delegate from LIB\n<what the library reported>"
+        said = " ".join(str(exc).splitlines()[1:]).strip() or "it gave no reason"
+        raise ModelError(f"{library} failed to create a delegate (tflite_plugin_create_delegate returned NULL): "
+                         f"{said[:300]}") from None
+    except (RuntimeError, OSError, AttributeError) as exc:
         raise ModelError(f"{library}: {_first_line(exc)}") from None
+
+
+def gpu_unavailable(path: str) -> str:
+    """Why LiteRT's GPU accelerator cannot serve this model here (always a reason: see accel)."""
+    import ctypes.util
+
+    if ctypes.util.find_library("vulkan") is None:
+        return "no Vulkan loader (libvulkan.so.1) on this machine, so no GPU adapter"
+    try:
+        from ai_edge_litert.compiled_model import CompiledModel
+        from ai_edge_litert.hardware_accelerator import HardwareAccelerator
+    except ImportError:
+        return "this runtime has no GPU accelerator (LiteRT's CompiledModel is not installed)"
+    try:
+        cm = CompiledModel.from_file(path, hardware_accel=HardwareAccelerator.GPU)
+    except Exception as exc:  # the native layer raises bare RuntimeError/ValueError variants
+        text = " ".join(str(exc).split())
+        hint = "" if "adapter" in text.lower() else " (no usable Vulkan GPU adapter?)"
+        return f"LiteRT GPU accelerator failed: {text[:200] or type(exc).__name__}{hint}"
+    full = cm.is_fully_accelerated()
+    cm.close()
+    return (f"a GPU answered (fully accelerated: {full}), but edged serves models through the Interpreter "
+            "API and does not run LiteRT's CompiledModel yet")
 
 
 def _first_line(exc: BaseException) -> str:

@@ -23,7 +23,7 @@ the .py files even with lookup_lines=False); ``socket.socket(fileno=...)``
 (getsockopt) and socket timeouts (poll).
 
 How the allowlist was found (x86-64, glibc 2.36, Python 3.11, LiteRT 2.3.0,
-Pillow 13, numpy 2.4): a worker-like script loads each of
+Pillow 13, numpy 2.4): a worker-like script (kept out of the repo) loads
 mobilenet_v2_1.0_224_quant, mobilenet_v1_0.25_128_quant and
 coco_ssd_mobilenet_v1_1.0_quant_2018_06_29_detect with num_threads 1 and 2,
 warms up, calls ``os.getppid()`` as a marker, then serves six frames (cat
@@ -37,9 +37,10 @@ exit_group fcntl(F_DUPFD_CLOEXEC) futex getpid madvise mmap munmap
 newfstatat(fd, "", AT_EMPTY_PATH) recvmsg rt_sigaction rt_sigprocmask
 sendto (fcntl/newfstatat: Python's mmap dups and fstats the fd;
 rt_sigaction: sys.exit restoring SIGINT; exit/madvise/rt_sigprocmask:
-XNNPACK threads ending), plus getsockname and getpeername when sys.exit
-finds a socket object still open (repr for its ResourceWarning). The table adds the 32-bit ARM names, the other
-directions of socket I/O, mremap, mprotect, clocks and sleeps, sched_yield,
+XNNPACK threads ending), plus getsockname/getpeername when sys.exit finds
+a socket object still open (its ResourceWarning calls repr()). The table
+adds the 32-bit ARM names, the other directions of socket I/O, mremap,
+mprotect, clocks and sleeps, sched_yield,
 what a new thread needs (clone, set_robust_list, rseq), restart_syscall,
 getrandom, gettid, and tgkill to our own pid so abort() ends in SIGABRT, not
 a misleading SIGSYS. The same script then ran under install_filter("kill")
@@ -251,7 +252,7 @@ def install_filter(mode: str = "kill") -> None:
     mode "log": anything else is allowed and logged by the kernel (audit
     type=1326 in dmesg): for development, never in production. clone3 fails
     with ENOSYS in both modes. A syscall of another ABI (i386 int 0x80,
-    x32) kills in both modes.
+    x32) kills in both modes. Call it once: seccomp() itself is not allowed.
     """
     if mode not in _MODES:
         raise SandboxError(f"seccomp mode {mode!r}: expected one of {', '.join(_MODES)}")
@@ -308,7 +309,8 @@ def _pyseccomp() -> ModuleType:
         import pyseccomp
     except (ImportError, RuntimeError, OSError) as exc:  # RuntimeError: no libseccomp.so
         raise SandboxError(f"seccomp is unavailable: {exc} (install libseccomp2 and pyseccomp)") from exc
-    return pyseccomp
+    module: ModuleType = pyseccomp
+    return module
 
 
 def _arch_key(arch: str | None) -> str:
@@ -335,19 +337,15 @@ def _set_no_new_privs() -> None:
 def _prime_glibc_heap_shrink() -> None:
     """Make glibc read /proc/sys/vm/overcommit_memory now, while open() is allowed.
 
-    glibc opens that file the first time it shrinks a non-main malloc heap
-    (a thread's arena, or the arena malloc falls back to when the main one
-    runs out under RLIMIT_DATA) and caches the answer. Under the filter that
-    open is a SIGSYS where a MemoryError belongs, or a dead Coral worker when
-    a driver thread's heap shrinks. A thread that mallocs 96 KiB blocks (past
-    the 64 KiB trim check, below the mmap threshold) and frees them last
-    first grows its heap's top until it passes the trim threshold, which
-    glibc raises up to 64 MiB as big blocks come and go (measured: 0.5 MiB
-    after loading mobilenet v2, 2 MiB after the SSD, more after big frames),
-    so 56 MiB. Cost: ~5 ms, one touched page per block, and a free arena with
-    56 MiB of writable, non-resident heap that VmData (RLIMIT_DATA) counts;
-    malloc falls back to that arena when the main one is full, so it is
-    usable memory inside the cap, not lost.
+    glibc opens it (once, then caches) the first time a non-main malloc heap
+    shrinks: a thread's arena, or the one malloc falls back to when the main
+    arena hits RLIMIT_DATA. Under the filter that is a SIGSYS where a
+    MemoryError belongs. Freeing 96 KiB blocks (past the 64 KiB trim check,
+    below the mmap threshold) last-first in a thread shrinks its heap once
+    the top passes the trim threshold, which glibc raises up to 64 MiB (seen:
+    0.5 MiB after mobilenet v2, 2 MiB after the SSD), hence 56 MiB. Cost:
+    ~5 ms and 56 MiB of non-resident heap in VmData, in a free arena that
+    malloc falls back to: memory inside the cap, not lost.
     """
     libc = ctypes.CDLL(None)
     malloc, free = libc.malloc, libc.free

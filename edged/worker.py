@@ -62,8 +62,9 @@ class Worker:
         if msg.get("sandbox"):
             from edged import sandbox
 
+            # every mapped pool segment keeps one fd (mmap dups it): leave room for all of them
             sandbox.harden(memory_limit_bytes=int(msg["memory_limit"]) if msg.get("memory_limit") else None,
-                           keep_fds=(self.sock.fileno(),))
+                           max_open_files=int(msg.get("max_fds", 256)), keep_fds=(self.sock.fileno(),))
             sandbox.install_filter(msg.get("sandbox_mode", "kill"))
             sandboxed = True
         info["sandboxed"] = sandboxed
@@ -104,7 +105,7 @@ class Worker:
                 return
 
     def frame(self, msg: dict[str, Any]) -> None:
-        from edged.errors import EdgedError, FrameError, ModelError
+        from edged.errors import EdgedError, FrameError
 
         seq = msg["s"]
         t0 = time.perf_counter()
@@ -131,8 +132,9 @@ class Worker:
                                       "i": round((t2 - t1) * 1e3, 3)})
         except FrameError as exc:
             protocol.send(self.sock, {"t": "r", "s": seq, "e": {"code": exc.code, "message": exc.message}})
-        except (ModelError, EdgedError, KeyError, ValueError, MemoryError) as exc:
-            protocol.send(self.sock, {"t": "r", "s": seq, "e": {"code": "inference_failed", "message": str(exc)[:300]}})
+        except Exception as exc:  # top of the frame: answer it; formatting a traceback would read files (SIGSYS)
+            text = f"{type(exc).__name__}: {exc}" if not isinstance(exc, EdgedError) else str(exc)
+            protocol.send(self.sock, {"t": "r", "s": seq, "e": {"code": "inference_failed", "message": text[:300]}})
 
 
 def main(argv: list[str]) -> int:

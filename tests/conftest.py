@@ -127,7 +127,7 @@ class Daemon:
         from edged.errors import UnavailableError
 
         try:
-            return query(str(self.dir / f"{self.device_id}.sock"), timeout=5)
+            return query(str(self.config["status"]["socket"]), timeout=5)
         except UnavailableError:
             return None
 

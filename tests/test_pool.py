@@ -149,6 +149,41 @@ def test_alloc_past_base_grows_segment_and_calls_back_with_real_fd():
         pool._check_invariants()
 
 
+def test_alloc_during_announcement_never_uses_unannounced_segment():
+    pool_ref, inner = [], []
+
+    def announce(seg_id: int, fd: int, size: int) -> None:
+        if seg_id == 1:                                        # another thread allocating meanwhile
+            inner.append(pool_ref[0].alloc(64))
+
+    with small_pool(max_bytes=4 * 4096, on_segment_added=announce) as pool:
+        pool_ref.append(pool)
+        pool.alloc(4096)                                       # base full
+        outer = pool.alloc(64)                                 # grows segment 1, announces it
+        assert outer.segment == 1 and inner[0].segment == 2    # inner could not use segment 1 yet
+        assert pool.alloc(64).segment == 1                     # announced now: used again
+        pool._check_invariants()
+
+
+def test_alloc_announcement_raises_reraises_and_segment_idles_out():
+    clock = FakeClock()
+
+    def announce(seg_id: int, fd: int, size: int) -> None:
+        if seg_id == 1:
+            raise OSError("worker socket gone")
+
+    with small_pool(clock=clock, on_segment_added=announce) as pool:
+        pool.alloc(4096)
+        with pytest.raises(OSError):
+            pool.alloc(64)
+        assert pool.stats()["live_blocks"] == 1
+        assert pool.alloc(64).segment == 2                     # segment 1 stays unused
+        clock.t += 10
+        pool.maintain()
+        assert [s[0] for s in pool.segments()] == [0, 2]
+        pool._check_invariants()
+
+
 def test_alloc_at_max_bytes_returns_none_and_counts_failure():
     with small_pool(max_bytes=3 * 4096) as pool:
         assert pool.alloc(3 * 4096 + 1) is None               # larger than max_bytes

@@ -36,8 +36,11 @@ class PoolMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.clock = FakeClock()
+        self.announced: set[int] = {0}   # the base needs no announcement
         self.pool = FramePool(**self.geometry, idle_release_s=5.0, frag_threshold=0.5, frag_window_s=3.0,
-                              backing=self.backing, clock=self.clock)
+                              backing=self.backing, clock=self.clock,
+                              on_segment_added=lambda i, fd, size: self.announced.add(i),
+                              on_segment_released=self.announced.remove)
         self.live: list[tuple] = []     # (block, expected bytes or None)
         self.tag = 0
 
@@ -92,6 +95,7 @@ class PoolMachine(RuleBasedStateMachine):
         assert st_["live_blocks"] == len(self.live)
         assert st_["used_bytes"] == sum(b.size for b, _ in self.live) <= st_["high_water_bytes"]
         assert st_["capacity_bytes"] <= self.geometry["max_bytes"] and 0.0 <= st_["fragmentation"] <= 1.0
+        assert {seg_id for seg_id, _, _ in self.pool.segments()} == self.announced  # callbacks kept in step
 
     def teardown(self) -> None:
         self.pool.close()

@@ -3,6 +3,7 @@ Python (harden + install_filter are one-way), the parent judges by exit
 status, stdout and /proc."""
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import os
@@ -22,7 +23,7 @@ SIGSYS = -signal.SIGSYS  # Popen.returncode of a child killed by seccomp
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from edged.sandbox import SandboxError, allowed_syscalls, seccomp_mode  # noqa: E402
+from edged.sandbox import SandboxError, allowed_syscalls, seccomp_mode
 
 PRELUDE = "import os, sys\nfrom edged import sandbox\n"
 
@@ -34,10 +35,10 @@ def _child_env() -> dict[str, str]:
 
 
 def run_child(code: str, *, pass_fds: tuple[int, ...] = (), args: tuple[str, ...] = (),
-              timeout: float = 60) -> subprocess.CompletedProcess[str]:
+              timeout: float = 30) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-c", PRELUDE + textwrap.dedent(code), *args],
                           cwd=REPO, env=_child_env(), pass_fds=pass_fds, capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, check=False)
 
 
 def script(before: str, after: str, mode: str = "kill", keep: str = "()", memory: str = "None") -> str:
@@ -107,7 +108,7 @@ def test_install_filter_thread_started_before_filter_forbidden_call_kills_proces
     assert "survived" not in r.stdout
 
 
-def test_install_filter_new_thread_and_clone3_work_fork_does_not() -> None:
+def test_install_filter_new_thread_works_clone3_gets_enosys() -> None:
     code = script("""
         import ctypes, threading
         libc = ctypes.CDLL(None, use_errno=True)
@@ -398,7 +399,7 @@ def test_allowed_syscalls_every_name_resolves_for_its_arch(arch: str) -> None:
     token = {"x86_64": sc.Arch.X86_64, "aarch64": sc.Arch.AARCH64, "armv7l": sc.Arch.ARM}[arch]
     try:
         known = sc.resolve_syscall(token, "read")
-    except Exception as exc:  # an old libseccomp without this arch
+    except (OSError, ValueError, ctypes.ArgumentError) as exc:  # an old libseccomp without this arch
         pytest.skip(f"libseccomp cannot resolve names for {arch}: {exc}")
     if known < 0:
         pytest.skip(f"libseccomp cannot resolve names for {arch}")

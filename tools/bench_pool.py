@@ -51,7 +51,7 @@ def run(ops: int, live_max: int, copy_every: int, rate: float, seed: int) -> dic
     live: list = []
     alloc_ns = free_ns = copy_ns = bytes_ns = bytes_free_ns = copied = sampled = 0
     allocs = frees = failed = 0
-    frag_sum, frag_max, frag_n = 0.0, 0.0, 0
+    frag_sum, frag_max, frag_n, cap_sum = 0.0, 0.0, 0, 0
     next_maintain = 1.0
     pc = time.perf_counter_ns
     t_start = time.perf_counter()
@@ -98,7 +98,8 @@ def run(ops: int, live_max: int, copy_every: int, rate: float, seed: int) -> dic
                 live.append((b, dup))
                 clock[0] += 1.0 / rate   # one more frame arrived
             if i % 100 == 0:
-                frag = pool.stats()["fragmentation"]
+                s = pool.stats()
+                frag, cap_sum = s["fragmentation"], cap_sum + s["capacity_bytes"]
                 frag_sum, frag_max, frag_n = frag_sum + frag, max(frag_max, frag), frag_n + 1
             if clock[0] >= next_maintain:
                 pool.maintain()
@@ -122,7 +123,7 @@ def run(ops: int, live_max: int, copy_every: int, rate: float, seed: int) -> dic
         "frame_vs_bytes_ratio": round((per_alloc + per_copy + per_free) / ((per_bytes + per_bytes_free) or 1), 3),
         "fragmentation_mean": round(frag_sum / max(frag_n, 1), 4), "fragmentation_max": frag_max,
         "grows": st["grows"], "shrinks": st["shrinks"], "recycles": st["recycles"],
-        "final_capacity_bytes": st["capacity_bytes"], "high_water_bytes": st["high_water_bytes"],
+        "mean_capacity_bytes": cap_sum // max(frag_n, 1), "final_capacity_bytes": st["capacity_bytes"], "high_water_bytes": st["high_water_bytes"],
         "simulated_s": round(clock[0], 1), "wall_s": round(wall, 2),
     }
 
@@ -149,8 +150,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{r['bytes_copy_ns_mean']} ns ({r['bytes_copy_gib_s']} GiB/s): copy ratio {r['copy_vs_bytes_ratio']}, "
           f"alloc+copy+free vs bytes()+drop ratio {r['frame_vs_bytes_ratio']}")
     print(f"  fragmentation mean {r['fragmentation_mean']} max {r['fragmentation_max']}; grows {r['grows']}, "
-          f"shrinks {r['shrinks']}, recycles {r['recycles']}; final capacity {r['final_capacity_bytes'] / MiB:.0f} "
-          f"MiB, high water {r['high_water_bytes'] / MiB:.1f} MiB")
+          f"shrinks {r['shrinks']}, recycles {r['recycles']}; capacity mean "
+          f"{r['mean_capacity_bytes'] / MiB:.1f} MiB, final {r['final_capacity_bytes'] / MiB:.0f} MiB; high water {r['high_water_bytes'] / MiB:.1f} MiB")
     return 0
 
 

@@ -1,0 +1,108 @@
+"""Worker supervision with real processes: crash, hang, restart budget, sandbox state."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+
+from conftest import shared
+
+RAW_DIGIT = np.zeros((1, 8, 8, 1), np.uint8).tobytes()
+
+
+def _proc_status(pid: int) -> dict[str, str]:
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        k, _, v = line.partition(":")
+        out[k] = v.strip()
+    return out
+
+
+def _worker_pid(d) -> int:
+    return int(d.status()["workers"][0]["pid"])
+
+
+def test_worker_sandbox_filter_and_no_new_privs_set(daemon_factory):
+    d = daemon_factory()
+    pid = _worker_pid(d)
+    st = _proc_status(pid)
+    assert st["Seccomp"] == "2" and st["NoNewPrivs"] == "1"
+    assert _proc_status(d.proc.pid)["Seccomp"] == "0"  # the supervisor itself is not filtered
+    limits = Path(f"/proc/{pid}/limits").read_text()
+    assert any(line.startswith("Max core file size") and " 0 " in line for line in limits.splitlines())
+    # the worker kept only stdio and its control socket
+    assert len(os.listdir(f"/proc/{pid}/fd")) <= 6
+    assert "loading seccomp filter" in d.log()  # the worker's log lines reach the supervisor's log
+
+
+def test_worker_sigkill_mid_stream_every_frame_answered_and_new_worker_serves(daemon_factory, client_factory):
+    d = daemon_factory({"model": {"path": str(shared("mobilenet_v2_1.0_224_quant.tflite")),
+                                  "labels": str(shared("imagenet_labels.txt")), "task": "classify"}})
+    c = client_factory(d.prefix)
+    x = np.zeros((1, 224, 224, 3), np.uint8).tobytes()
+    old = _worker_pid(d)
+    ids = [f"k{i}" for i in range(120)]
+    t_kill = 0.0
+    for i, fid in enumerate(ids):
+        c.send(x, fid)
+        if i == 40:
+            os.kill(old, signal.SIGKILL)
+            t_kill = time.monotonic()
+        time.sleep(0.005)
+    # a new sandboxed worker is serving within 2 s of the kill
+    new = None
+    while time.monotonic() - t_kill < 10:
+        st = d.status()
+        w = st["workers"][0]
+        if w["pid"] != old and w["state"] == "ready":
+            new = w["pid"]
+            break
+        time.sleep(0.05)
+    t_ready = time.monotonic() - t_kill
+    got = c.wait(ids, 60)
+    assert all(r is not None for r in got.values()), [k for k, v in got.items() if v is None][:5]
+    codes = {r["error"]["code"] for r in got.values() if "error" in r}
+    assert codes <= {"worker_crashed"}, codes
+    assert codes, "the killed worker had frames in flight; they must be answered worker_crashed"
+    assert new is not None and t_ready < 2.0, t_ready
+    assert _proc_status(new)["Seccomp"] == "2"
+    assert d.status()["workers"][0]["restarts"] == 1
+    c.send(x, "after")
+    after = c.wait(["after"], 20)["after"]
+    assert after and "error" not in after
+    assert d.proc.poll() is None
+
+
+def test_hung_worker_frame_times_out_and_worker_replaced(daemon_factory, client_factory):
+    d = daemon_factory({"sandbox": {"frame_timeout_s": 1.0, "heartbeat_s": 0.3}})
+    c = client_factory(d.prefix)
+    old = _worker_pid(d)
+    os.kill(old, signal.SIGSTOP)  # a stuck delegate, as far as the supervisor can tell
+    c.send(RAW_DIGIT, "stuck")
+    res = c.wait(["stuck"], 15)["stuck"]
+    assert res is not None and res["error"]["code"] == "timeout", res
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and d.status()["workers"][0]["pid"] == old:
+        time.sleep(0.1)
+    assert d.status()["workers"][0]["pid"] != old
+    c.send(RAW_DIGIT, "next")
+    nxt = c.wait(["next"], 15)["next"]
+    assert nxt is not None and "classes" in nxt, nxt
+
+
+def test_restart_budget_exhausted_daemon_exits_nonzero(daemon_factory):
+    d = daemon_factory({"sandbox": {"max_restarts": 2, "restart_window_s": 60, "backoff_max_s": 0.2}})
+    for _ in range(3):
+        pid = _worker_pid(d)
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and d.proc.poll() is None:
+            st = d.status()
+            if st and st["workers"][0]["pid"] != pid and st["workers"][0]["state"] == "ready":
+                break
+            time.sleep(0.05)
+    assert d.proc.wait(15) == 70
+    assert "giving up" in d.log()
