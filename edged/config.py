@@ -114,7 +114,6 @@ class PoolConfig:
 @dataclass(frozen=True)
 class QueueConfig:
     max_per_stream: int = _f(256, lo=1)
-    max_queued_mb: float = _f(64.0, lo=1)
     policy: str = _f("drop_oldest", choices=("drop_oldest", "reject"))
     max_frame_bytes: int = _f(32 << 20, lo=1)
     inflight_per_worker: int = _f(2, lo=1)

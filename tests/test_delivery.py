@@ -1,0 +1,601 @@
+"""Delivery guarantees with real processes: persistent sessions across broker and daemon restarts,
+results held through a broker outage, admission limits and queue policies, bad frames, TLS with
+client certificates and passwords, and scale-out over a shared subscription.
+
+Every test runs a real Mosquitto and real `edged run` processes (the bundled digits model unless
+said otherwise); "slow worker" means the worker process is SIGSTOPped for a moment, which the
+supervisor cannot tell from a long inference.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import io
+import json
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import tempfile
+import threading
+import time
+import uuid
+import zlib
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+from PIL import Image
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from conftest import BUNDLED, Broker, Daemon, free_port
+
+RAW = np.zeros((1, 8, 8, 1), np.uint8).tobytes()  # a raw frame of the bundled model: 64 bytes
+SAMPLE = (BUNDLED / "digits_sample.png").read_bytes()
+SAMPLE_CLASS = "7"
+
+
+# ---- helpers ------------------------------------------------------------------------------------
+class SessionClient:
+    """MQTT v5 test client with a persistent session (clean_start off + a session expiry).
+
+    The broker keeps its subscription to P/out/# and queues its results while it is away, so it
+    survives a broker restart (with persistence) and its own reconnects. It counts results per
+    frame id, so duplicates show.
+    """
+
+    def __init__(self, port: int, prefix: str, *, tls: dict[str, str] | None = None,
+                 username: str | None = None, password: str | None = None) -> None:
+        self.prefix = prefix
+        self.counts: collections.Counter[str] = collections.Counter()
+        self.results: dict[str, dict[str, Any]] = {}
+        self.connects = 0
+        self.cv = threading.Condition()
+        self._subscribed = threading.Event()
+        self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="sess-" + uuid.uuid4().hex[:8],
+                             protocol=mqtt.MQTTv5)
+        self.c.max_inflight_messages_set(100)
+        self.c.reconnect_delay_set(1, 2)
+        if tls:
+            self.c.tls_set(ca_certs=tls["ca"], certfile=tls["cert"], keyfile=tls["key"])
+        if username:
+            self.c.username_pw_set(username, password)
+        self.c.on_connect = self._on_connect
+        self.c.on_message = self._on_message
+        self.c.on_subscribe = lambda *a: self._subscribed.set()
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 600
+        self.c.connect("127.0.0.1", port, clean_start=False, properties=props)
+        self.c.loop_start()
+        assert self._subscribed.wait(10), "broker did not confirm the subscription"
+
+    def _on_connect(self, c: Any, u: Any, flags: Any, rc: Any, props: Any) -> None:
+        if rc.is_failure:
+            return
+        with self.cv:
+            self.connects += 1
+            self.cv.notify_all()
+        if not flags.session_present:
+            c.subscribe(f"{self.prefix}/out/#", qos=1)
+
+    def _on_message(self, c: Any, u: Any, msg: Any) -> None:
+        body = json.loads(msg.payload)
+        fid = str(body.get("frame_id"))
+        with self.cv:
+            self.counts[fid] += 1
+            self.results[fid] = dict(body, _topic=msg.topic, _t=time.time())
+            self.cv.notify_all()
+
+    def send(self, payload: bytes, frame_id: str, stream: str = "cam1", qos: int = 1,
+             content_type: str | None = None, expiry: int | None = None) -> mqtt.MQTTMessageInfo:
+        props = Properties(PacketTypes.PUBLISH)
+        props.UserProperty = [("frame_id", frame_id)]
+        if content_type:
+            props.ContentType = content_type
+        if expiry is not None:
+            props.MessageExpiryInterval = expiry
+        return self.c.publish(f"{self.prefix}/in/{stream}", payload, qos=qos, properties=props)
+
+    def answered(self) -> int:
+        with self.cv:
+            return len(self.results)
+
+    def wait(self, ids: list[str], timeout: float = 30) -> dict[str, dict[str, Any] | None]:
+        deadline = time.monotonic() + timeout
+        with self.cv:
+            while not all(i in self.results for i in ids):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self.cv.wait(left)
+            return {i: self.results.get(i) for i in ids}
+
+    def close(self) -> None:
+        self.c.loop_stop()
+        with contextlib.suppress(Exception):
+            self.c.disconnect()
+
+
+@pytest.fixture
+def session_client() -> Iterator[Callable[..., SessionClient]]:
+    made: list[SessionClient] = []
+
+    def make(port: int, prefix: str, **kw: Any) -> SessionClient:
+        c = SessionClient(port, prefix, **kw)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.close()
+
+
+@pytest.fixture
+def persistent_broker(tmp_path: Path) -> Iterator[Callable[..., Broker]]:
+    """Mosquitto with persistence on. Its store lives outside tmp_path: mosquitto started as root drops
+    to user `mosquitto`, which cannot enter pytest's 0700 folders."""
+    store = Path(tempfile.mkdtemp(prefix="edged-mqdb-"))
+    store.chmod(0o777)
+    made: list[Broker] = []
+
+    def make(port: int | None = None, start: bool = True) -> Broker:
+        b = Broker(tmp_path, ["persistence true", f"persistence_location {store}/", "autosave_interval 1"], port=port)
+        made.append(b)
+        return b.start() if start else b
+
+    yield make
+    for b in made:
+        b.stop()
+    shutil.rmtree(store, ignore_errors=True)
+
+
+def until(pred: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def frames(d: Daemon) -> dict[str, int]:
+    st = d.status()
+    assert st is not None, d.log()[-1500:]
+    return st["frames"]
+
+
+def worker_pid(d: Daemon) -> int:
+    st = d.status()
+    assert st is not None
+    return int(st["workers"][0]["pid"])
+
+
+@contextlib.contextmanager
+def stopped(pid: int) -> Iterator[None]:
+    """The worker frozen (SIGSTOP), as if stuck in a long inference; SIGCONT on the way out whatever happens."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def code(res: dict[str, Any] | None) -> str | None:
+    if res is None:
+        return None
+    return res["error"]["code"] if "error" in res else "ok"
+
+
+def served_ok(res: dict[str, Any] | None) -> bool:
+    return res is not None and "error" not in res and bool(res.get("classes"))
+
+
+# ---- 1. persistent session: daemon before broker, broker restart, daemon restart ---------------
+def test_daemon_started_before_broker_waits_starting_then_serves(tmp_path, daemon_factory, persistent_broker,
+                                                                 session_client):
+    pb = persistent_broker(port=free_port(), start=False)
+    d = daemon_factory(start=False, broker=pb)
+    d.start(wait=False)
+    st = until(d.status, 30, "the status socket")
+    seen = []
+    end = time.monotonic() + 3
+    while time.monotonic() < end:
+        assert d.proc.poll() is None, f"daemon exited {d.proc.returncode} without a broker: {d.log()[-1500:]}"
+        st = d.status()
+        seen.append((st["state"], st["mqtt"]["connected"]))
+        time.sleep(0.2)
+    assert set(seen) == {("starting", False)}, seen
+    pb.start()
+    d.wait_state("online", 40)  # paho's reconnect backoff: 1, 2, 4 ... s
+    c = session_client(pb.port, d.prefix)
+    c.send(SAMPLE, "first")
+    res = c.wait(["first"], 20)["first"]
+    assert served_ok(res) and res["classes"][0]["label"] == SAMPLE_CLASS, res
+    assert d.status()["mqtt"]["connected"] is True
+
+
+def test_broker_restart_mid_stream_persistent_sessions_every_frame_answered(daemon_factory, persistent_broker,
+                                                                            session_client):
+    pb = persistent_broker()
+    d = daemon_factory(broker=pb)
+    c = session_client(pb.port, d.prefix)
+    ids = [f"p{i}" for i in range(300)]
+    restarted = False
+    for i, fid in enumerate(ids):
+        c.send(RAW, fid, qos=1)
+        if i == 150:
+            pb.stop()  # mosquitto saves its store on SIGTERM
+            pb.start()
+            restarted = True
+        time.sleep(0.002)
+    assert restarted
+    got = c.wait(ids, 45)
+    missing = [k for k, v in got.items() if v is None]
+    assert not missing, f"{len(missing)} unanswered, e.g. {missing[:5]}; daemon log: {d.log()[-1500:]}"
+    assert all(served_ok(v) for v in got.values()), [v for v in got.values() if not served_ok(v)][:3]
+    st = d.status()
+    print("RESTARTDBG", st["mqtt"], st["frames"], c.connects, sum(c.counts.values()))
+    assert st["mqtt"]["connected"] is True and st["mqtt"]["reconnects"] >= 1, st["mqtt"]
+    assert c.connects >= 2  # the client came back on its own session too
+
+
+def test_daemon_stopped_qos1_frames_held_by_broker_answered_after_restart(daemon_factory, broker, session_client):
+    d = daemon_factory()
+    c = session_client(broker.port, d.prefix)
+    c.send(RAW, "before")
+    assert served_ok(c.wait(["before"], 20)["before"])
+    assert d.stop() == 0
+    ids = [f"off{i}" for i in range(100)]
+    infos = [c.send(RAW, fid, qos=1) for fid in ids]
+    for info in infos:
+        info.wait_for_publish(10)  # the broker holds them for the daemon's session
+    time.sleep(0.5)
+    assert c.answered() == 1
+    d.start()  # same config: same device_id, so the same client id and session
+    got = c.wait(ids, 30)
+    missing = [k for k, v in got.items() if v is None]
+    assert not missing, f"{len(missing)} unanswered, e.g. {missing[:5]}"
+    assert all(served_ok(v) for v in got.values())
+    assert "session present: True" in d.log()
+
+
+# ---- 2. broker outage: results held ------------------------------------------------------------
+def test_broker_outage_results_held_and_published_after_return(daemon_factory, persistent_broker, session_client):
+    pb = persistent_broker()
+    d = daemon_factory(broker=pb)
+    c = session_client(pb.port, d.prefix)
+    # QoS 0 frames are never redelivered: only the daemon's result buffer can answer them
+    q0 = [f"q0-{i}" for i in range(20)]
+    q1 = [f"q1-{i}" for i in range(20)]
+    with stopped(worker_pid(d)):
+        for a, b in zip(q0, q1):
+            c.send(RAW, a, qos=0)
+            c.send(RAW, b, qos=1)
+        until(lambda: frames(d)["received"] == 40, 10, "40 frames admitted")
+        pb.stop()
+        until(lambda: d.status()["mqtt"]["connected"] is False, 10, "the daemon to notice the broker is gone")
+    # the worker resumes with the broker down: every result is produced now, and held
+    until(lambda: frames(d)["completed"] == 40, 20, "40 results produced while the broker is down")
+    assert c.answered() == 0
+    t_back = time.time()
+    pb.start()
+    got = c.wait(q0 + q1, 30)
+    missing = [k for k, v in got.items() if v is None]
+    assert not missing, f"{len(missing)} unanswered, e.g. {missing[:5]}; daemon log: {d.log()[-1500:]}"
+    assert all(served_ok(v) for v in got.values())
+    assert all(got[k]["ts"] < t_back for k in q0), "QoS 0 results must be the ones produced during the outage"
+    st = d.status()
+    assert st["mqtt"]["reconnects"] >= 1 and st["mqtt"]["connected"] is True, st["mqtt"]
+    assert st["mqtt"]["result_overflows"] == 0
+
+
+# ---- 3. admission: size caps, queue policies, expiry --------------------------------------------
+def test_admission_payload_over_max_frame_bytes_answered_too_large(daemon_factory, client_factory):
+    d = daemon_factory({"queue": {"max_frame_bytes": 1000}})
+    c = client_factory(d.prefix)
+    c.send(bytes(1001), "big")
+    c.send(RAW, "small")
+    got = c.wait(["big", "small"], 20)
+    assert code(got["big"]) == "too_large", got["big"]
+    assert "1001" in got["big"]["error"]["message"] and "max_frame_bytes" in got["big"]["error"]["message"]
+    assert got["big"]["model"] == "digits"
+    assert served_ok(got["small"]), got["small"]
+    st = d.status()
+    assert st["frames"]["too_large"] == 1 and st["errors_by_code"] == {"too_large": 1}
+
+
+def test_admission_64mb_payload_refused_too_large_rss_flat(daemon_factory, client_factory):
+    d = daemon_factory()
+    c = client_factory(d.prefix)
+    for i in range(5):  # warm up the publish path so its allocations are in the baseline
+        c.send(SAMPLE, f"w{i}")
+    assert all(served_ok(v) for v in c.wait([f"w{i}" for i in range(5)], 20).values())
+    time.sleep(1)
+    before = d.status()["memory"]["rss_bytes"]
+    c.send(os.urandom(1 << 20) * 64, "huge").wait_for_publish(30)
+    res = c.wait(["huge"], 30)["huge"]
+    assert code(res) == "too_large", res
+    assert str(64 << 20) in res["error"]["message"]
+    time.sleep(3)
+    after = d.status()["memory"]["rss_bytes"]
+    assert d.proc.poll() is None
+    print("RSSDBG", before, after, (after-before)/2**20)
+    assert after - before <= 8 << 20, f"RSS {before / 2**20:.1f} MiB before, {after / 2**20:.1f} MiB after"
+
+
+@pytest.mark.parametrize("policy", ["reject", "drop_oldest"])
+@pytest.mark.parametrize("qos_mode", ["qos0", "mixed"])
+def test_queue_full_dropped_frames_answered_overloaded_policy_keeps_right_ones(daemon_factory, broker,
+                                                                                session_client, policy, qos_mode):
+    """max_per_stream 2, worker frozen: f0 and f1 sit in the worker (inflight_per_worker 2), f2..f9 come
+    one by one (each admitted before the next is sent). In `mixed`, odd frames are QoS 1: the broker's
+    Receive Maximum (2) leaves room for them because the queue never holds more than one at a time."""
+    d = daemon_factory({"queue": {"max_per_stream": 2, "policy": policy}})
+    c = session_client(broker.port, d.prefix)
+    ids = [f"f{i}" for i in range(10)]
+    with stopped(worker_pid(d)):
+        c.send(RAW, "f0", qos=0)
+        c.send(RAW, "f1", qos=0)
+        until(lambda: d.status()["workers"][0]["inflight"] == 2, 10, "two frames handed to the worker")
+        for i in range(2, 10):
+            c.send(RAW, f"f{i}", qos=i % 2 if qos_mode == "mixed" else 0)
+            until(lambda: frames(d)["received"] == i + 1, 10, f"f{i} admitted")
+        st = d.status()
+        assert st["queue_depth"] == 2 and st["frames"]["dropped"] == 6, st["frames"]
+        dropped_early = c.wait([f"f{i}" for i in range(2, 10)], 0.1)
+    # drops are answered at once, while the worker is still frozen
+    assert sum(code(r) == "overloaded" for r in dropped_early.values()) == 6, dropped_early
+    got = c.wait(ids, 20)
+    kept = {"reject": {"f2", "f3"}, "drop_oldest": {"f8", "f9"}}[policy]
+    for fid, res in got.items():
+        if fid in {"f0", "f1"} | kept:
+            assert served_ok(res), (fid, res)
+        else:
+            assert code(res) == "overloaded", (fid, res)
+            assert "full" in res["error"]["message"] and policy in res["error"]["message"]
+    time.sleep(0.5)  # an overloaded QoS 1 frame was acknowledged: no redelivery, no second answer
+    assert set(c.counts.values()) == {1}, c.counts
+    st = d.status()
+    assert st["frames"]["dropped"] == 6 and st["errors_by_code"] == {"overloaded": 6}, st
+    assert st["frames"]["completed"] == 4 and st["queue_depth"] == 0
+
+
+@pytest.mark.parametrize("policy", ["reject", "drop_oldest"])
+def test_queue_qos1_flood_receive_maximum_holds_rest_at_broker_all_answered(daemon_factory, broker,
+                                                                            session_client, policy):
+    """QoS 1 only: Receive Maximum = max_per_stream (2) makes the broker hold what the queue could not
+    take while the worker is frozen; afterwards every frame gets exactly one answer, and any drop
+    (Mosquitto 2.0.11 stops enforcing the maximum once acknowledgements flow) is an `overloaded` answer."""
+    d = daemon_factory({"queue": {"max_per_stream": 2, "policy": policy}})
+    c = session_client(broker.port, d.prefix)
+    ids = [f"f{i}" for i in range(12)]
+    with stopped(worker_pid(d)):
+        c.send(RAW, "f0", qos=0)
+        c.send(RAW, "f1", qos=0)
+        until(lambda: d.status()["workers"][0]["inflight"] == 2, 10, "two frames handed to the worker")
+        for fid in ids[2:]:
+            c.send(RAW, fid, qos=1)
+        until(lambda: frames(d)["received"] >= 4, 10, "the queue filled")
+        time.sleep(1)
+        st = d.status()
+        assert st["frames"]["received"] == 4 and st["frames"]["dropped"] == 0, st["frames"]  # the rest wait at the broker
+        assert st["queue_depth"] == 2
+    got = c.wait(ids, 20)
+    assert all(r is not None for r in got.values()), [k for k, v in got.items() if v is None]
+    overloaded = [k for k, r in got.items() if code(r) == "overloaded"]
+    assert all(served_ok(r) for k, r in got.items() if k not in overloaded)
+    time.sleep(0.5)
+    assert set(c.counts.values()) == {1}, c.counts
+    st = d.status()
+    assert st["frames"]["dropped"] == len(overloaded) == st["errors_by_code"].get("overloaded", 0)
+    assert st["frames"]["completed"] == len(ids) - len(overloaded)
+
+
+def test_queue_frame_past_message_expiry_answered_expired(daemon_factory, broker, session_client):
+    d = daemon_factory()
+    c = session_client(broker.port, d.prefix)
+    with stopped(worker_pid(d)):
+        c.send(RAW, "a")
+        c.send(RAW, "b")
+        until(lambda: d.status()["workers"][0]["inflight"] == 2, 10, "two frames handed to the worker")
+        c.send(RAW, "short", expiry=1)
+        c.send(RAW, "long", expiry=60)
+        c.send(RAW, "none")
+        until(lambda: d.status()["queue_depth"] == 3, 10, "three frames queued")
+        time.sleep(2.5)
+    got = c.wait(["a", "b", "short", "long", "none"], 20)
+    assert code(got["short"]) == "expired", got["short"]
+    assert got["short"]["error"]["message"]
+    for fid in ("a", "b", "long", "none"):
+        assert served_ok(got[fid]), (fid, got[fid])
+    st = d.status()
+    assert st["frames"]["expired"] == 1 and st["errors_by_code"] == {"expired": 1}
+
+
+# ---- 4. bad frames -----------------------------------------------------------------------------
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def _huge_png() -> bytes:
+    ihdr = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0)  # 8-bit RGB
+    idat = zlib.compress(b"\x00" * 1024)
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
+
+
+def _huge_bmp() -> bytes:
+    pixels = b"\x00" * 4096  # far fewer than the 7.5 GB the header promises
+    info = struct.pack("<IiiHHIIiiII", 40, 50_000, 50_000, 1, 24, 0, 0, 2835, 2835, 0, 0)  # BI_RGB, 24 bit
+    head = struct.pack("<2sIHHI", b"BM", 14 + 40 + len(pixels), 0, 0, 14 + 40)
+    return head + info + pixels
+
+
+def test_bad_frames_each_answered_error_then_valid_frame_served(daemon_factory, client_factory):
+    d = daemon_factory()
+    c = client_factory(d.prefix)
+    rng = np.random.default_rng(7)
+    big = Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8), "RGB")
+    jpg, png = io.BytesIO(), io.BytesIO()
+    big.save(jpg, "JPEG", quality=90)
+    Image.open(io.BytesIO(SAMPLE)).save(png, "PNG")
+    noise = b"\x00" + rng.integers(0, 256, 4999, dtype=np.uint8).tobytes()
+    cases: dict[str, tuple[bytes, str | None, str]] = {
+        "empty": (b"", None, "bad_payload"),
+        "noise": (noise, None, "bad_payload"),
+        "trunc_jpeg": (jpg.getvalue()[: len(jpg.getvalue()) // 3], None, "bad_payload"),
+        "png_garbage": (b"\x89PNG\r\n\x1a\n" + rng.integers(0, 256, 3000, dtype=np.uint8).tobytes(), None,
+                        "bad_payload"),
+        "bmp_huge": (_huge_bmp(), None, "too_large"),
+        "png_huge": (_huge_png(), None, "too_large"),
+        "raw_short": (RAW[:-1], None, "bad_payload"),
+        "raw_long": (RAW + b"\x00", "application/octet-stream", "bad_payload"),
+        "jpeg_as_raw": (jpg.getvalue(), "application/octet-stream", "bad_payload"),
+        "png_as_jpeg": (png.getvalue(), "image/jpeg", "bad_payload"),
+    }
+    for fid, (payload, ctype, _) in cases.items():
+        c.send(payload, fid, content_type=ctype)
+    got = c.wait(list(cases), 30)
+    for fid, res in got.items():
+        assert res is not None, f"{fid} unanswered"
+        assert code(res) == cases[fid][2], (fid, res)
+        assert isinstance(res["error"]["message"], str) and len(res["error"]["message"]) > 5, (fid, res)
+        assert res["model"] == "digits" and res["stream"] == "cam1", res
+    assert "50000x50000" in got["bmp_huge"]["error"]["message"] or "pixels" in got["bmp_huge"]["error"]["message"]
+    assert "65" in got["raw_long"]["error"]["message"]
+    c.send(SAMPLE, "good")
+    good = c.wait(["good"], 20)["good"]
+    assert served_ok(good) and good["classes"][0]["label"] == SAMPLE_CLASS, good
+    assert d.proc.poll() is None
+    st = d.status()
+    assert st["workers"][0]["restarts"] == 0 and st["state"] == "online"
+    assert st["frames"]["errors"] == len(cases)
+
+
+# ---- 5. TLS and authentication -----------------------------------------------------------------
+def _openssl(*args: str, cwd: Path) -> None:
+    r = subprocess.run(["openssl", *args], cwd=cwd, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, f"openssl {' '.join(args)}: {r.stderr}"
+
+
+@pytest.fixture
+def pki() -> Iterator[dict[str, str]]:
+    """A CA, a server certificate for 127.0.0.1/localhost, a client certificate and a password file,
+    made now, in a folder the broker's `mosquitto` user can read."""
+    missing = [t for t in ("openssl", "mosquitto_passwd") if shutil.which(t) is None]
+    if missing:
+        pytest.skip(f"{' and '.join(missing)} not installed (Debian: openssl, mosquitto)")
+    d = Path(tempfile.mkdtemp(prefix="edged-pki-"))
+    try:
+        d.chmod(0o755)
+        ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+        _openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN=edged test CA",
+                 "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+                 cwd=d)
+        (d / "server.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n"
+                                      "keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n"
+                                      "authorityKeyIdentifier=keyid\n")
+        (d / "client.ext").write_text("basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n"
+                                      "extendedKeyUsage=clientAuth\nauthorityKeyIdentifier=keyid\n")
+        for who, cn in (("server", "localhost"), ("client", "edged")):
+            _openssl("req", "-new", *ec, "-keyout", f"{who}.key", "-out", f"{who}.csr", "-subj", f"/CN={cn}", cwd=d)
+            _openssl("x509", "-req", "-in", f"{who}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+                     "-out", f"{who}.crt", "-days", "2", "-extfile", f"{who}.ext", cwd=d)
+        r = subprocess.run(["mosquitto_passwd", "-b", "-c", str(d / "passwd"), "edged", "s3cret-pw"],
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, r.stderr
+        (d / "good.pw").write_text("s3cret-pw\n")
+        (d / "bad.pw").write_text("not-the-password\n")
+        for f in d.iterdir():
+            f.chmod(0o644)
+        yield {k: str(d / v) for k, v in {"ca": "ca.crt", "cert": "client.crt", "key": "client.key",
+                                          "server_cert": "server.crt", "server_key": "server.key",
+                                          "passwd": "passwd", "good": "good.pw", "bad": "bad.pw"}.items()}
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def tls_broker(tmp_path: Path, pki: dict[str, str]) -> Iterator[Broker]:
+    """Mosquitto whose one listener takes TLS only, a client certificate and a password (the later
+    `allow_anonymous false` overrides conftest's `allow_anonymous true`)."""
+    b = Broker(tmp_path, [f"cafile {pki['ca']}", f"certfile {pki['server_cert']}", f"keyfile {pki['server_key']}",
+                          "require_certificate true", f"password_file {pki['passwd']}", "allow_anonymous false"])
+    b.start()
+    yield b
+    b.stop()
+
+
+def _tls_overrides(pki: dict[str, str], pw: str) -> dict[str, Any]:
+    return {"mqtt": {"tls": {"ca": pki["ca"], "cert": pki["cert"], "key": pki["key"]},
+                     "username": "edged", "password_file": pki[pw]}}
+
+
+def test_tls_client_cert_and_password_daemon_serves(daemon_factory, tls_broker, pki, session_client):
+    d = daemon_factory(_tls_overrides(pki, "good"), broker=tls_broker)
+    c = session_client(tls_broker.port, d.prefix, tls=pki, username="edged", password="s3cret-pw")
+    c.send(SAMPLE, "tls1")
+    res = c.wait(["tls1"], 20)["tls1"]
+    assert served_ok(res) and res["classes"][0]["label"] == SAMPLE_CLASS, res
+    assert d.status()["mqtt"]["connected"] is True
+    # the broker really wants TLS: plain MQTT on that port gets nowhere
+    plain = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    ok = threading.Event()
+    plain.on_connect = lambda cl, u, f, rc, p: ok.set() if not rc.is_failure else None
+    plain.username_pw_set("edged", "s3cret-pw")
+    try:
+        with contextlib.suppress(OSError):
+            plain.connect("127.0.0.1", tls_broker.port)
+            plain.loop_start()
+        assert not ok.wait(2)
+    finally:
+        plain.loop_stop()
+
+
+def test_tls_wrong_password_daemon_waits_disconnected_logs_refusal(daemon_factory, tls_broker, pki):
+    d = daemon_factory(_tls_overrides(pki, "bad"), start=False, broker=tls_broker)
+    d.start(wait=False)
+    until(d.status, 30, "the status socket")
+    until(lambda: "refused the connection" in d.log(), 20, "the refusal in the log")
+    for _ in range(10):
+        assert d.proc.poll() is None, f"daemon exited {d.proc.returncode}: {d.log()[-1500:]}"
+        st = d.status()
+        assert st["mqtt"]["connected"] is False and st["state"] == "starting", (st["state"], st["mqtt"])
+        time.sleep(0.2)
+    log = d.log()
+    assert "Traceback" not in log
+    time.sleep(14); log = d.log()
+    print("LOGDBG", "\n".join(l for l in log.splitlines() if "refused" in l))
+    refusal = next(line for line in log.splitlines() if "refused the connection" in line)
+    assert f"127.0.0.1:{tls_broker.port}" in refusal and ("password" in refusal.lower() or "authori" in refusal.lower()), \
+        refusal
+
+
+# ---- 6. scale-out over a shared subscription ---------------------------------------------------
+def test_share_two_daemons_split_frames_each_answered_once(daemon_factory, broker, session_client):
+    fleet = f"fleet-{uuid.uuid4().hex[:6]}"
+    share = {"mqtt": {"share": {"group": "g1", "prefix": fleet}}}
+    d1, d2 = daemon_factory(share), daemon_factory(share)
+    c = session_client(broker.port, fleet)
+    ids = [f"s{i}" for i in range(400)]
+    deadline = time.monotonic() + 45
+    for n, fid in enumerate(ids):
+        with c.cv:  # at most 100 outstanding: no queue overflows, no overloaded answers
+            while n - len(c.results) >= 100 and time.monotonic() < deadline:
+                c.cv.wait(0.5)
+        c.send(RAW, fid, qos=1)
+    got = c.wait(ids, max(1.0, deadline - time.monotonic()))
+    missing = [k for k, v in got.items() if v is None]
+    assert not missing, f"{len(missing)} unanswered, e.g. {missing[:5]}"
+    assert all(served_ok(v) for v in got.values()), [v for v in got.values() if not served_ok(v)][:3]
+    assert all(v["_topic"] == f"{fleet}/out/cam1" for v in got.values())
+    time.sleep(0.5)
+    dups = {k: n for k, n in c.counts.items() if n != 1}
+    assert not dups, f"answered more than once: {dups}"
+    done = [frames(d)["completed"] for d in (d1, d2)]
+    print("SHAREDBG", done)
+    assert sum(done) == 400 and min(done) >= 50, done

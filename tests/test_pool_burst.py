@@ -1,0 +1,66 @@
+"""The frame pool under a real burst: grows, serves everything, gives memory back when idle."""
+from __future__ import annotations
+
+import io
+import time
+
+import numpy as np
+import psutil
+from PIL import Image
+
+from conftest import shared
+
+
+def _frames(n: int) -> list[bytes]:
+    rng = np.random.default_rng(3)
+    out = []
+    for i in range(n):
+        w, h = int(rng.integers(64, 1281)), int(rng.integers(64, 961))
+        # smooth content (a gradient plus noise) compresses like camera frames do
+        base = np.linspace(0, 255, w, dtype=np.float32)[None, :, None] + rng.normal(0, 20, (h, w, 3))
+        img = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
+        buf = io.BytesIO()
+        img.save(buf, "JPEG" if i % 2 else "PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+def test_pool_burst_of_mixed_frames_served_grows_then_shrinks_and_rss_returns(daemon_factory, client_factory):
+    d = daemon_factory({"model": {"path": str(shared("mobilenet_v1_0.25_128_quant.tflite")),
+                                  "labels": str(shared("imagenet_labels.txt")), "task": "classify"}})
+    frames = _frames(40)
+    c = client_factory(d.prefix)
+    # warm the path once so the baseline includes what a served frame leaves behind for good
+    c.send(frames[0], "warm")
+    assert c.wait(["warm"], 20)["warm"]
+    time.sleep(1)
+    supervisor = psutil.Process(d.proc.pid)
+    rss0 = supervisor.memory_info().rss
+    p0 = d.status()["pool"]
+    ids = []
+    for rep in range(5):
+        for i, f in enumerate(frames):
+            fid = f"b{rep}-{i}"
+            ids.append(fid)
+            c.send(f, fid)
+    got = c.wait(ids, 120)
+    assert all(v is not None for v in got.values())
+    assert not [v for v in got.values() if "error" in v], [v["error"] for v in got.values() if "error" in v][:3]
+    p1 = d.status()["pool"]
+    assert p1["grows"] > p0["grows"] and p1["high_water_bytes"] > p0["capacity_bytes"], (p0, p1)
+    assert 0.0 <= p1["fragmentation"] <= 1.0
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 30:
+        p2 = d.status()["pool"]
+        if p2["shrinks"] > p1["shrinks"] and p2["capacity_bytes"] == p0["capacity_bytes"]:
+            break
+        time.sleep(0.5)
+    else:
+        raise AssertionError(f"pool did not shrink back within 30 s: {p2}")
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        rss = supervisor.memory_info().rss
+        if rss <= rss0 * 1.10:
+            break
+        time.sleep(0.5)
+    assert rss <= rss0 * 1.10, f"supervisor RSS {rss >> 20} MiB vs {rss0 >> 20} MiB before the burst"
