@@ -38,6 +38,7 @@ class Run:
     wall_s: float
     latencies_ms: list[float]
     cpu_s: float
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def summary(self, base_fps: float | None) -> dict[str, Any]:
         lat = sorted(self.latencies_ms)
@@ -49,7 +50,7 @@ class Run:
         return {"fps": round(fps, 1), "ms_per_frame": round(1e3 / fps, 3) if fps else None,
                 "p50_ms": pct(50), "p95_ms": pct(95), "p99_ms": pct(99),
                 "cpu_ms_per_frame": round(self.cpu_s / self.frames * 1e3, 3) if self.frames else None,
-                "ratio_vs_raw": round(fps / base_fps, 3) if base_fps else 1.0}
+                "ratio_vs_raw": round(fps / base_fps, 3) if base_fps else 1.0, **self.extra}
 
 
 def _cpu(pids: list[int]) -> float:
@@ -61,6 +62,21 @@ def _cpu(pids: list[int]) -> float:
         except psutil.Error:
             pass
     return total
+
+
+def _footprint(pid: int) -> dict[str, Any]:
+    """PSS (RSS where PSS is unreadable) of the supervisor and its workers, in MiB."""
+    def mem(p: psutil.Process) -> float:
+        try:
+            info = p.memory_full_info()
+            return round(getattr(info, "pss", info.rss) / (1 << 20), 1)
+        except psutil.Error:
+            return round(p.memory_info().rss / (1 << 20), 1)
+
+    sup = psutil.Process(pid)
+    workers = [mem(c) for c in sup.children()]
+    return {"supervisor_pss_mb": mem(sup), "workers_pss_mb": workers,
+            "total_pss_mb": round(mem(sup) + sum(workers), 1)}
 
 
 def _timed(name: str, frames: int, step: Callable[[], None], pids: list[int]) -> Run:
@@ -208,6 +224,7 @@ def run_e2e(cfg: Config, frames: int, payload: bytes, window: int = 4) -> Run | 
     raw_cfg.setdefault("status", {}).update({"socket": str(tmp / "s.sock"), "interval": 0,
                                              "prometheus_file": None})
     (tmp / "c.yaml").write_text(yaml.safe_dump(raw_cfg))
+    t_launch = time.perf_counter()
     daemon = subprocess.Popen([sys.executable, "-m", "edged", "run", "-c", str(tmp / "c.yaml")],
                               stdout=subprocess.DEVNULL, stderr=open(tmp / "daemon.log", "w"))
     got: dict[str, float] = {}
@@ -246,9 +263,10 @@ def run_e2e(cfg: Config, frames: int, payload: bytes, window: int = 4) -> Run | 
             try:
                 if query(str(tmp / "s.sock"), 2).get("state") == "online":
                     break
-            except Exception:
+            except Exception:  # not listening yet
                 pass
-            time.sleep(0.1)
+            time.sleep(0.01)
+        cold_start_s = time.perf_counter() - t_launch
         sent: dict[str, float] = {}
 
         def send(i: int) -> None:
@@ -282,7 +300,9 @@ def run_e2e(cfg: Config, frames: int, payload: bytes, window: int = 4) -> Run | 
         missing = [i for i in ids if i not in got]
         if missing:
             return f"failed: {len(missing)} frames unanswered (log {tmp / 'daemon.log'})"
-        return Run("e2e", frames, wall, [(got[i] - sent[i]) * 1e3 for i in ids], cpu)
+        run = Run("e2e", frames, wall, [(got[i] - sent[i]) * 1e3 for i in ids], cpu)
+        run.extra = {"cold_start_s": round(cold_start_s, 3), **_footprint(daemon.pid)}
+        return run
     finally:
         c.loop_stop()
         c.disconnect()
@@ -329,6 +349,10 @@ def run_bench(cfg: Config, frames: int = 200, with_e2e: bool = True) -> dict[str
                          f"{s['p99_ms']:>8} {s['cpu_ms_per_frame']:>9} {s['ratio_vs_raw']:>7}")
         else:
             lines.append(f"{name:<10} {s['note']}")
+    if "e2e" in paths and "cold_start_s" in paths["e2e"]:
+        e = paths["e2e"]
+        lines.append(f"footprint: supervisor {e['supervisor_pss_mb']} MiB, workers {e['workers_pss_mb']} MiB "
+                     f"(PSS), total {e['total_pss_mb']} MiB; cold start to online {e['cold_start_s']} s")
     for k in ("sandbox_vs_worker", "e2e_added_ms_per_frame"):
         if k in report:
             lines.append(f"{k}: {report[k]}")

@@ -21,7 +21,7 @@ import yaml
 from edged.errors import ConfigError
 
 DEFAULT_CONFIG = "/etc/edged/edged.yaml"
-PATH_KEYS = "path"  # metadata marker: the value is a path, resolved against the config's folder
+BUNDLED_MODEL = Path(__file__).resolve().parent / "models" / "digits.tflite"
 
 
 def _f(default: Any = dataclasses.MISSING, *, choices: tuple[Any, ...] = (), lo: float | None = None,
@@ -65,8 +65,8 @@ class MqttConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    path: str = _f("models/digits.tflite", path=True)
-    labels: str | None = _f(None, path=True)
+    path: str = _f(str(BUNDLED_MODEL), path=True)
+    labels: str | None = _f(str(BUNDLED_MODEL.with_name("digits_labels.txt")), path=True)
     task: str = _f("classify", choices=("classify", "detect", "raw"))
     threads: int = _f(1, lo=1)
     top_k: int = _f(5, lo=1)
@@ -173,7 +173,8 @@ class _Loader:
 
     def err(self, node: yaml.Node | None, key: str, msg: str) -> None:
         line = f":{node.start_mark.line + 1}" if node is not None else ""
-        self.errors.append(f"{self.fname}{line} {key}: {msg}")
+        shown = key if key.isprintable() else repr(key)
+        self.errors.append(" ".join(f"{self.fname}{line} {shown}: {msg}".split()))
 
     def build(self, cls: type, node: yaml.Node | None, key: str) -> Any:
         if node is None or (isinstance(node, yaml.ScalarNode) and node.tag.endswith(":null")):
@@ -205,6 +206,8 @@ class _Loader:
         if isinstance(node, yaml.ScalarNode) and node.tag.endswith(":null"):
             if optional:
                 return None
+            if dataclasses.is_dataclass(hint):
+                return hint()  # a section whose keys are all commented out: its defaults
             self.err(node, key, "must not be empty")
             return _BAD
         if dataclasses.is_dataclass(hint):
@@ -228,7 +231,11 @@ class _Loader:
         if not isinstance(node, yaml.ScalarNode):
             self.err(node, key, f"must be {_NAMES[hint]}")
             return _BAD
-        raw = yaml.constructor.SafeConstructor().construct_object(node)
+        try:
+            raw = yaml.constructor.SafeConstructor().construct_object(node)
+        except (yaml.YAMLError, ValueError, TypeError, KeyError, AttributeError):
+            self.err(node, key, f"cannot read {node.value!r} (tag {node.tag})")
+            return _BAD
         if hint is float and isinstance(raw, int) and not isinstance(raw, bool):
             raw = float(raw)
         if hint is str and isinstance(raw, (int, float)) and not isinstance(raw, bool) and not meta["choices"]:
@@ -242,8 +249,12 @@ class _Loader:
         if meta["lo"] is not None and raw < meta["lo"]:
             self.err(node, key, f"must be >= {meta['lo']}, got {raw!r}")
             return _BAD
-        if meta["path"]:
-            raw = str((self.base / os.path.expanduser(raw)).resolve()) if raw else raw
+        if meta["path"] and raw:
+            try:
+                raw = str((self.base / os.path.expanduser(raw)).resolve())
+            except (ValueError, OSError) as exc:
+                self.err(node, key, f"not a usable path ({exc})")
+                return _BAD
         return raw
 
 
@@ -259,7 +270,8 @@ def parse(text: str, fname: str = "<config>", base: Path | None = None) -> Confi
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}" if mark else ""
-        raise ConfigError(f"{short}{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+        raise ConfigError(f"{short}{where}: not valid YAML: {problem}") from None
     loader = _Loader(short, base or Path.cwd())
     cfg = loader.build(Config, node, "")
     if loader.errors:
@@ -279,7 +291,9 @@ def load(path: str | os.PathLike[str]) -> Config:
     """Read and validate a config file."""
     p = Path(path)
     try:
-        text = p.read_text()
+        text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{p}: cannot read config: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {exc.start})") from None
     return parse(text, str(p), p.resolve().parent)

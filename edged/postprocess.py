@@ -22,14 +22,17 @@ def load_labels(path: str | None) -> dict[int, str]:
     if not path:
         return {}
     try:
-        lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
+        lines = Path(path).read_text(encoding="utf-8-sig", errors="replace").splitlines()
     except OSError as exc:
         raise ModelError(f"labels {path}: {exc.strerror}") from None
-    lines = [ln for ln in lines if ln.strip()]
-    matches = [_ID_LINE.match(ln) for ln in lines]
-    if lines and all(matches):
+    while lines and not lines[-1].strip():
+        lines.pop()
+    filled = [ln for ln in lines if ln.strip()]
+    matches = [_ID_LINE.match(ln) for ln in filled]
+    if filled and all(matches):
         return {int(m.group(1)): m.group(2) for m in matches if m}
-    return {i: ln.strip() for i, ln in enumerate(lines)}
+    # plain lines: line i is class i, blank lines included (they are classes without a name)
+    return {i: ln.strip() for i, ln in enumerate(lines) if ln.strip()}
 
 
 def _label(labels: dict[int, str], i: int) -> str:

@@ -71,9 +71,11 @@ class Preprocessor:
 
     def fill(self, dst: np.ndarray, payload: memoryview, content_type: str | None = None) -> str:
         """Write the frame into dst (the input tensor); return the kind of frame it was."""
-        kind = sniff(payload, content_type)
-        if kind is None and len(payload) == self.info.nbytes:
-            kind = "raw"
+        # a payload of exactly the input's size is a raw tensor, whatever its first bytes look like
+        if content_type is None and len(payload) == self.info.nbytes:
+            kind: str | None = "raw"
+        else:
+            kind = sniff(payload, content_type)
         if kind == "raw":
             if len(payload) != self.info.nbytes:
                 raise FrameError("bad_payload", f"raw tensor of {len(payload)} bytes; the model input "
@@ -114,7 +116,8 @@ class Preprocessor:
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise FrameError("too_large", f"{kind} image too large: {exc}") from None
         except (OSError, ValueError, SyntaxError, EOFError, IndexError, struct.error, Warning) as exc:
-            raise FrameError("bad_payload", f"cannot decode {kind}: {exc}") from None
+            text = " ".join(str(exc).split()).replace(" <_io.BytesIO object", "").split(" at 0x")[0]
+            raise FrameError("bad_payload", f"cannot decode {kind}: {text or type(exc).__name__}") from None
         except MemoryError:
             raise FrameError("too_large", f"{kind} image does not fit the worker's memory limit") from None
         return arr.reshape(lay.height, lay.width, lay.channels)
@@ -139,6 +142,8 @@ class Preprocessor:
 def _to_mode(img: Image.Image, mode: str) -> Image.Image:
     if img.mode == mode:
         return img
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")  # Pillow warns (an error here) when converting such palettes directly
     if mode == "L" and img.mode in ("RGB", "RGBA", "P", "LA"):
         # grey as the mean of R, G and B, as the reference preprocessing does
         rgb = np.asarray(img.convert("RGB"), dtype=np.uint16)

@@ -117,13 +117,15 @@ class Model:
                 # XNNPACK delegate, whose nodes would otherwise count as the accelerator's
                 self.delegated_ops, self.total_ops = _delegation(self._interp)
             self._interp.allocate_tensors()
+            # names are decoded as UTF-8 here: a corrupt one raises UnicodeDecodeError (a ValueError)
+            inputs = self._interp.get_input_details()
+            outputs = self._interp.get_output_details()
         except (ValueError, RuntimeError) as exc:
             raise ModelError(f"model {self.name} cannot load: {_first_line(exc)}") from None
-        inputs = self._interp.get_input_details()
         if len(inputs) != 1:
             raise ModelError(f"model {self.name}: edged serves models with one input, this one has {len(inputs)}")
         self.input = _info(inputs[0])
-        self.outputs = [_info(d) for d in self._interp.get_output_details()]
+        self.outputs = [_info(d) for d in outputs]
         self.stateful = False
 
     @property

@@ -119,7 +119,6 @@ TAG_BUGS = "_Loader.scalar calls SafeConstructor.construct_object unguarded: exp
            "impossible dates raise ConstructorError/ValueError/KeyError/AttributeError, not ConfigError"
 
 
-@pytest.mark.xfail(strict=True, reason=TAG_BUGS)
 @pytest.mark.parametrize("text, key", [
     ("device_id: 2024-13-45\n", "device_id"),          # looks like a date: ValueError: month must be in 1..12
     ("mqtt:\n  port: !foo 3\n", "mqtt.port"),           # unknown tag: ConstructorError
@@ -133,14 +132,10 @@ def test_parse_bad_tagged_or_date_scalar_raises_configerror(text, key):
     assert f"edged.yaml:{text.count(chr(10))} {key}:" in msg
 
 
-@pytest.mark.xfail(strict=True, reason="a NUL in a path value makes Path.resolve() raise ValueError "
-                                       "(embedded null byte) instead of a ConfigError")
 def test_parse_nul_byte_in_path_raises_configerror():
     assert "model.path" in config_error('model:\n  path: "a\\0b.tflite"\n')
 
 
-@pytest.mark.xfail(strict=True, reason="config.load() catches OSError only: a non-UTF-8 file raises "
-                                       "UnicodeDecodeError (a traceback from `edged check`)")
 def test_load_non_utf8_file_raises_configerror(tmp_path):
     p = tmp_path / "edged.yaml"
     p.write_bytes(b"device_id: caf\xe9\n")
@@ -148,8 +143,6 @@ def test_load_non_utf8_file_raises_configerror(tmp_path):
         config.load(p)
 
 
-@pytest.mark.xfail(strict=True, reason="multi-line ConfigError: yaml.ReaderError's str() spans two lines, "
-                                       "and unknown keys are echoed verbatim (a quoted key may hold a newline)")
 @pytest.mark.parametrize("text", ["device_id: a\x07b\n", '"foo\\nbar": 1\n'])
 def test_parse_control_characters_error_stays_one_line(text):
     msg = config_error(text)
@@ -202,10 +195,6 @@ def test_parse_null_optional_keys_give_none():
     assert cfg.client_id == f"edged-{cfg.device_id}"
 
 
-@pytest.mark.xfail(strict=True, reason="_Loader.value() rejects null before it sees the hint is a section, so a "
-                                       "section whose keys are all commented out ('sandbox:' alone) is 'must not "
-                                       "be empty', though every key is optional and build() already maps null to "
-                                       "the defaults")
 def test_parse_null_section_gives_section_defaults():
     cfg = parse("mqtt: null\nsandbox:\naccelerator:\n  coral:\n")
     assert cfg.mqtt == config.MqttConfig() and cfg.sandbox == config.SandboxConfig()
@@ -248,10 +237,6 @@ def test_config_prefix_default_uses_device_id():
     assert parse("device_id: dev1\n").prefix == "edged/dev1"
 
 
-@pytest.mark.xfail(strict=True, reason="ModelConfig.path defaults to the bare relative 'models/digits.tflite', "
-                                       "resolved against nothing (so against the working directory), while "
-                                       "configs/edged.yaml documents the bundled model as the default: a config "
-                                       "without model.path fails `edged check` with 'no such file'")
 def test_parse_without_model_path_defaults_to_bundled_model():
     cfg = parse("device_id: dev1\n")
     assert Path(cfg.model.path).is_file(), cfg.model.path
@@ -302,9 +287,6 @@ def _parse_or_configerror(text: str) -> None:
         assert msg.strip() and "\n" not in msg, msg
 
 
-@pytest.mark.xfail(strict=True, reason=TAG_BUGS + "; also multi-line messages for control characters (the "
-                                               "examples reproduce it; remove this mark once both are fixed so the "
-                                               "generated inputs run too)")
 @settings(max_examples=400, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @example("device_id: 2024-13-45\n")
 @example("mqtt:\n  port: !foo 3\n")
@@ -313,7 +295,7 @@ def test_parse_fuzzed_yaml_text_raises_only_configerror(text):
     _parse_or_configerror(text)
 
 
-# Printable text only: control characters, NUL and line separators have their own xfail tests above.
+# Printable text only: control characters, NUL and line separators have their own tests above.
 printable = st.text(st.characters(blacklist_categories=("Cc", "Cs", "Zl", "Zp")), max_size=12)
 leaf = st.one_of(st.none(), st.booleans(), st.integers(-(2**40), 2**40), st.floats(), printable)
 value = st.recursive(leaf, lambda inner: st.one_of(st.lists(inner, max_size=3),
@@ -371,7 +353,6 @@ def test_cli_check_bad_config_or_model_exits_78_with_one_line(tmp_path, case):
     assert line.startswith("edged check: ")
 
 
-@pytest.mark.xfail(strict=True, reason=TAG_BUGS + ": `edged check` prints a traceback and exits 1")
 def test_cli_check_date_like_device_id_exits_78_with_one_line(tmp_path):
     cfg = tmp_path / "edged.yaml"
     cfg.write_text(f"device_id: 2024-13-45\nmodel:\n  path: {BUNDLED / 'digits.tflite'}\n")

@@ -239,7 +239,6 @@ def test_broker_restart_mid_stream_persistent_sessions_every_frame_answered(daem
     assert not missing, f"{len(missing)} unanswered, e.g. {missing[:5]}; daemon log: {d.log()[-1500:]}"
     assert all(served_ok(v) for v in got.values()), [v for v in got.values() if not served_ok(v)][:3]
     st = d.status()
-    print("RESTARTDBG", st["mqtt"], st["frames"], c.connects, sum(c.counts.values()))
     assert st["mqtt"]["connected"] is True and st["mqtt"]["reconnects"] >= 1, st["mqtt"]
     assert c.connects >= 2  # the client came back on its own session too
 
@@ -294,6 +293,30 @@ def test_broker_outage_results_held_and_published_after_return(daemon_factory, p
     assert st["mqtt"]["result_overflows"] == 0
 
 
+def test_broker_outage_result_buffer_full_qos1_frames_redelivered_and_answered(daemon_factory, persistent_broker,
+                                                                              session_client):
+    """Past mqtt.result_buffer a result is not held and its QoS 1 frame is not acknowledged: the broker
+    redelivers it on reconnect, so it is still answered."""
+    pb = persistent_broker()
+    d = daemon_factory({"mqtt": {"result_buffer": 10}}, broker=pb)
+    c = session_client(pb.port, d.prefix)
+    ids = [f"rb{i}" for i in range(30)]
+    with stopped(worker_pid(d)):
+        for fid in ids:
+            c.send(RAW, fid, qos=1)
+        until(lambda: frames(d)["received"] == 30, 10, "30 frames admitted")
+        pb.stop()
+        until(lambda: d.status()["mqtt"]["connected"] is False, 10, "the daemon to notice the broker is gone")
+    until(lambda: frames(d)["completed"] == 30, 20, "30 results produced while the broker is down")
+    assert d.status()["mqtt"]["result_overflows"] == 20
+    pb.start()
+    got = c.wait(ids, 30)
+    missing = [k for k, v in got.items() if v is None]
+    assert not missing, f"{len(missing)} unanswered, e.g. {missing[:5]}; daemon log: {d.log()[-1500:]}"
+    assert all(served_ok(v) for v in got.values())
+    assert "result buffer full" in d.log()
+
+
 # ---- 3. admission: size caps, queue policies, expiry --------------------------------------------
 def test_admission_payload_over_max_frame_bytes_answered_too_large(daemon_factory, client_factory):
     d = daemon_factory({"queue": {"max_frame_bytes": 1000}})
@@ -324,7 +347,6 @@ def test_admission_64mb_payload_refused_too_large_rss_flat(daemon_factory, clien
     time.sleep(3)
     after = d.status()["memory"]["rss_bytes"]
     assert d.proc.poll() is None
-    print("RSSDBG", before, after, (after-before)/2**20)
     assert after - before <= 8 << 20, f"RSS {before / 2**20:.1f} MiB before, {after / 2**20:.1f} MiB after"
 
 
@@ -394,6 +416,74 @@ def test_queue_qos1_flood_receive_maximum_holds_rest_at_broker_all_answered(daem
     st = d.status()
     assert st["frames"]["dropped"] == len(overloaded) == st["errors_by_code"].get("overloaded", 0)
     assert st["frames"]["completed"] == len(ids) - len(overloaded)
+
+
+def _bmp(side: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (side, side), (200, 200, 200)).save(buf, "BMP")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("policy", ["reject", "drop_oldest"])
+def test_queue_pool_full_policy_drops_oldest_until_frame_fits_or_rejects_it(daemon_factory, broker,
+                                                                            session_client, policy):
+    """pool.max_mb 1 (queued payloads live in the pool), worker frozen: ten 97 kB frames take 0.93 MB,
+    then one 875 kB frame comes. reject: it is refused. drop_oldest: the oldest frames go until it fits,
+    so at most one small frame stays beside it."""
+    d = daemon_factory({"pool": {"initial_mb": 1, "max_mb": 1}, "queue": {"policy": policy}})
+    c = session_client(broker.port, d.prefix)
+    small, big = _bmp(180), _bmp(540)
+    assert 10 * len(small) < 1 << 20 < len(big) + 2 * len(small)
+    ids = [f"s{i}" for i in range(10)]
+    with stopped(worker_pid(d)):
+        c.send(RAW, "f0", qos=0)
+        c.send(RAW, "f1", qos=0)
+        until(lambda: d.status()["workers"][0]["inflight"] == 2, 10, "two frames handed to the worker")
+        for fid in ids:
+            c.send(small, fid, qos=0)
+        until(lambda: d.status()["queue_depth"] == 10, 10, "ten small frames queued")
+        assert frames(d)["dropped"] == 0
+        c.send(big, "big", qos=0)
+        until(lambda: frames(d)["received"] == 13, 10, "the big frame admitted")
+        time.sleep(0.2)
+        depth = d.status()["queue_depth"]
+    got = c.wait(["f0", "f1", "big", *ids], 20)
+    assert all(r is not None for r in got.values()), [k for k, v in got.items() if v is None]
+    assert served_ok(got["f0"]) and served_ok(got["f1"])
+    kept = [k for k in ids if served_ok(got[k])]
+    dropped = [k for k in ids if code(got[k]) == "overloaded"]
+    assert len(kept) + len(dropped) == len(ids), got
+    if policy == "reject":
+        assert code(got["big"]) == "overloaded" and not dropped and depth == 10, (got["big"], dropped, depth)
+        assert "pool" in got["big"]["error"]["message"]
+    else:
+        assert served_ok(got["big"]), got["big"]
+        assert len(kept) <= 1 and depth == len(kept) + 1, (kept, depth)
+        assert dropped == ids[: len(dropped)]  # the oldest go first
+        assert "pool" in got[dropped[0]]["error"]["message"]
+    assert frames(d)["dropped"] == len(dropped) + (code(got["big"]) == "overloaded")
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "daemon bug: with drop_oldest, admit() drops queued frames one by one while pool.write() fails, even "
+    "when the new frame is larger than the whole pool (pool.max_mb) and can never fit: a frame that passes "
+    "queue.max_frame_bytes but not the pool flushes its stream's queue, then is refused anyway"))
+def test_queue_frame_larger_than_pool_drop_oldest_keeps_queued_frames(daemon_factory, broker, session_client):
+    d = daemon_factory({"pool": {"initial_mb": 1, "max_mb": 1}, "queue": {"policy": "drop_oldest"}})
+    c = session_client(broker.port, d.prefix)
+    ids = [f"q{i}" for i in range(5)]
+    with stopped(worker_pid(d)):
+        c.send(RAW, "f0", qos=0)
+        c.send(RAW, "f1", qos=0)
+        until(lambda: d.status()["workers"][0]["inflight"] == 2, 10, "two frames handed to the worker")
+        for fid in ids:
+            c.send(SAMPLE, fid, qos=0)
+        until(lambda: d.status()["queue_depth"] == 5, 10, "five frames queued")
+        c.send(bytes(2 << 20), "bigger-than-pool", qos=0)  # under max_frame_bytes (32 MiB), over pool.max_mb
+        until(lambda: frames(d)["received"] == 8, 10, "the big frame admitted")
+    got = c.wait(["bigger-than-pool", *ids], 20)
+    assert code(got["bigger-than-pool"]) in ("too_large", "overloaded"), got["bigger-than-pool"]
+    assert all(served_ok(got[k]) for k in ids), {k: code(got[k]) for k in ids}
 
 
 def test_queue_frame_past_message_expiry_answered_expired(daemon_factory, broker, session_client):
@@ -568,8 +658,6 @@ def test_tls_wrong_password_daemon_waits_disconnected_logs_refusal(daemon_factor
         time.sleep(0.2)
     log = d.log()
     assert "Traceback" not in log
-    time.sleep(14); log = d.log()
-    print("LOGDBG", "\n".join(l for l in log.splitlines() if "refused" in l))
     refusal = next(line for line in log.splitlines() if "refused the connection" in line)
     assert f"127.0.0.1:{tls_broker.port}" in refusal and ("password" in refusal.lower() or "authori" in refusal.lower()), \
         refusal
@@ -597,5 +685,4 @@ def test_share_two_daemons_split_frames_each_answered_once(daemon_factory, broke
     dups = {k: n for k, n in c.counts.items() if n != 1}
     assert not dups, f"answered more than once: {dups}"
     done = [frames(d)["completed"] for d in (d1, d2)]
-    print("SHAREDBG", done)
     assert sum(done) == 400 and min(done) >= 50, done

@@ -100,19 +100,12 @@ def test_load_labels_missing_file_raises_modelerror_naming_it(tmp_path):
         postprocess.load_labels(str(tmp_path / "nolabels.txt"))
 
 
-@pytest.mark.xfail(strict=True, reason="load_labels drops blank lines before numbering plain lines, so a blank "
-                                       "line (an unused id) shifts every later label by one; 'line i = class i' "
-                                       "needs enumerate() before the filter")
 def test_load_labels_plain_blank_line_keeps_later_ids(tmp_path):
     p = tmp_path / "labels.txt"
     p.write_text("person\n\ncar\n")
     assert postprocess.load_labels(str(p))[2] == "car"
 
 
-@pytest.mark.xfail(strict=True, reason="load_labels reads with encoding='utf-8': a UTF-8 BOM (Windows editors) "
-                                       "stays on line 0, so '\\ufeff0 person' does not match the id pattern and the "
-                                       "whole file silently becomes plain lines ('0 person' for class 0); "
-                                       "use utf-8-sig")
 def test_load_labels_id_lines_with_utf8_bom_use_given_ids(tmp_path):
     p = tmp_path / "labels.txt"
     p.write_bytes("0 person\n1 bicycle\n".encode("utf-8-sig"))
