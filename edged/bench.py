@@ -4,19 +4,20 @@
 (b) inproc:     the worker path in this process (fill input from the frame, invoke, postprocess, JSON)
 (c) worker:     a real worker subprocess fed through the shared-memory pool, sandbox off
 (d) sandboxed:  the same with the seccomp sandbox on (what `edged run` does)
-(e) e2e:        publisher -> Mosquitto -> edged run -> subscriber, frames in flight
-Same model, same threads, same frame. Reported: throughput, p50/p95/p99
-latency, CPU time per frame, and each throughput as a ratio of (a).
+(e) e2e:        publisher -> Mosquitto -> `edged run` -> subscriber, frames in flight
+Same model, threads and frame for all. The paths stay up for the whole run
+and are measured in interleaved rounds, so drift of a shared machine hits
+them alike. Reported: throughput, p50/p95/p99 latency, CPU time per frame
+(all processes of the path), each as a ratio of (a); footprint (PSS) and
+cold start of the daemon.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,26 +32,31 @@ import psutil
 from edged.config import Config
 
 
-@dataclasses.dataclass
-class Run:
-    name: str
-    frames: int
-    wall_s: float
-    latencies_ms: list[float]
-    cpu_s: float
-    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+class Stats:
+    """Accumulated measurements of one path over all rounds."""
 
-    def summary(self, base_fps: float | None) -> dict[str, Any]:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.frames = 0
+        self.wall_s = 0.0
+        self.cpu_s = 0.0
+        self.latencies_ms: list[float] = []
+        self.extra: dict[str, Any] = {}
+
+    def summary(self, base: Stats | None) -> dict[str, Any]:
         lat = sorted(self.latencies_ms)
         fps = self.frames / self.wall_s if self.wall_s else 0.0
 
         def pct(q: float) -> float:
             return round(lat[min(len(lat) - 1, int(q / 100 * len(lat)))], 3) if lat else 0.0
 
-        return {"fps": round(fps, 1), "ms_per_frame": round(1e3 / fps, 3) if fps else None,
-                "p50_ms": pct(50), "p95_ms": pct(95), "p99_ms": pct(99),
-                "cpu_ms_per_frame": round(self.cpu_s / self.frames * 1e3, 3) if self.frames else None,
-                "ratio_vs_raw": round(fps / base_fps, 3) if base_fps else 1.0, **self.extra}
+        cpu = self.cpu_s / self.frames * 1e3 if self.frames else 0.0
+        out = {"fps": round(fps, 1), "ms_per_frame": round(1e3 / fps, 3) if fps else None,
+               "p50_ms": pct(50), "p95_ms": pct(95), "p99_ms": pct(99), "cpu_ms_per_frame": round(cpu, 3)}
+        if base is not None and base.frames:
+            out["ratio_vs_raw"] = round(fps / (base.frames / base.wall_s), 3)
+            out["cpu_ratio_vs_raw"] = round(cpu / (base.cpu_s / base.frames * 1e3), 3) if base.cpu_s else None
+        return {**out, **self.extra}
 
 
 def _cpu(pids: list[int]) -> float:
@@ -58,7 +64,7 @@ def _cpu(pids: list[int]) -> float:
     for pid in pids:
         try:
             t = psutil.Process(pid).cpu_times()
-            total += t.user + t.system + getattr(t, "children_user", 0) * 0
+            total += t.user + t.system
         except psutil.Error:
             pass
     return total
@@ -79,37 +85,47 @@ def _footprint(pid: int) -> dict[str, Any]:
             "total_pss_mb": round(mem(sup) + sum(workers), 1)}
 
 
-def _timed(name: str, frames: int, step: Callable[[], None], pids: list[int]) -> Run:
-    lats = []
-    c0, t0 = _cpu(pids), time.perf_counter()
-    for _ in range(frames):
-        s = time.perf_counter()
-        step()
-        lats.append((time.perf_counter() - s) * 1e3)
-    return Run(name, frames, time.perf_counter() - t0, lats, _cpu(pids) - c0)
+class BenchPath:
+    """A serving path kept up for the whole run; measure(n) pushes n frames through it."""
+
+    name = "?"
+    pids: list[int]
+
+    def measure(self, n: int, into: Stats) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
 
 
-def bench_frame(cfg: Config, model_input: tuple[tuple[int, ...], str]) -> bytes:
-    """A raw tensor frame of the model's input size (no decode: the comparison is about the path)."""
-    shape, dtype = model_input
-    rng = np.random.default_rng(0)
-    return rng.integers(0, 255, size=shape).astype(dtype).tobytes()
+class Serial(BenchPath):
+    """A path that runs one frame at a time in this process."""
+
+    def __init__(self, name: str, step: Callable[[], None]) -> None:
+        self.name, self.step, self.pids = name, step, [os.getpid()]
+
+    def measure(self, n: int, into: Stats) -> None:
+        c0, t0 = _cpu(self.pids), time.perf_counter()
+        for _ in range(n):
+            s = time.perf_counter()
+            self.step()
+            into.latencies_ms.append((time.perf_counter() - s) * 1e3)
+        into.wall_s += time.perf_counter() - t0
+        into.cpu_s += _cpu(self.pids) - c0
+        into.frames += n
 
 
-def run_raw(cfg: Config, frames: int, payload: bytes) -> Run:
+def raw_path(cfg: Config, payload: bytes) -> Serial:
     from edged import runtime
 
-    mod = runtime.backend_module()
-    interp = mod.Interpreter(model_path=cfg.model.path, num_threads=cfg.model.threads)
+    interp = runtime.backend_module().Interpreter(model_path=cfg.model.path, num_threads=cfg.model.threads)
     interp.allocate_tensors()
     d = interp.get_input_details()[0]
     interp.set_tensor(d["index"], np.frombuffer(payload, d["dtype"]).reshape(d["shape"]))
-    for _ in range(10):
-        interp.invoke()
-    return _timed("raw", frames, interp.invoke, [os.getpid()])
+    return Serial("raw", interp.invoke)
 
 
-def run_inproc(cfg: Config, frames: int, payload: bytes) -> Run:
+def inproc_path(cfg: Config, payload: bytes) -> Serial:
     from edged import accel, postprocess, preprocess
 
     model = accel.choose(cfg).model
@@ -132,228 +148,239 @@ def run_inproc(cfg: Config, frames: int, payload: bytes) -> Run:
             body = postprocess.raw(model)
         json.dumps(body)
 
-    for _ in range(10):
-        step()
-    return _timed("inproc", frames, step, [os.getpid()])
+    return Serial("inproc", step)
 
 
-def run_worker(cfg: Config, frames: int, payload: bytes, sandbox: bool, inflight: int = 2) -> Run:
-    """Frames through a real worker process and the pool, `inflight` at a time, as the dispatcher does."""
-    from edged.pool import FramePool
-    from edged.workers import WorkerHandle
+class Windowed(BenchPath):
+    """Keeps `window` frames in flight: submit(seq) starts one, completion is signalled by done(seq)."""
 
-    done = threading.Condition()
-    finished: dict[int, float] = {}
+    def __init__(self, window: int) -> None:
+        self.window = window
+        self.cv = threading.Condition()
+        self.finished: dict[int, float] = {}
+        self.started: dict[int, float] = {}
+        self.next_seq = 0
 
-    def on_message(h: WorkerHandle, msg: dict[str, Any]) -> None:
-        if msg.get("t") == "r":
-            with done:
-                finished[int(msg["s"])] = time.perf_counter()
-                done.notify_all()
+    def submit(self, seq: int) -> None:
+        raise NotImplementedError
 
-    init = {"t": "init", "config_text": Path(cfg.source).read_text(), "config_name": cfg.source,
-            "config_base": str(Path(cfg.source).resolve().parent), "sandbox": sandbox,
-            "sandbox_mode": cfg.sandbox.mode, "memory_limit": cfg.sandbox.memory_limit_mb << 20,
-            "model_path": cfg.model.path, "log_level": 30}
-    h = WorkerHandle(0, init, on_message, lambda _h: None)
-    pool = FramePool(initial_bytes=max(1 << 20, 4 * len(payload)))
-    try:
-        h.start()
-        segs = {sid: (fd, size) for sid, fd, size in pool.segments()}
-        started: dict[int, float] = {}
-        blocks = {}
+    def retire(self, seq: int) -> None:
+        pass
 
-        def submit(seq: int) -> None:
-            b = pool.write(payload)
-            assert b is not None
-            fd, size = segs.get(b.segment) or {sid: (fd, sz) for sid, fd, sz in pool.segments()}[b.segment]
-            h.ensure_segment(b.segment, fd, size)
-            blocks[seq] = b
-            started[seq] = time.perf_counter()
-            h.send({"t": "f", "s": seq, "g": b.segment, "o": b.offset, "n": len(payload), "c": None})
+    def done(self, seq: int) -> None:
+        with self.cv:
+            self.finished[seq] = time.perf_counter()
+            self.cv.notify_all()
 
-        def drive(n: int, base: int) -> None:
-            nxt = base
-            for _ in range(min(inflight, n)):
-                submit(nxt)
+    def measure(self, n: int, into: Stats | None = None) -> None:
+        base = self.next_seq
+        self.next_seq += n
+        nxt = base
+        c0, t0 = _cpu(self.pids), time.perf_counter()
+        for _ in range(min(self.window, n)):
+            self.started[nxt] = time.perf_counter()
+            self.submit(nxt)
+            nxt += 1
+        for seq in range(base, base + n):
+            with self.cv:
+                end = time.monotonic() + 30
+                while seq not in self.finished:
+                    if time.monotonic() > end:
+                        raise RuntimeError(f"bench path {self.name}: frame {seq} unanswered after 30 s")
+                    self.cv.wait(1)
+            self.retire(seq)
+            if nxt < base + n:
+                self.started[nxt] = time.perf_counter()
+                self.submit(nxt)
                 nxt += 1
-            for seq in range(base, base + n):
-                with done:
-                    while seq not in finished:
-                        done.wait(5)
-                pool.free(blocks.pop(seq))
-                if nxt < base + n:
-                    submit(nxt)
-                    nxt += 1
-
-        drive(10, 0)
-        pids = [os.getpid(), h.pid or 0]
-        c0, t0 = _cpu(pids), time.perf_counter()
-        drive(frames, 1000)
-        wall = time.perf_counter() - t0
-        cpu = _cpu(pids) - c0
-        lats = [(finished[s] - started[s]) * 1e3 for s in range(1000, 1000 + frames)]
-        return Run("sandboxed" if sandbox else "worker", frames, wall, lats, cpu)
-    finally:
-        h.stop()
-        pool.close()
+        if into is not None:
+            into.wall_s += time.perf_counter() - t0
+            into.cpu_s += _cpu(self.pids) - c0
+            into.frames += n
+            into.latencies_ms.extend((self.finished[s] - self.started[s]) * 1e3 for s in range(base, base + n))
 
 
-def run_e2e(cfg: Config, frames: int, payload: bytes, window: int = 4) -> Run | str:
-    """Publisher -> Mosquitto -> `edged run` -> subscriber, `window` frames in flight."""
-    mosq = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    if not os.path.exists(mosq):
-        return "skipped: mosquitto not installed"
-    import paho.mqtt.client as paho
-    import yaml
-    from paho.mqtt.packettypes import PacketTypes
-    from paho.mqtt.properties import Properties
+class WorkerPath(Windowed):
+    """Frames through a real worker process and the pool, as the dispatcher hands them over."""
 
-    tmp = Path(tempfile.mkdtemp(prefix="edged-bench-"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    (tmp / "m.conf").write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\n"
-                                "max_queued_messages 100000\n")
-    broker = subprocess.Popen([mosq, "-c", str(tmp / "m.conf")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    raw_cfg = yaml.safe_load(Path(cfg.source).read_text()) or {}
-    raw_cfg.setdefault("mqtt", {}).update({"host": "127.0.0.1", "port": port, "topic_prefix": "bench/{device_id}",
-                                           "share": None})
-    raw_cfg.setdefault("model", {}).update({"path": cfg.model.path, "labels": cfg.model.labels})
-    raw_cfg["device_id"] = "bench"
-    raw_cfg.setdefault("status", {}).update({"socket": str(tmp / "s.sock"), "interval": 0,
-                                             "prometheus_file": None})
-    (tmp / "c.yaml").write_text(yaml.safe_dump(raw_cfg))
-    t_launch = time.perf_counter()
-    daemon = subprocess.Popen([sys.executable, "-m", "edged", "run", "-c", str(tmp / "c.yaml")],
-                              stdout=subprocess.DEVNULL, stderr=open(tmp / "daemon.log", "w"))
-    got: dict[str, float] = {}
-    cv = threading.Condition()
-    c = paho.Client(paho.CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+    def __init__(self, cfg: Config, payload: bytes, sandbox: bool, window: int) -> None:
+        from edged.pool import FramePool
+        from edged.workers import WorkerHandle
 
-    def on_connect(cl: Any, *a: Any) -> None:
-        cl.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        super().__init__(window)
+        self.name = "sandboxed" if sandbox else "worker"
+        self.payload = payload
+        init = {"t": "init", "config_text": Path(cfg.source).read_text(), "config_name": cfg.source,
+                "config_base": str(Path(cfg.source).resolve().parent), "sandbox": sandbox,
+                "sandbox_mode": cfg.sandbox.mode, "memory_limit": cfg.sandbox.memory_limit_mb << 20,
+                "model_path": cfg.model.path, "log_level": 30}
+        self.h = WorkerHandle(0, init, self._on_message, lambda _h: None)
+        self.pool = FramePool(initial_bytes=max(1 << 20, 8 * len(payload)))
+        self.blocks: dict[int, Any] = {}
+        self.h.start()
+        self.pids = [os.getpid(), self.h.pid or 0]
 
-    def on_message(cl: Any, u: Any, msg: Any) -> None:
-        if msg.topic.endswith("/status"):
-            with cv:
-                got["_state"] = 1.0 if b'"online"' in msg.payload else 0.0
-                cv.notify_all()
-            return
-        fid = json.loads(msg.payload)["frame_id"]
-        with cv:
-            got[fid] = time.perf_counter()
-            cv.notify_all()
+    def _on_message(self, h: Any, msg: dict[str, Any]) -> None:
+        if msg.get("t") == "r":
+            self.done(int(msg["s"]))
 
-    c.on_connect, c.on_message = on_connect, on_message
-    try:
+    def submit(self, seq: int) -> None:
+        b = self.pool.write(self.payload)
+        assert b is not None
+        fd, size = next((fd, size) for sid, fd, size in self.pool.segments() if sid == b.segment)
+        self.h.ensure_segment(b.segment, fd, size)
+        self.blocks[seq] = b
+        self.h.send({"t": "f", "s": seq, "g": b.segment, "o": b.offset, "n": len(self.payload), "c": None})
+
+    def retire(self, seq: int) -> None:
+        self.pool.free(self.blocks.pop(seq))
+
+    def close(self) -> None:
+        self.h.stop()
+        self.pool.close()
+
+
+class E2EPath(Windowed):
+    """Publisher -> Mosquitto -> `edged run` -> subscriber."""
+
+    name = "e2e"
+
+    def __init__(self, cfg: Config, payload: bytes, window: int) -> None:
+        import paho.mqtt.client as paho
+        import yaml
+
         from edged.status import query
 
+        super().__init__(window)
+        self.payload = payload
+        mosq = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        if not os.path.exists(mosq):
+            raise RuntimeError("mosquitto not installed")
+        self.tmp = Path(tempfile.mkdtemp(prefix="edged-bench-"))
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        (self.tmp / "m.conf").write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\n"
+                                         "max_queued_messages 100000\n")
+        self.broker = subprocess.Popen([mosq, "-c", str(self.tmp / "m.conf")], stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.DEVNULL)
+        raw_cfg = yaml.safe_load(Path(cfg.source).read_text()) or {}
+        raw_cfg["device_id"] = "bench"
+        raw_cfg.setdefault("mqtt", {}).update({"host": "127.0.0.1", "port": port, "topic_prefix": "bench/{device_id}",
+                                               "share": None})
+        raw_cfg.setdefault("model", {}).update({"path": cfg.model.path, "labels": cfg.model.labels})
+        raw_cfg.setdefault("status", {}).update({"socket": str(self.tmp / "s.sock"), "interval": 0,
+                                                 "prometheus_file": None})
+        (self.tmp / "c.yaml").write_text(yaml.safe_dump(raw_cfg))
         for _ in range(100):
             try:
                 socket.create_connection(("127.0.0.1", port), 0.2).close()
                 break
             except OSError:
                 time.sleep(0.05)
-        c.connect("127.0.0.1", port)
-        c.subscribe([("bench/bench/out/#", 1), ("bench/bench/status", 1)])
-        c.loop_start()
+        t_launch = time.perf_counter()
+        self.daemon = subprocess.Popen([sys.executable, "-m", "edged", "run", "-c", str(self.tmp / "c.yaml")],
+                                       stdout=subprocess.DEVNULL, stderr=open(self.tmp / "daemon.log", "w"))
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
-                if query(str(tmp / "s.sock"), 2).get("state") == "online":
+                if query(str(self.tmp / "s.sock"), 2).get("state") == "online":
                     break
             except Exception:  # not listening yet
                 pass
             time.sleep(0.01)
-        cold_start_s = time.perf_counter() - t_launch
-        sent: dict[str, float] = {}
+        self.cold_start_s = round(time.perf_counter() - t_launch, 3)
+        self.paho = paho
+        self.c = paho.Client(paho.CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+        subscribed = threading.Event()
+        self.c.on_connect = lambda cl, *a: cl.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.c.on_subscribe = lambda *a: subscribed.set()
+        self.c.on_message = lambda cl, u, msg: self.done(int(json.loads(msg.payload)["frame_id"]))
+        self.c.connect("127.0.0.1", port)
+        self.c.loop_start()
+        self.c.subscribe("bench/bench/out/#", 1)
+        subscribed.wait(10)
+        self.pids = [os.getpid(), self.daemon.pid, self.broker.pid,
+                     *[p.pid for p in psutil.Process(self.daemon.pid).children()]]
 
-        def send(i: int) -> None:
-            p = Properties(PacketTypes.PUBLISH)
-            p.UserProperty = [("frame_id", str(i))]
-            sent[str(i)] = time.perf_counter()
-            c.publish("bench/bench/in/b", payload, qos=1, properties=p)
+    def submit(self, seq: int) -> None:
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
 
-        def drive(n: int, base: int) -> None:
-            nxt = base
-            for _ in range(min(window, n)):
-                send(nxt)
-                nxt += 1
-            for i in range(base, base + n):
-                with cv:
-                    end = time.monotonic() + 30
-                    while str(i) not in got and time.monotonic() < end:
-                        cv.wait(1)
-                if nxt < base + n:
-                    send(nxt)
-                    nxt += 1
+        p = Properties(PacketTypes.PUBLISH)
+        p.UserProperty = [("frame_id", str(seq))]
+        self.c.publish("bench/bench/in/b", self.payload, qos=1, properties=p)
 
-        drive(20, 0)
-        workers = [p.pid for p in psutil.Process(daemon.pid).children()]
-        pids = [os.getpid(), daemon.pid, broker.pid, *workers]
-        c0, t0 = _cpu(pids), time.perf_counter()
-        drive(frames, 100000)
-        wall = time.perf_counter() - t0
-        cpu = _cpu(pids) - c0
-        ids = [str(i) for i in range(100000, 100000 + frames)]
-        missing = [i for i in ids if i not in got]
-        if missing:
-            return f"failed: {len(missing)} frames unanswered (log {tmp / 'daemon.log'})"
-        run = Run("e2e", frames, wall, [(got[i] - sent[i]) * 1e3 for i in ids], cpu)
-        run.extra = {"cold_start_s": round(cold_start_s, 3), **_footprint(daemon.pid)}
-        return run
-    finally:
-        c.loop_stop()
-        c.disconnect()
-        daemon.send_signal(signal.SIGTERM)
+    def close(self) -> None:
+        self.c.loop_stop()
+        self.c.disconnect()
+        self.daemon.send_signal(signal.SIGTERM)
         try:
-            daemon.wait(20)
+            self.daemon.wait(20)
         except subprocess.TimeoutExpired:
-            daemon.kill()
-        broker.terminate()
-        broker.wait(5)
+            self.daemon.kill()
+        self.broker.terminate()
+        self.broker.wait(5)
 
 
-def run_bench(cfg: Config, frames: int = 200, with_e2e: bool = True) -> dict[str, Any]:
+def run_bench(cfg: Config, frames: int = 200, with_e2e: bool = True, rounds: int = 5,
+              window: int = 2) -> dict[str, Any]:
     from edged import runtime
 
     m = runtime.Model(cfg.model.path, threads=cfg.model.threads)
-    payload = bench_frame(cfg, (m.input.shape, m.input.dtype))
+    rng = np.random.default_rng(0)
+    payload = rng.integers(0, 255, size=m.input.shape).astype(m.input.dtype).tobytes()
     del m
-    runs: list[Run | tuple[str, str]] = []
-    raw = run_raw(cfg, frames, payload)
-    runs.append(raw)
-    runs.append(run_inproc(cfg, frames, payload))
-    runs.append(run_worker(cfg, frames, payload, sandbox=False))
-    runs.append(run_worker(cfg, frames, payload, sandbox=True))
-    if with_e2e:
-        e = run_e2e(cfg, frames, payload)
-        runs.append(e if isinstance(e, Run) else ("e2e", e))
-    base = raw.frames / raw.wall_s
-    paths: dict[str, Any] = {}
-    for r in runs:
-        paths[r.name if isinstance(r, Run) else r[0]] = r.summary(base) if isinstance(r, Run) else {"note": r[1]}
-    report: dict[str, Any] = {"model": cfg.model.path, "threads": cfg.model.threads, "frames": frames,
-                              "frame_bytes": len(payload), "paths": paths}
-    if "worker" in paths and "sandboxed" in paths and "fps" in paths["sandboxed"]:
-        report["sandbox_vs_worker"] = round(paths["sandboxed"]["fps"] / paths["worker"]["fps"], 3)
-    if "e2e" in paths and "fps" in paths["e2e"]:
-        report["e2e_added_ms_per_frame"] = round(paths["e2e"]["ms_per_frame"] - paths["raw"]["ms_per_frame"], 3)
-    lines = [f"edged bench: {Path(cfg.model.path).name}, {cfg.model.threads} thread(s), {frames} frames of "
-             f"{len(payload)} bytes (raw tensor)",
-             f"{'path':<10} {'fps':>8} {'ms/frame':>9} {'p50':>8} {'p95':>8} {'p99':>8} {'cpu ms/f':>9} {'vs raw':>7}"]
-    for name, s in paths.items():
-        if "fps" in s:
-            lines.append(f"{name:<10} {s['fps']:>8} {s['ms_per_frame']:>9} {s['p50_ms']:>8} {s['p95_ms']:>8} "
-                         f"{s['p99_ms']:>8} {s['cpu_ms_per_frame']:>9} {s['ratio_vs_raw']:>7}")
-        else:
-            lines.append(f"{name:<10} {s['note']}")
-    if "e2e" in paths and "cold_start_s" in paths["e2e"]:
-        e = paths["e2e"]
+    paths: list[BenchPath] = []
+    notes: dict[str, str] = {}
+    try:
+        paths += [raw_path(cfg, payload), inproc_path(cfg, payload),
+                  WorkerPath(cfg, payload, sandbox=False, window=window),
+                  WorkerPath(cfg, payload, sandbox=True, window=window)]
+        if with_e2e:
+            try:
+                paths.append(E2EPath(cfg, payload, window=window))
+            except RuntimeError as exc:
+                notes["e2e"] = f"skipped: {exc}"
+        stats = {p.name: Stats(p.name) for p in paths}
+        for p in paths:  # warm-up
+            p.measure(10, Stats("warm-up"))
+        per_round = max(1, frames // rounds)
+        for _ in range(rounds):
+            for p in paths:
+                p.measure(per_round, stats[p.name])
+        e2e = next((p for p in paths if isinstance(p, E2EPath)), None)
+        if e2e is not None:
+            stats["e2e"].extra = {"cold_start_s": e2e.cold_start_s, **_footprint(e2e.daemon.pid)}
+    finally:
+        for p in paths:
+            p.close()
+    base = stats["raw"]
+    report: dict[str, Any] = {"model": cfg.model.path, "threads": cfg.model.threads, "frames_per_path": per_round * rounds,
+                              "rounds": rounds, "in_flight": window, "frame_bytes": len(payload),
+                              "paths": {n: s.summary(base) for n, s in stats.items()}, "notes": notes}
+    P = report["paths"]
+    if "worker" in P and "sandboxed" in P:
+        report["sandboxed_vs_worker"] = round(P["sandboxed"]["fps"] / P["worker"]["fps"], 3)
+        report["sandboxed_vs_inproc"] = round(P["sandboxed"]["fps"] / P["inproc"]["fps"], 3)
+    if "e2e" in P:
+        report["e2e_vs_raw"] = P["e2e"]["ratio_vs_raw"]
+        report["e2e_added_ms_per_frame"] = round(P["e2e"]["ms_per_frame"] - P["raw"]["ms_per_frame"], 3)
+    lines = [f"edged bench: {Path(cfg.model.path).name}, {cfg.model.threads} thread(s), {per_round * rounds} frames "
+             f"per path in {rounds} interleaved rounds, {window} in flight, {len(payload)}-byte raw tensor frames",
+             f"{'path':<10} {'fps':>8} {'ms/frame':>9} {'p50':>8} {'p95':>8} {'p99':>8} {'cpu ms/f':>9} "
+             f"{'fps/raw':>8} {'cpu/raw':>8}"]
+    for name, s in P.items():
+        lines.append(f"{name:<10} {s['fps']:>8} {s['ms_per_frame']:>9} {s['p50_ms']:>8} {s['p95_ms']:>8} "
+                     f"{s['p99_ms']:>8} {s['cpu_ms_per_frame']:>9} {s.get('ratio_vs_raw', 1.0):>8} "
+                     f"{s.get('cpu_ratio_vs_raw', 1.0):>8}")
+    for name, note in notes.items():
+        lines.append(f"{name:<10} {note}")
+    if "e2e" in P and "cold_start_s" in P["e2e"]:
+        e = P["e2e"]
         lines.append(f"footprint: supervisor {e['supervisor_pss_mb']} MiB, workers {e['workers_pss_mb']} MiB "
                      f"(PSS), total {e['total_pss_mb']} MiB; cold start to online {e['cold_start_s']} s")
-    for k in ("sandbox_vs_worker", "e2e_added_ms_per_frame"):
+    for k in ("sandboxed_vs_worker", "sandboxed_vs_inproc", "e2e_vs_raw", "e2e_added_ms_per_frame"):
         if k in report:
             lines.append(f"{k}: {report[k]}")
     report["text"] = "\n".join(lines)

@@ -82,6 +82,7 @@ import io
 import json
 import math
 import os
+import pwd
 import random
 import shutil
 import signal
@@ -121,7 +122,7 @@ SENT, ACKED, ANSWERED, BAD, DUP = 1, 2, 4, 8, 16
 HEX = {bytes([c]) for c in b"0123456789abcdef"}
 
 COLUMNS = ["t_s", "phase", "rate_fps", "sent", "acked", "answered", "outstanding", "errors", "duplicates",
-           "state", "sup_mem_mb", "sup_pss_mb", "sup_rss_mb", "sup_uss_mb", "sup_anon_mb", "sup_pool_mb",
+           "state", "sup_mem_mb", "sup_pss_mb", "sup_rss_mb", "sup_uss_mb", "sup_pool_mb",
            "sup_fds", "sup_threads", "sup_cpu_pct", "workers_ready", "workers_mem_mb", "workers_pss_mb",
            "workers_rss_mb", "workers_cpu_pct", "worker_pids", "pool_capacity_mb", "pool_used_mb",
            "pool_high_water_mb", "pool_fragmentation", "pool_segments", "pool_grows", "pool_shrinks",
@@ -129,7 +130,7 @@ COLUMNS = ["t_s", "phase", "rate_fps", "sent", "acked", "answered", "outstanding
            "daemon_received", "daemon_completed", "daemon_errors", "daemon_dropped", "mqtt_connected",
            "mqtt_reconnects", "sys_cpu_pct", "events"]
 # what the verdict needs, kept in memory (the full rows go to samples.csv only: 72 h is 26,000 rows)
-KEEP = ("t_s", "phase", "sup_mem_mb", "sup_pss_mb", "sup_rss_mb", "sup_anon_mb", "workers_mem_mb", "sup_fds",
+KEEP = ("t_s", "phase", "sup_mem_mb", "sup_pss_mb", "sup_rss_mb", "workers_mem_mb", "sup_fds",
         "sup_threads", "pool_capacity_mb", "status_p50_ms", "status_p99_ms")
 
 
@@ -170,6 +171,13 @@ class OwnBroker:
         self.host, self.port = "127.0.0.1", free_port()
         self.persist = tmp / "mosquitto"
         self.persist.mkdir()
+        if os.geteuid() == 0:  # as root Mosquitto drops to the user "mosquitto" (else "nobody"): it must write here
+            for name in ("mosquitto", "nobody"):
+                with contextlib.suppress(KeyError):
+                    pw = pwd.getpwnam(name)
+                    os.chown(self.persist, pw.pw_uid, pw.pw_gid)
+                    os.chmod(tmp, 0o711)
+                    break
         self.conf = out / "mosquitto.conf"
         self.conf.write_text("\n".join([
             f"listener {self.port} 127.0.0.1", "allow_anonymous true", "max_queued_messages 100000",
@@ -619,18 +627,21 @@ def _proc(pid: int) -> psutil.Process:
 
 
 def memory(pid: int) -> dict[str, float]:
-    """rss, pss, uss, anon, pool (memfd PSS) and mem (the gated metric) in MB; mem_kind says which."""
+    """MB: rss; pss and uss (psutil memory_full_info; rss when PSS is not readable, pss_ok 0);
+    pool (PSS of the frame pool's memfd mappings); anon = RssAnon + VmSwap (the gated metric)."""
     p = _proc(pid)
     out: dict[str, float] = {"rss": p.memory_info().rss / MB}
-    status = {}
-    with contextlib.suppress(OSError):
+    status: dict[str, float] = {}
+    try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             k, _, v = line.partition(":")
-            if k in ("RssAnon", "RssFile", "RssShmem"):
+            if k in ("RssAnon", "RssShmem", "VmSwap"):
                 status[k] = int(v.split()[0]) / 1024
-    out["anon"] = status.get("RssAnon", float("nan"))
+    except OSError:
+        raise psutil.NoSuchProcess(pid) from None
+    out["anon"] = status.get("RssAnon", float("nan")) + status.get("VmSwap", 0.0)
     try:
-        full = p.memory_full_info()  # PSS and USS: /proc/PID/smaps_rollup, root or the same user
+        full = p.memory_full_info()  # PSS and USS come from /proc/PID/smaps_rollup: root or the same user
         pool = 0.0
         in_pool = False
         with open(f"/proc/{pid}/smaps", "rb") as fh:
@@ -639,11 +650,9 @@ def memory(pid: int) -> dict[str, float]:
                     in_pool = b"memfd:edged-pool" in line
                 elif in_pool and line.startswith(b"Pss:"):
                     pool += int(line.split()[1])
-        pool /= 1024
-        out.update(pss=full.pss / MB, pool=pool, uss=full.uss / MB, mem=full.pss / MB - pool, mem_kind=1.0)
+        out.update(pss=full.pss / MB, uss=full.uss / MB, pool=pool / 1024, pss_ok=1.0)
     except (PermissionError, psutil.AccessDenied):
-        out.update(pss=float("nan"), pool=status.get("RssShmem", float("nan")), uss=float("nan"), mem_kind=0.0,
-                   mem=out["rss"] - status.get("RssShmem", 0.0))
+        out.update(pss=out["rss"], uss=float("nan"), pool=status.get("RssShmem", float("nan")), pss_ok=0.0)
     except OSError:
         raise psutil.NoSuchProcess(pid) from None
     return out
@@ -690,10 +699,10 @@ class Sampler(threading.Thread):
         row.update(self.ledger.window())
         with contextlib.suppress(psutil.Error):
             m = memory(self.pid)
-            self.mem_kinds.add(m["mem_kind"])
+            self.mem_kinds.add(m["pss_ok"])
             p = _proc(self.pid)
-            row.update(sup_mem_mb=m["mem"], sup_pss_mb=m["pss"], sup_rss_mb=m["rss"], sup_uss_mb=m["uss"],
-                       sup_anon_mb=m["anon"], sup_pool_mb=m["pool"], sup_fds=p.num_fds(), sup_threads=p.num_threads(),
+            row.update(sup_mem_mb=m["anon"], sup_pss_mb=m["pss"], sup_rss_mb=m["rss"], sup_uss_mb=m["uss"],
+                       sup_pool_mb=m["pool"], sup_fds=p.num_fds(), sup_threads=p.num_threads(),
                        sup_cpu_pct=p.cpu_percent(None))
         workers = st.get("workers", [])
         ready = [w for w in workers if w.get("state") == "ready" and w.get("pid")]
@@ -702,7 +711,7 @@ class Sampler(threading.Thread):
             for w in ready:
                 m = memory(int(w["pid"]))
                 for k in ("mem", "pss", "rss"):
-                    tot[k] += m[k]
+                    tot[k] += m["anon" if k == "mem" else k]
                 tot["cpu"] += _proc(int(w["pid"])).cpu_percent(None)
             complete = bool(workers) and len(ready) == len(workers)
         except psutil.Error:  # a worker died between status and /proc
@@ -826,10 +835,12 @@ class Faults(threading.Thread):
     def _broker_restart(self) -> tuple[bool, str]:
         assert self.broker is not None
         self.broker.stop()
+        saved = (self.broker.persist / "mosquitto.db").exists()
         self.stop_ev.wait(self.outage_s)
         self.broker.start()
         ok = self._wait(lambda s: bool(s.get("mqtt", {}).get("connected")) and self.link.up, 90)
-        return ok, f"broker down {self.outage_s:.0f} s on port {self.broker.port}"
+        note = "" if saved else "; the broker saved no persistence file (see mosquitto.log): sessions lost"
+        return ok and saved, f"broker down {self.outage_s:.0f} s on port {self.broker.port}{note}"
 
     def close(self) -> None:
         self.halt_ev.set()
@@ -851,6 +862,22 @@ def slope_mb_h(rows: list[dict[str, Any]], key: str) -> tuple[float, int]:
     if var == 0:
         return float("nan"), len(pts)
     return sum((t - tm) * (y - ym) for t, y in pts) / var, len(pts)
+
+
+def floor_slope_mb_h(rows: list[dict[str, Any]], key: str, windows: int = 10) -> tuple[float, int]:
+    """Least-squares slope through the minimum of each of `windows` equal time slices: transient
+    allocations (a large frame in flight) drop out, a rising floor (a leak) stays."""
+    pts = [r for r in rows if _num(r.get(key))]
+    if len(pts) < 2 * windows:
+        return float("nan"), 0
+    t0, t1 = pts[0]["t_s"], pts[-1]["t_s"] + 1e-9
+    width = (t1 - t0) / windows
+    mins = []
+    for i in range(windows):
+        sl = [float(r[key]) for r in pts if t0 + i * width <= r["t_s"] < t0 + (i + 1) * width]
+        if sl:
+            mins.append({"t_s": t0 + (i + 0.5) * width, key: min(sl)})
+    return slope_mb_h(mins, key)[0], len(mins)
 
 
 def _num(v: Any) -> bool:
@@ -917,8 +944,9 @@ def verdict(opts: argparse.Namespace, ledger: Ledger, facts: RunFacts) -> dict[s
     if facts.daemon_exit is not None or opts.own:
         checks.append(Check("daemon exit status on SIGTERM", facts.daemon_exit, 0, facts.daemon_exit == 0))
 
-    mem_note = ("PSS excluding the frame pool's memfd mappings (/proc/PID/smaps)" if facts.mem_kinds == {1.0} else
-                "RSS minus RssShmem: /proc/PID/smaps was not readable, so no PSS (run as root or as the daemon's user)")
+    mem_note = "private memory: RssAnon + VmSwap from /proc/PID/status (heap, arenas, stacks; no pool, no libraries)"
+    pss_note = ("PSS from psutil memory_full_info" if facts.mem_kinds == {1.0} else
+                "PSS not readable (needs root or the daemon's user): the PSS columns hold RSS")
     sup, n_sup = slope_mb_h(half, "sup_mem_mb")
     wrk, n_wrk = slope_mb_h(half, "workers_mem_mb")
     for name, val, n, limit in (("supervisor memory slope MB/h", sup, n_sup, opts.max_slope_mb_h),
@@ -926,11 +954,15 @@ def verdict(opts: argparse.Namespace, ledger: Ledger, facts: RunFacts) -> dict[s
         gated = n >= 5
         checks.append(Check(name, _round(val), limit, (math.isfinite(val) and val <= limit) if gated else None,
                             f"least squares over {n} samples, t >= {T / 2:.0f} s" + ("" if gated else ": too few samples")))
+
+    for key, label in (("sup_mem_mb", "supervisor memory floor slope MB/h"),
+                       ("workers_mem_mb", "workers memory floor slope MB/h")):
+        val, n = floor_slope_mb_h(half, key)
+        checks.append(Check(label, _round(val), None, None, f"least squares over the minima of {n} windows"))
     for key, label in (("sup_pss_mb", "supervisor PSS slope MB/h (pool included)"),
-                       ("sup_rss_mb", "supervisor RSS slope MB/h (pool included)"),
-                       ("sup_anon_mb", "supervisor RssAnon slope MB/h")):
+                       ("sup_rss_mb", "supervisor RSS slope MB/h (pool included)")):
         val, n = slope_mb_h(half, key)
-        checks.append(Check(label, _round(val), None, None, f"{n} samples"))
+        checks.append(Check(label, _round(val), None, None, f"{n} samples; " + (pss_note if "PSS" in label else "")))
 
     final = facts.final_rows
     for key, label, limit in (("sup_fds", "supervisor fd growth", opts.max_fd_growth),
@@ -972,7 +1004,7 @@ def verdict(opts: argparse.Namespace, ledger: Ledger, facts: RunFacts) -> dict[s
                    "puback_failures": dict(ledger.puback_failures),
                    "mean_rate_fps": round(ledger.sent / T, 1) if T else 0.0},
         "faults": {k: {"done": v, "recovered": faults_ok[k]} for k, v in faults.items()},
-        "memory": {"metric": mem_note, "supervisor_slope_mb_h": _round(sup), "workers_slope_mb_h": _round(wrk),
+        "memory": {"metric": mem_note, "pss": pss_note, "supervisor_slope_mb_h": _round(sup), "workers_slope_mb_h": _round(wrk),
                    "supervisor_first_mb": load[0].get("sup_mem_mb") if load else None,
                    "supervisor_last_mb": last.get("sup_mem_mb"),
                    "workers_last_mb": _median(final, "workers_mem_mb") if final else None},
