@@ -373,7 +373,7 @@ def run_bench(cfg: Config, frames: int = 200, with_e2e: bool = True, rounds: int
     for name, s in P.items():
         lines.append(f"{name:<10} {s['fps']:>8} {s['ms_per_frame']:>9} {s['p50_ms']:>8} {s['p95_ms']:>8} "
                      f"{s['p99_ms']:>8} {s['cpu_ms_per_frame']:>9} {s.get('ratio_vs_raw', 1.0):>8} "
-                     f"{s.get('cpu_ratio_vs_raw', 1.0):>8}")
+                     f"{str(s.get('cpu_ratio_vs_raw', 1.0)):>8}")
     for name, note in notes.items():
         lines.append(f"{name:<10} {note}")
     if "e2e" in P and "cold_start_s" in P["e2e"]:
