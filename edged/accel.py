@@ -1,7 +1,9 @@
 """Accelerator choice: try each preferred kind in order, keep the reason for every skip.
 
-coral: the external delegate libedgetpu (device usb, pci, usb:N, pci:N).
-gpu:   LiteRT's GPU accelerator (WebGPU over Vulkan); probed, reported.
+coral: a TFLite external delegate, libedgetpu by default (accelerator.coral.library;
+       its options plus "device": usb, pci, usb:N, pci:N). The report says how many
+       of the model's ops the delegate took (partial delegation leaves the rest on the CPU).
+gpu:   LiteRT's GPU accelerator (WebGPU over Vulkan); probed and reported, not served yet.
 cpu:   the runtime's default XNNPACK path with model.threads.
 Runs in the worker (it loads native libraries); the supervisor only reads the report.
 """

@@ -282,6 +282,7 @@ class Supervisor:
         for victim, why in victims:
             self.metrics.count("dropped")
             self._fail(victim, "overloaded", f"{why}, policy {self.cfg.queue.policy}")
+        self._dispatch_ready()
 
     def _release(self, frame: Frame) -> None:
         if frame.block is not None:
@@ -315,12 +316,23 @@ class Supervisor:
                     if picked is not None:
                         break
                     self.cond.wait(0.5)
-            frame, worker = picked
-            try:
-                self._dispatch(frame, worker)
-            except Exception:  # top of the dispatcher loop: answer the frame, keep serving
-                logger.exception("dispatch of frame %s failed", frame.frame_id)
-                self._fail(frame, "inference_failed", "internal error while dispatching the frame")
+            self._dispatch_guarded(*picked)
+
+    def _dispatch_guarded(self, frame: Frame, worker: WorkerHandle) -> None:
+        try:
+            self._dispatch(frame, worker)
+        except Exception:  # top of a dispatch: answer the frame, keep serving
+            logger.exception("dispatch of frame %s failed", frame.frame_id)
+            self._fail(frame, "inference_failed", "internal error while dispatching the frame")
+
+    def _dispatch_ready(self) -> None:
+        """Hand queued frames to idle workers from the calling thread: no wake-up of the dispatcher on the hot path."""
+        while not self.stopping:
+            with self.cond:
+                picked = self._pick()
+            if picked is None:
+                return
+            self._dispatch_guarded(*picked)
 
     def _dispatch(self, frame: Frame, worker: WorkerHandle) -> None:
         now = time.monotonic()
@@ -364,6 +376,7 @@ class Supervisor:
         if frame.block is not None:
             self.pool.free(frame.block)
             frame.block = None
+        self._dispatch_ready()  # keep the worker busy before we spend time publishing
         err = msg.get("e")
         if isinstance(err, dict):
             self._fail(frame, str(err.get("code", "inference_failed")), str(err.get("message", "")), h)
@@ -394,7 +407,7 @@ class Supervisor:
 
     def _publish(self, frame: Frame, result: dict[str, Any]) -> None:
         payload = json.dumps(result, separators=(",", ":")).encode()
-        if self.link.publish(frame.out_topic, payload, correlation=frame.correlation, frame_id=frame.frame_id):
+        if self.link.publish(frame.out_topic, payload, correlation=frame.correlation):
             self.link.ack(frame.mid, frame.qos)
         else:
             logger.warning("result buffer full (mqtt.result_buffer=%d): result of frame %s not held; "

@@ -149,15 +149,13 @@ class MqttLink:
                                getattr(p, "ResponseTopic", None), getattr(p, "CorrelationData", None),
                                getattr(p, "ContentType", None), getattr(p, "MessageExpiryInterval", None)))
 
-    def publish(self, topic: str, payload: bytes, *, correlation: bytes | None = None,
-                frame_id: str | None = None) -> bool:
+    def publish(self, topic: str, payload: bytes, *, correlation: bytes | None = None) -> bool:
         """Queue a result at the configured QoS; False when the held-results buffer is full."""
-        props = Properties(PacketTypes.PUBLISH)
-        props.ContentType = "application/json"
+        # properties cost a Python-level pack per message: only what request/response needs
+        props = None
         if correlation is not None:
+            props = Properties(PacketTypes.PUBLISH)
             props.CorrelationData = correlation
-        if frame_id is not None:
-            props.UserProperty = [("frame_id", frame_id)]
         info = self.client.publish(topic, payload, qos=self.cfg.mqtt.qos, properties=props)
         if info.rc == paho.MQTT_ERR_QUEUE_SIZE:
             with self._lock:

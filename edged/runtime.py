@@ -1,13 +1,17 @@
 """The model runtime: one small face over LiteRT and tflite-runtime.
 
 The only module that imports an interpreter. It loads a model with an
-accelerator's delegate (or none), describes its tensors, and translates the
-runtime's errors into ModelError naming the model and the cause. Runs inside
-the worker process only.
+accelerator's delegate (or none), counts the ops the delegate took, describes
+its tensors, and translates the runtime's errors into ModelError naming the
+model and the cause. The backend is whichever runtime is installed (LiteRT
+first); under tflite-runtime, which does not verify model files, the file's
+offsets are bounds-checked before the interpreter reads it. Runs inside the
+worker process (and `edged check`).
 """
 from __future__ import annotations
 
 import ctypes
+import ctypes.util
 import importlib
 import importlib.util
 import logging
@@ -200,6 +204,9 @@ _SCHEMA: dict[str, dict[int, str]] = {
     "TensorMap": {0: "str"},
     "Any": {},
 }
+# Data kept outside the flatbuffer in models past 2 GB: (offset field, size field), both uint64 from
+# the start of the file; an offset of 0 or 1 means "not used" (schema.fbs).
+_SPANS: dict[str, tuple[int, int]] = {"Buffer": (1, 2), "Operator": (9, 10)}
 
 
 class _Bounds:
@@ -241,6 +248,20 @@ class _Bounds:
                 raise ValueError(f"{name} field {i} at byte {pos} lies outside its table")
             field_pos = pos + off
             self.ref(field_pos + self.u32(field_pos, name), kind, f"{name} field {i}")
+        if name in _SPANS:
+            start, size = (self.u64(pos, vt, vsize, tsize, i) for i in _SPANS[name])
+            if start > 1:
+                self.need(start, size, f"{name} data")
+
+    def u64(self, pos: int, vt: int, vsize: int, tsize: int, i: int) -> int:
+        """A uint64 scalar field of the table at pos (0 when absent)."""
+        slot = 4 + 2 * i
+        off = struct.unpack_from("<H", self.buf, vt + slot)[0] if slot < vsize else 0
+        if off == 0:
+            return 0
+        if off + 8 > tsize:
+            raise ValueError(f"field {i} of the table at byte {pos} lies outside it")
+        return int(struct.unpack_from("<Q", self.buf, pos + off)[0])
 
     def ref(self, pos: int, kind: str, what: str) -> None:
         if kind.startswith("t:"):
@@ -335,8 +356,6 @@ def load_delegate(library: str, options: dict[str, str], backend: str = "auto") 
 
 def gpu_unavailable(path: str) -> str:
     """Why LiteRT's GPU accelerator cannot serve this model here (always a reason: see accel)."""
-    import ctypes.util
-
     if ctypes.util.find_library("vulkan") is None:
         return "no Vulkan loader (libvulkan.so.1) on this machine, so no GPU adapter"
     try:
@@ -346,7 +365,7 @@ def gpu_unavailable(path: str) -> str:
         return "this runtime has no GPU accelerator (LiteRT's CompiledModel is not installed)"
     try:
         cm = CompiledModel.from_file(path, hardware_accel=HardwareAccelerator.GPU)
-    except Exception as exc:  # the native layer raises bare RuntimeError/ValueError variants
+    except (RuntimeError, ValueError, OSError) as exc:  # what the native layer raises, unwrapped
         text = " ".join(str(exc).split())
         hint = "" if "adapter" in text.lower() else " (no usable Vulkan GPU adapter?)"
         return f"LiteRT GPU accelerator failed: {text[:200] or type(exc).__name__}{hint}"
