@@ -3,7 +3,7 @@
 coral: a TFLite external delegate, libedgetpu by default (accelerator.coral.library;
        its options plus "device": usb, pci, usb:N, pci:N). The report says how many
        of the model's ops the delegate took (partial delegation leaves the rest on the CPU).
-gpu:   LiteRT's GPU accelerator (WebGPU over Vulkan); probed and reported, not served yet.
+gpu:   LiteRT's GPU accelerator (CompiledModel, WebGPU over Vulkan).
 cpu:   the runtime's default XNNPACK path with model.threads.
 Runs in the worker (it loads native libraries); the supervisor only reads the report.
 """
@@ -15,7 +15,7 @@ from typing import Any
 
 from edged.config import Config
 from edged.errors import ModelError
-from edged.runtime import Model, gpu_unavailable, load_delegate, needs_edgetpu
+from edged.runtime import GpuModel, Model, load_delegate, needs_edgetpu
 
 logger = logging.getLogger(__name__)
 
@@ -68,8 +68,10 @@ def choose(cfg: Config, coral_device: str | None = None) -> Choice:
                 if edgetpu:
                     skipped.append(("gpu", "the model is compiled for the Edge TPU"))
                     continue
-                skipped.append(("gpu", gpu_unavailable(path)))
-                continue
+                model = GpuModel(path, threads=cfg.model.threads, fp32=cfg.accelerator.gpu.precision == "fp32")
+                if model.partial:
+                    logger.warning("the GPU does not run all of %s: some ops stay on the CPU", model.name)
+                return Choice(model, "gpu", skipped)
             if kind == "cpu":
                 if edgetpu:
                     if cfg.model.cpu_fallback:

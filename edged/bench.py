@@ -116,8 +116,15 @@ class Serial(BenchPath):
 
 
 def raw_path(cfg: Config, payload: bytes) -> Serial:
-    from edged import runtime
+    """The bare invoke loop of what serves the model: LiteRT's CompiledModel on a GPU, else the interpreter."""
+    from edged import accel, runtime
 
+    if cfg.accelerator.prefer and cfg.accelerator.prefer[0] == "gpu":
+        model = accel.choose(cfg).model
+        if isinstance(model, runtime.GpuModel):
+            model.set_input(np.frombuffer(payload, model.input.dtype).reshape(model.input.shape))
+            model.invoke()
+            return Serial("raw", model.run_bare)
     interp = runtime.backend_module().Interpreter(model_path=cfg.model.path, num_threads=cfg.model.threads)
     interp.allocate_tensors()
     d = interp.get_input_details()[0]
@@ -160,6 +167,7 @@ class Windowed(BenchPath):
         self.finished: dict[int, float] = {}
         self.started: dict[int, float] = {}
         self.next_seq = 0
+        self.dead = ""
 
     def submit(self, seq: int) -> None:
         raise NotImplementedError
@@ -185,6 +193,8 @@ class Windowed(BenchPath):
             with self.cv:
                 end = time.monotonic() + 30
                 while seq not in self.finished:
+                    if self.dead:
+                        raise RuntimeError(f"bench path {self.name}: {self.dead} at frame {seq}")
                     if time.monotonic() > end:
                         raise RuntimeError(f"bench path {self.name}: frame {seq} unanswered after 30 s")
                     self.cv.wait(1)
@@ -214,11 +224,16 @@ class WorkerPath(Windowed):
                 "config_base": str(Path(cfg.source).resolve().parent), "sandbox": sandbox,
                 "sandbox_mode": cfg.sandbox.mode, "memory_limit": cfg.sandbox.memory_limit_mb << 20,
                 "model_path": cfg.model.path, "log_level": 30}
-        self.h = WorkerHandle(0, init, self._on_message, lambda _h: None)
+        self.h = WorkerHandle(0, init, self._on_message, self._on_exit)
         self.pool = FramePool(initial_bytes=max(1 << 20, 8 * len(payload)))
         self.blocks: dict[int, Any] = {}
         self.h.start()
         self.pids = [os.getpid(), self.h.pid or 0]
+
+    def _on_exit(self, h: Any) -> None:
+        with self.cv:
+            self.dead = f"worker {h.exit_description()}"
+            self.cv.notify_all()
 
     def _on_message(self, h: Any, msg: dict[str, Any]) -> None:
         if msg.get("t") == "r":

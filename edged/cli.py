@@ -11,7 +11,6 @@ import logging
 import os
 import sys
 import time
-from typing import Any
 
 from edged import __version__, config
 from edged.errors import ConfigError, EdgedError, ModelError, UnavailableError
@@ -102,7 +101,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from edged.bench import run_bench
 
     cfg = _load(args)
-    report = run_bench(cfg, frames=args.frames, with_e2e=not args.no_e2e)
+    # native libraries print notices on stdout (LiteRT's GPU path: "Loaded OpenCL library"): keep it clean
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        report = run_bench(cfg, frames=args.frames, with_e2e=not args.no_e2e)
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
     print(json.dumps(report, indent=2) if args.json else report["text"])
     return 0
 

@@ -84,10 +84,16 @@ class CoralConfig:
 
 
 @dataclass(frozen=True)
+class GpuConfig:
+    precision: str = _f("fp16", choices=("fp16", "fp32"))
+
+
+@dataclass(frozen=True)
 class AccelConfig:
     prefer: tuple[str, ...] = _f(("cpu",), choices=("coral", "gpu", "cpu"))
     workers: int = _f(1, lo=1)
     coral: CoralConfig = _f(factory=CoralConfig)
+    gpu: GpuConfig = _f(factory=GpuConfig)
 
 
 @dataclass(frozen=True)

@@ -481,6 +481,7 @@ class Supervisor:
             workers = [{"index": s.index, "pid": s.handle.pid if s.handle else None,
                         "state": s.handle.state if s.handle else "absent", "restarts": s.restarts,
                         "sandboxed": bool(s.handle and s.handle.info.get("sandboxed")),
+                        "sandbox_profile": s.handle.info.get("sandbox_profile") if s.handle else None,
                         "inflight": len(s.handle.inflight) if s.handle else 0, "last_exit": s.last_exit,
                         "model": s.handle.model_name if s.handle else None} for s in self.slots]
             depth = self.queue_depth()

@@ -11,13 +11,9 @@ worker process (and `edged check`).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import importlib
 import importlib.util
 import logging
-import mmap
-import os
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from edged.errors import ModelError
+from edged.modelfile import check_structure
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +109,7 @@ class Model:
         self.delegated_ops: int | None = None
         self.total_ops: int | None = None
         if self.backend == "tflite-runtime":
-            _check_structure(path, self.name)
+            check_structure(path, self.name)
         try:
             self._interp = mod.Interpreter(model_path=path, num_threads=threads,
                                            experimental_delegates=delegates or None)
@@ -183,123 +180,6 @@ class Model:
                 "stateful": self.stateful}
 
 
-# Where the TFLite schema (schema.fbs) holds offsets, by table: field index -> kind.
-# "str" string, "v<n>" vector of n-byte scalars, "t:T" table, "vt:T" vector of tables.
-# "Any" is a table read by the runtime's own option parsers: its bounds are checked, not its fields.
-_SCHEMA: dict[str, dict[int, str]] = {
-    "Model": {1: "vt:OperatorCode", 2: "vt:SubGraph", 3: "str", 4: "vt:Buffer", 5: "v4", 6: "vt:Metadata",
-              7: "vt:SignatureDef", 8: "vt:Any", 9: "vt:Any"},
-    "OperatorCode": {1: "str"},
-    "SubGraph": {0: "vt:Tensor", 1: "v4", 2: "v4", 3: "vt:Operator", 4: "str"},
-    "Tensor": {0: "v4", 3: "str", 4: "t:Quantization", 6: "t:Sparsity", 7: "v4", 9: "vt:VariantSubType"},
-    "Quantization": {0: "v4", 1: "v4", 2: "v4", 3: "v8", 5: "t:Any"},
-    "Sparsity": {0: "v4", 1: "v4", 2: "vt:DimensionMetadata"},
-    "DimensionMetadata": {3: "t:IndexVector", 5: "t:IndexVector"},
-    "IndexVector": {0: "v1"},  # Int32Vector, Uint16Vector or Uint8Vector: length checked at 1 byte each
-    "VariantSubType": {0: "v4"},
-    "Operator": {1: "v4", 2: "v4", 4: "t:Any", 5: "v1", 7: "v1", 8: "v4", 12: "t:Any"},
-    "Buffer": {0: "v1"},
-    "Metadata": {0: "str"},
-    "SignatureDef": {0: "vt:TensorMap", 1: "vt:TensorMap", 2: "str"},
-    "TensorMap": {0: "str"},
-    "Any": {},
-}
-# Data kept outside the flatbuffer in models past 2 GB: (offset field, size field), both uint64 from
-# the start of the file; an offset of 0 or 1 means "not used" (schema.fbs).
-_SPANS: dict[str, tuple[int, int]] = {"Buffer": (1, 2), "Operator": (9, 10)}
-
-
-class _Bounds:
-    """Checks that every table, vector and string the interpreter will read lies inside the file."""
-
-    def __init__(self, buf: bytes | mmap.mmap) -> None:
-        self.buf = buf
-        self.size = len(buf)
-        self.seen: set[tuple[int, str]] = set()  # shared tables are checked once: no blow-up by aliasing
-
-    def need(self, pos: int, n: int, what: str) -> None:
-        if pos < 0 or n < 0 or pos + n > self.size:
-            raise ValueError(f"{what} at byte {pos} runs past the end of the {self.size}-byte file")
-
-    def u32(self, pos: int, what: str) -> int:
-        self.need(pos, 4, what)
-        return int(struct.unpack_from("<I", self.buf, pos)[0])
-
-    def table(self, pos: int, name: str) -> None:
-        if (pos, name) in self.seen:
-            return
-        self.seen.add((pos, name))
-        self.need(pos, 4, name)
-        vt = pos - struct.unpack_from("<i", self.buf, pos)[0]
-        self.need(vt, 4, f"{name} vtable")
-        vsize, tsize = struct.unpack_from("<HH", self.buf, vt)
-        if vsize < 4 or vsize % 2:
-            raise ValueError(f"{name} at byte {pos} has a malformed vtable")
-        self.need(vt, vsize, f"{name} vtable")
-        self.need(pos, tsize, name)
-        for i, kind in _SCHEMA[name].items():
-            slot = 4 + 2 * i
-            if slot >= vsize:
-                continue
-            off = struct.unpack_from("<H", self.buf, vt + slot)[0]
-            if off == 0:
-                continue
-            if off + 4 > tsize:
-                raise ValueError(f"{name} field {i} at byte {pos} lies outside its table")
-            field_pos = pos + off
-            self.ref(field_pos + self.u32(field_pos, name), kind, f"{name} field {i}")
-        if name in _SPANS:
-            start, size = (self.u64(pos, vt, vsize, tsize, i) for i in _SPANS[name])
-            if start > 1:
-                self.need(start, size, f"{name} data")
-
-    def u64(self, pos: int, vt: int, vsize: int, tsize: int, i: int) -> int:
-        """A uint64 scalar field of the table at pos (0 when absent)."""
-        slot = 4 + 2 * i
-        off = struct.unpack_from("<H", self.buf, vt + slot)[0] if slot < vsize else 0
-        if off == 0:
-            return 0
-        if off + 8 > tsize:
-            raise ValueError(f"field {i} of the table at byte {pos} lies outside it")
-        return int(struct.unpack_from("<Q", self.buf, pos + off)[0])
-
-    def ref(self, pos: int, kind: str, what: str) -> None:
-        if kind.startswith("t:"):
-            self.table(pos, kind[2:])
-            return
-        n = self.u32(pos, what)
-        if kind == "str":
-            self.need(pos + 4, n + 1, what)
-        elif kind.startswith("vt:"):
-            self.need(pos + 4, 4 * n, what)
-            for j in range(n):
-                elem = pos + 4 + 4 * j
-                self.table(elem + self.u32(elem, what), kind[3:])
-        else:
-            self.need(pos + 4, n * int(kind[1:]), what)
-
-
-def _check_structure(path: str, name: str) -> None:
-    """Raise ModelError unless every offset in the model file stays inside it.
-
-    tflite-runtime 2.14 does not run the flatbuffer verifier (LiteRT does): a
-    truncated model made it read past the end of the file and segfault. This is
-    a bounds check of the parts the interpreter reads, not a full verifier.
-    """
-    try:
-        with open(path, "rb") as fh:
-            size = os.fstat(fh.fileno()).st_size
-            if size < 8:
-                raise ModelError(f"model {name} cannot load: {size} bytes is too short for a TFLite model")
-            with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-                b = _Bounds(buf)
-                b.table(b.u32(0, "root offset"), "Model")
-    except ValueError as exc:
-        raise ModelError(f"model {name} cannot load: not a valid TFLite file ({exc})") from None
-    except OSError as exc:
-        raise ModelError(f"model {name} cannot load: {exc.strerror}") from None
-
-
 def _delegation(interp: Any) -> tuple[int | None, int | None]:
     """(ops a delegate took, ops in the model) from the node list, or (None, None) if it cannot be read.
 
@@ -331,6 +211,69 @@ def _delegation(interp: Any) -> tuple[int | None, int | None]:
     return len(taken), len(model_ops)
 
 
+class GpuModel(Model):
+    """The same model on LiteRT's GPU accelerator (CompiledModel, WebGPU over Vulkan), behind Model's face.
+
+    The CPU interpreter is loaded first only to read the tensor details and their
+    quantization (CompiledModel reports none), then dropped. Frames are written
+    into a host array and copied into the GPU input buffer at invoke().
+    """
+
+    def __init__(self, path: str, *, threads: int = 1, fp32: bool = False) -> None:
+        super().__init__(path, threads=threads)
+        try:
+            from ai_edge_litert.compiled_model import CompiledModel
+            from ai_edge_litert.gpu_options import GpuOptions
+            from ai_edge_litert.hardware_accelerator import HardwareAccelerator
+            from ai_edge_litert.options import Options
+        except ImportError:
+            raise ModelError("this runtime has no GPU accelerator (LiteRT's CompiledModel is missing)") from None
+        if not vulkan_loader():
+            raise ModelError("no Vulkan loader (libvulkan.so.1) on this machine, so no GPU adapter")
+        try:
+            opts = Options(HardwareAccelerator.GPU, gpu_options=GpuOptions(enforce_f32=fp32))
+            self._cm = CompiledModel.from_file(path, options=opts)
+            sig = next(iter(self._cm.get_signature_list().values()), {})
+            self._ins = self._cm.create_input_buffers(0)
+            self._outs = self._cm.create_output_buffers(0)
+            self.fully_accelerated = bool(self._cm.is_fully_accelerated())
+        except (RuntimeError, ValueError, OSError, TypeError) as exc:
+            text = " ".join(str(exc).split())
+            raise ModelError(f"LiteRT GPU accelerator failed: {text[:200] or type(exc).__name__}") from None
+        names = list(sig.get("outputs", []))
+        # buffer order follows the signature; our outputs follow the interpreter: match them by name
+        self._out_pos = [names.index(o.name) if o.name in names else i for i, o in enumerate(self.outputs)]
+        self._host_in = np.zeros(self.input.shape, self.input.dtype)
+        self.backend = "litert-gpu"
+        del self._interp
+
+    @property
+    def partial(self) -> bool | None:
+        return not self.fully_accelerated
+
+    def input_view(self) -> np.ndarray:
+        return self._host_in
+
+    def set_input(self, array: np.ndarray) -> None:
+        self._host_in[...] = array
+
+    def invoke(self) -> None:
+        try:
+            self._ins[0].write(self._host_in)
+            self._cm.run_by_index(0, self._ins, self._outs)
+        except (RuntimeError, ValueError) as exc:
+            raise ModelError(f"GPU invoke failed: {_first_line(exc)}") from None
+
+    def run_bare(self) -> None:
+        """Run on what the GPU input buffer holds, without the host copies: the bench's anchor."""
+        self._cm.run_by_index(0, self._ins, self._outs)
+
+    def output(self, i: int) -> np.ndarray:
+        info = self.outputs[i]
+        n = int(np.prod(info.shape))
+        return np.asarray(self._outs[self._out_pos[i]].read(n, np.dtype(info.dtype))).reshape(info.shape)
+
+
 def load_delegate(library: str, options: dict[str, str], backend: str = "auto") -> Any:
     """Load a TFLite external delegate (e.g. libedgetpu) or raise ModelError naming the library and cause."""
     mod = backend_module(backend)
@@ -354,25 +297,13 @@ def load_delegate(library: str, options: dict[str, str], backend: str = "auto") 
         raise ModelError(f"{library}: {_first_line(exc)}") from None
 
 
-def gpu_unavailable(path: str) -> str:
-    """Why LiteRT's GPU accelerator cannot serve this model here (always a reason: see accel)."""
-    if ctypes.util.find_library("vulkan") is None:
-        return "no Vulkan loader (libvulkan.so.1) on this machine, so no GPU adapter"
+def vulkan_loader() -> bool:
+    """True when libvulkan.so.1 loads here (what LiteRT's WebGPU accelerator opens to find a GPU)."""
     try:
-        from ai_edge_litert.compiled_model import CompiledModel
-        from ai_edge_litert.hardware_accelerator import HardwareAccelerator
-    except ImportError:
-        return "this runtime has no GPU accelerator (LiteRT's CompiledModel is not installed)"
-    try:
-        cm = CompiledModel.from_file(path, hardware_accel=HardwareAccelerator.GPU)
-    except (RuntimeError, ValueError, OSError) as exc:  # what the native layer raises, unwrapped
-        text = " ".join(str(exc).split())
-        hint = "" if "adapter" in text.lower() else " (no usable Vulkan GPU adapter?)"
-        return f"LiteRT GPU accelerator failed: {text[:200] or type(exc).__name__}{hint}"
-    full = cm.is_fully_accelerated()
-    cm.close()
-    return (f"a GPU answered (fully accelerated: {full}), but edged serves models through the Interpreter "
-            "API and does not run LiteRT's CompiledModel yet")
+        ctypes.CDLL("libvulkan.so.1")
+    except OSError:
+        return False
+    return True
 
 
 def _first_line(exc: BaseException) -> str:

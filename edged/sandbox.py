@@ -67,7 +67,7 @@ from edged.errors import EdgedError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SandboxError", "allowed_syscalls", "harden", "install_filter", "seccomp_mode"]
+__all__ = ["GPU_EXTRA", "SandboxError", "allowed_syscalls", "device_fds", "harden", "install_filter", "seccomp_mode"]
 
 
 class SandboxError(EdgedError):
@@ -245,7 +245,35 @@ def harden(*, memory_limit_bytes: int | None, max_open_files: int = 64, keep_fds
                  max_open_files, memory_limit_bytes, sorted(keep))
 
 
-def install_filter(mode: str = "kill") -> None:
+# What a GPU driver (Vulkan/WebGPU) still does after warm-up, only for a worker
+# whose model runs on the GPU: ioctl submits work, poll/epoll/eventfd wait for
+# fences. Traced on the lent H100 (tools/trace_worker.py under strace, NVIDIA
+# 580 driver): per served frame the driver also re-opens /dev/nvidiactl
+# (openat) and calls getuid, so a GPU worker can open files. Sockets, exec,
+# fork, ptrace and setuid stay refused; the unit's ProtectSystem/ProtectHome/
+# PrivateTmp/DevicePolicy bound what it could open. Reported in status
+# (workers[].sandbox_profile = "gpu").
+GPU_EXTRA = ("ioctl", "poll", "ppoll", "epoll_wait", "epoll_pwait", "epoll_ctl", "eventfd2",
+             "sched_getaffinity", "pread64", "lseek", "dup", "dup3", "openat", "getuid")
+
+
+def device_fds() -> list[int]:
+    """This process's open fds on device nodes other than stdio (an accelerator driver's), found via /proc."""
+    fds = []
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd <= 2:
+            continue
+        try:
+            target = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            continue  # the fd listdir itself used, now closed
+        if target.startswith("/dev/") and target not in ("/dev/null", "/dev/zero", "/dev/urandom", "/dev/random"):
+            fds.append(fd)
+    return fds
+
+
+def install_filter(mode: str = "kill", extra: Collection[str] = ()) -> None:
     """Load the allowlist for this process, on every thread (TSYNC).
 
     mode "kill": anything else kills the whole process with SIGSYS.
@@ -270,6 +298,11 @@ def install_filter(mode: str = "kill") -> None:
         for name, cond, arches in _TABLE:
             if key in arches:
                 _add_rules(sc, flt, name, cond)
+        for name in extra:
+            try:
+                flt.add_rule(sc.ALLOW, name)
+            except (OSError, ValueError, RuntimeError):
+                logger.debug("extra syscall %s is not known on %s", name, key)
         flt.load()
     except OSError as exc:
         raise SandboxError(f"cannot load the seccomp filter ({mode}): {exc}") from exc

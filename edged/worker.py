@@ -63,11 +63,16 @@ class Worker:
             from edged import sandbox
 
             # every mapped pool segment keeps one fd (mmap dups it): leave room for all of them
+            keep = [self.sock.fileno()]
+            if choice.kind in ("gpu", "coral"):
+                keep += sandbox.device_fds()  # the driver's open device nodes: closing them breaks it
             sandbox.harden(memory_limit_bytes=int(msg["memory_limit"]) if msg.get("memory_limit") else None,
-                           max_open_files=int(msg.get("max_fds", 256)), keep_fds=(self.sock.fileno(),))
-            sandbox.install_filter(msg.get("sandbox_mode", "kill"))
+                           max_open_files=int(msg.get("max_fds", 256)) + len(keep), keep_fds=keep)
+            sandbox.install_filter(msg.get("sandbox_mode", "kill"),
+                                   extra=sandbox.GPU_EXTRA if choice.kind == "gpu" else ())
             sandboxed = True
         info["sandboxed"] = sandboxed
+        info["sandbox_profile"] = ("gpu" if choice.kind == "gpu" else "default") if sandboxed else "off"
         protocol.send(self.sock, {"t": "ready", **info})
 
     def _warm_decoders(self) -> None:

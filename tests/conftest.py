@@ -23,7 +23,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "models"
+# the lent GPU machine gets the models in a folder of its own: EDGED_SHARED_MODELS points there
+SHARED = Path(os.environ.get("EDGED_SHARED_MODELS") or ROOT.parent / "shared" / "models")
 BUNDLED = ROOT / "edged" / "models"
 DATA = Path(__file__).resolve().parent / "data"
 

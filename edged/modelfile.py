@@ -1,0 +1,132 @@
+"""Bounds check of a .tflite flatbuffer, for runtimes that do not verify model files.
+
+tflite-runtime 2.14 reads offsets of a damaged model without checking them and
+can read past the end of the file (a segfault in GetBuiltinCode); before it
+sees a file, every table, vector and string offset is checked to stay inside
+it. Not a full verifier: per-op option tables are bounds-checked, not parsed.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+
+from edged.errors import ModelError
+
+# Where the TFLite schema (schema.fbs) holds offsets, by table: field index -> kind.
+# "str" string, "v<n>" vector of n-byte scalars, "t:T" table, "vt:T" vector of tables.
+# "Any" is a table read by the runtime's own option parsers: its bounds are checked, not its fields.
+_SCHEMA: dict[str, dict[int, str]] = {
+    "Model": {1: "vt:OperatorCode", 2: "vt:SubGraph", 3: "str", 4: "vt:Buffer", 5: "v4", 6: "vt:Metadata",
+              7: "vt:SignatureDef", 8: "vt:Any", 9: "vt:Any"},
+    "OperatorCode": {1: "str"},
+    "SubGraph": {0: "vt:Tensor", 1: "v4", 2: "v4", 3: "vt:Operator", 4: "str"},
+    "Tensor": {0: "v4", 3: "str", 4: "t:Quantization", 6: "t:Sparsity", 7: "v4", 9: "vt:VariantSubType"},
+    "Quantization": {0: "v4", 1: "v4", 2: "v4", 3: "v8", 5: "t:Any"},
+    "Sparsity": {0: "v4", 1: "v4", 2: "vt:DimensionMetadata"},
+    "DimensionMetadata": {3: "t:IndexVector", 5: "t:IndexVector"},
+    "IndexVector": {0: "v1"},  # Int32Vector, Uint16Vector or Uint8Vector: length checked at 1 byte each
+    "VariantSubType": {0: "v4"},
+    "Operator": {1: "v4", 2: "v4", 4: "t:Any", 5: "v1", 7: "v1", 8: "v4", 12: "t:Any"},
+    "Buffer": {0: "v1"},
+    "Metadata": {0: "str"},
+    "SignatureDef": {0: "vt:TensorMap", 1: "vt:TensorMap", 2: "str"},
+    "TensorMap": {0: "str"},
+    "Any": {},
+}
+# Data kept outside the flatbuffer in models past 2 GB: (offset field, size field), both uint64 from
+# the start of the file; an offset of 0 or 1 means "not used" (schema.fbs).
+_SPANS: dict[str, tuple[int, int]] = {"Buffer": (1, 2), "Operator": (9, 10)}
+
+
+class _Bounds:
+    """Checks that every table, vector and string the interpreter will read lies inside the file."""
+
+    def __init__(self, buf: bytes | mmap.mmap) -> None:
+        self.buf = buf
+        self.size = len(buf)
+        self.seen: set[tuple[int, str]] = set()  # shared tables are checked once: no blow-up by aliasing
+
+    def need(self, pos: int, n: int, what: str) -> None:
+        if pos < 0 or n < 0 or pos + n > self.size:
+            raise ValueError(f"{what} at byte {pos} runs past the end of the {self.size}-byte file")
+
+    def u32(self, pos: int, what: str) -> int:
+        self.need(pos, 4, what)
+        return int(struct.unpack_from("<I", self.buf, pos)[0])
+
+    def table(self, pos: int, name: str) -> None:
+        if (pos, name) in self.seen:
+            return
+        self.seen.add((pos, name))
+        self.need(pos, 4, name)
+        vt = pos - struct.unpack_from("<i", self.buf, pos)[0]
+        self.need(vt, 4, f"{name} vtable")
+        vsize, tsize = struct.unpack_from("<HH", self.buf, vt)
+        if vsize < 4 or vsize % 2:
+            raise ValueError(f"{name} at byte {pos} has a malformed vtable")
+        self.need(vt, vsize, f"{name} vtable")
+        self.need(pos, tsize, name)
+        for i, kind in _SCHEMA[name].items():
+            slot = 4 + 2 * i
+            if slot >= vsize:
+                continue
+            off = struct.unpack_from("<H", self.buf, vt + slot)[0]
+            if off == 0:
+                continue
+            if off + 4 > tsize:
+                raise ValueError(f"{name} field {i} at byte {pos} lies outside its table")
+            field_pos = pos + off
+            self.ref(field_pos + self.u32(field_pos, name), kind, f"{name} field {i}")
+        if name in _SPANS:
+            start, size = (self.u64(pos, vt, vsize, tsize, i) for i in _SPANS[name])
+            if start > 1:
+                self.need(start, size, f"{name} data")
+
+    def u64(self, pos: int, vt: int, vsize: int, tsize: int, i: int) -> int:
+        """A uint64 scalar field of the table at pos (0 when absent)."""
+        slot = 4 + 2 * i
+        off = struct.unpack_from("<H", self.buf, vt + slot)[0] if slot < vsize else 0
+        if off == 0:
+            return 0
+        if off + 8 > tsize:
+            raise ValueError(f"field {i} of the table at byte {pos} lies outside it")
+        return int(struct.unpack_from("<Q", self.buf, pos + off)[0])
+
+    def ref(self, pos: int, kind: str, what: str) -> None:
+        if kind.startswith("t:"):
+            self.table(pos, kind[2:])
+            return
+        n = self.u32(pos, what)
+        if kind == "str":
+            self.need(pos + 4, n + 1, what)
+        elif kind.startswith("vt:"):
+            self.need(pos + 4, 4 * n, what)
+            for j in range(n):
+                elem = pos + 4 + 4 * j
+                self.table(elem + self.u32(elem, what), kind[3:])
+        else:
+            self.need(pos + 4, n * int(kind[1:]), what)
+
+
+def check_structure(path: str, name: str) -> None:
+    """Raise ModelError unless every offset in the model file stays inside it.
+
+    tflite-runtime 2.14 does not run the flatbuffer verifier (LiteRT does): a
+    truncated model made it read past the end of the file and segfault. This is
+    a bounds check of the parts the interpreter reads, not a full verifier.
+    """
+    try:
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            if size < 8:
+                raise ModelError(f"model {name} cannot load: {size} bytes is too short for a TFLite model")
+            with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+                b = _Bounds(buf)
+                b.table(b.u32(0, "root offset"), "Model")
+    except ValueError as exc:
+        raise ModelError(f"model {name} cannot load: not a valid TFLite file ({exc})") from None
+    except OSError as exc:
+        raise ModelError(f"model {name} cannot load: {exc.strerror}") from None
+
+

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# GPU accelerator checks for a machine with a Vulkan GPU (how the lent GPU machine was used):
+# GPU tests, `edged check` and `edged bench` on MobileNet v2 with accelerator.prefer [gpu, cpu], and the same
+# bench on the CPU for comparison. Optional carried folders: .gl (Vulkan/GL loader .debs), .whl (wheels),
+# .mq (a mosquitto binary and its libraries), .m (the shared models). Outputs go to ${OUT:-/tmp/gpu-out}.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-/tmp/gpu-out}; mkdir -p "$out"
+if [ -d .gl ]; then for f in .gl/*.deb; do dpkg -x "$f" /; done; ldconfig; fi
+if [ -f /usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json ]; then
+  export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
+  export __EGL_VENDOR_LIBRARY_FILENAMES=/usr/local/nvidia/share/glvnd/egl_vendor.d/10_nvidia.json
+fi
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:$PWD
+fi
+if [ -x .mq/mosquitto ]; then
+  mkdir -p /tmp/bin; printf '#!/bin/sh\nLD_LIBRARY_PATH=%s/.mq exec %s/.mq/mosquitto "$@"\n' "$PWD" "$PWD" > /tmp/bin/mosquitto
+  chmod +x /tmp/bin/mosquitto; export PATH=/tmp/bin:$PATH
+fi
+models=${EDGED_SHARED_MODELS:-$PWD/.m}; export EDGED_SHARED_MODELS=$models
+for kind in gpu cpu; do
+  cat > "$out/$kind.yaml" <<YAML
+device_id: gpucheck
+model: {path: $models/mobilenet_v2_1.0_224_quant.tflite, labels: $models/imagenet_labels.txt, task: classify}
+accelerator: {prefer: [$kind, cpu]}
+status: {socket: /tmp/gpucheck-$kind.sock}
+YAML
+done
+nvidia-smi -L 2>&1 | head -2
+mode=${1:-all}
+if [ "$mode" = trace ] || [ "$mode" = all ]; then
+  # what a GPU worker does after warm-up (.st: a carried strace and its libraries)
+  st=$(command -v strace || echo "$PWD/.st/strace")
+  LD_LIBRARY_PATH=$PWD/.st "$st" -f -qq -o "$out/trace.txt" python3 tools/trace_worker.py "$out/gpu.yaml" \
+    "$models/cat.bmp" 2>&1 | grep accelerator
+  python3 tools/trace_worker.py --summarize "$out/trace.txt"
+fi
+[ "$mode" = trace ] && exit 0
+python3 -m pytest -q -rs tests/test_accel.py -k gpu > "$out/pytest_gpu.txt" 2>&1
+grep -v "^INFO\|^WARNING\|^I0000\|^E0000" "$out/pytest_gpu.txt" | grep -E "^E |passed|failed|SKIP" | head -20
+python3 tools/gpu_diag.py "$models/mobilenet_v2_1.0_224_quant.tflite" "$models/cat.bmp" 200 2>&1 | grep -E "^cpu top|^gpu fp"
+[ "$mode" = tests ] && exit 0
+python3 -m edged check -c "$out/gpu.yaml" 2>"$out/check.err"; echo "check exit $?"; grep -v '^INFO' "$out/check.err" | tail -3
+for kind in gpu cpu; do
+  python3 -m edged bench -c "$out/$kind.yaml" --frames "${FRAMES:-300}" --json > "$out/bench_$kind.json" 2>"$out/bench_$kind.err"
+  python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['text'])" "$out/bench_$kind.json" || tail -5 "$out/bench_$kind.err"
+done
