@@ -124,6 +124,8 @@ class Supervisor:
         self.pool = FramePool(initial_bytes=int(p.initial_mb * (1 << 20)), max_bytes=int(p.max_mb * (1 << 20)),
                               segment_bytes=int(p.segment_mb * (1 << 20)), idle_release_s=p.idle_release_s,
                               frag_threshold=p.frag_threshold, on_segment_released=self._segment_released)
+        # a frame the pool can never hold is too large, not a reason to drop the queue for it
+        self.max_frame = min(cfg.queue.max_frame_bytes, int(p.max_mb * (1 << 20)))
         self.link = MqttLink(cfg, self.admit, self._on_connection)
         self.status_server = StatusServer(cfg.status.socket, self.snapshot)
         self.model_info: dict[str, Any] = {}
@@ -248,10 +250,10 @@ class Supervisor:
         f = Frame(seq, stream, inc.response_topic or out_topic, len(inc.payload), fid, inc.correlation, inc.content_type,
                   inc.mid, inc.qos, now, now + inc.expiry_s if inc.expiry_s else None)
         self.metrics.count("received")
-        if len(inc.payload) > self.cfg.queue.max_frame_bytes:
+        if len(inc.payload) > self.max_frame:
             self.metrics.count("too_large")
-            self._fail(f, "too_large", f"payload of {len(inc.payload)} bytes exceeds queue.max_frame_bytes "
-                       f"({self.cfg.queue.max_frame_bytes})")
+            self._fail(f, "too_large", f"payload of {len(inc.payload)} bytes exceeds {self.max_frame} "
+                       "(queue.max_frame_bytes, and no more than pool.max_mb)")
             return
         # the one copy of the payload: into a pool block, now; the queue holds blocks, not bytes
         block = self.pool.write(inc.payload) if inc.payload else self.pool.alloc(1)
@@ -388,9 +390,11 @@ class Supervisor:
         result = {"frame_id": frame.frame_id, "stream": frame.stream, "model": h.model_name,
                   "accelerator": h.info.get("accelerator", {}).get("chosen"), "task": h.info.get("task"),
                   **body, "timing_ms": timing, "ts": round(time.time(), 3)}
-        self._publish(frame, result)
-        timing["publish"] = round((time.monotonic() - now) * 1e3, 3)
-        self.metrics.observe(timing)
+        if self._publish(frame, result):
+            timing["publish"] = round((time.monotonic() - now) * 1e3, 3)
+            self.metrics.observe(timing)
+        else:
+            self.metrics.count("not_held")
 
     def _fail(self, frame: Frame, code: str, message: str, h: WorkerHandle | None = None) -> None:
         if frame.block is not None:
@@ -405,13 +409,19 @@ class Supervisor:
         result["ts"] = round(time.time(), 3)
         self._publish(frame, result)
 
-    def _publish(self, frame: Frame, result: dict[str, Any]) -> None:
+    def _publish(self, frame: Frame, result: dict[str, Any]) -> bool:
+        """Hand a result to the broker link and acknowledge its frame; False when it could not be held."""
         payload = json.dumps(result, separators=(",", ":")).encode()
         if self.link.publish(frame.out_topic, payload, correlation=frame.correlation):
             self.link.ack(frame.mid, frame.qos)
+            return True
+        if frame.qos:
+            logger.warning("broker away and %d results already held (mqtt.result_buffer): frame %s stays "
+                           "unacknowledged, the broker redelivers it", self.cfg.mqtt.result_buffer, frame.frame_id)
         else:
-            logger.warning("result buffer full (mqtt.result_buffer=%d): result of frame %s not held; "
-                           "the broker redelivers the frame", self.cfg.mqtt.result_buffer, frame.frame_id)
+            logger.warning("broker away and %d results already held (mqtt.result_buffer): the result of QoS 0 "
+                           "frame %s is lost", self.cfg.mqtt.result_buffer, frame.frame_id)
+        return False
 
     # ---- timers ---------------------------------------------------------------
     def _check_workers(self, now: float) -> None:
@@ -462,7 +472,7 @@ class Supervisor:
         if self.stopping:
             new = "stopping"
         elif not self.link.connected or not self.slots:
-            new = "starting" if not self.link.connects else "degraded"
+            new = "starting"  # INTERFACE: starting = model loading or broker not (yet) connected
         elif all(s.handle is not None and s.handle.state == "ready" for s in self.slots):
             new = "online"
         else:

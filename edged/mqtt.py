@@ -55,11 +55,15 @@ class MqttLink:
         self.connects = 0
         self.overflows = 0
         self.status_payload = b'{"state": "starting"}'
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         m = cfg.mqtt
         self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=cfg.client_id,
                                   protocol=paho.MQTTv5, manual_ack=True)
-        self.client.max_queued_messages_set(m.result_buffer)
+        # paho's own queue limit also counts results waiting for their PUBACK: a limit there drops
+        # results while connected. The bound is ours instead: results held while the broker is away.
+        self.client.max_queued_messages_set(0)
+        self._unacked: set[int] = set()
+        self._acked_early: dict[int, float] = {}  # mid -> when: acknowledged before publish() recorded it
         self.client.max_inflight_messages_set(100)
         self.client.reconnect_delay_set(1, max(1, int(m.reconnect_max_s)))
         self.client.will_set(f"{self.prefix}/status", b'{"state": "offline"}', qos=1, retain=True)
@@ -76,6 +80,7 @@ class MqttLink:
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
         self.client.on_subscribe = self._on_subscribe
+        self.client.on_publish = self._on_publish
 
     def _password(self) -> str | None:
         pf = self.cfg.mqtt.password_file
@@ -149,18 +154,39 @@ class MqttLink:
                                getattr(p, "ResponseTopic", None), getattr(p, "CorrelationData", None),
                                getattr(p, "ContentType", None), getattr(p, "MessageExpiryInterval", None)))
 
+    def _on_publish(self, client: paho.Client, userdata: object, mid: int, rc: paho.ReasonCode,
+                    props: object) -> None:
+        with self._lock:
+            if mid in self._unacked:
+                self._unacked.discard(mid)
+            else:  # a status message, or a result acknowledged before publish() could record it
+                self._acked_early[mid] = time.monotonic()
+
+    def held(self) -> int:
+        """Results handed to paho and not yet acknowledged by the broker."""
+        with self._lock:
+            return len(self._unacked)
+
     def publish(self, topic: str, payload: bytes, *, correlation: bytes | None = None) -> bool:
-        """Queue a result at the configured QoS; False when the held-results buffer is full."""
+        """Queue a result at the configured QoS; False when the broker is away and mqtt.result_buffer is full."""
+        if not self.connected and self.held() >= self.cfg.mqtt.result_buffer:
+            with self._lock:
+                self.overflows += 1
+            return False
         # properties cost a Python-level pack per message: only what request/response needs
         props = None
         if correlation is not None:
             props = Properties(PacketTypes.PUBLISH)
             props.CorrelationData = correlation
+        # never hold our lock across paho's publish: paho calls on_publish under its own lock
         info = self.client.publish(topic, payload, qos=self.cfg.mqtt.qos, properties=props)
-        if info.rc == paho.MQTT_ERR_QUEUE_SIZE:
+        if self.cfg.mqtt.qos > 0:
             with self._lock:
-                self.overflows += 1
-            return False
+                if self._acked_early.pop(info.mid, None) is None:
+                    self._unacked.add(info.mid)
+                if len(self._acked_early) > 64:  # only the race window matters: forget the old ones
+                    cutoff = time.monotonic() - 5.0
+                    self._acked_early = {m: t for m, t in self._acked_early.items() if t > cutoff}
         return True
 
     def ack(self, mid: int, qos: int) -> None:

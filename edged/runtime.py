@@ -220,7 +220,8 @@ class GpuModel(Model):
     """
 
     def __init__(self, path: str, *, threads: int = 1, fp32: bool = False) -> None:
-        super().__init__(path, threads=threads)
+        if not vulkan_loader():
+            raise ModelError("no Vulkan loader (libvulkan.so.1) on this machine, so no GPU adapter")
         try:
             from ai_edge_litert.compiled_model import CompiledModel
             from ai_edge_litert.gpu_options import GpuOptions
@@ -228,8 +229,7 @@ class GpuModel(Model):
             from ai_edge_litert.options import Options
         except ImportError:
             raise ModelError("this runtime has no GPU accelerator (LiteRT's CompiledModel is missing)") from None
-        if not vulkan_loader():
-            raise ModelError("no Vulkan loader (libvulkan.so.1) on this machine, so no GPU adapter")
+        super().__init__(path, threads=threads)
         try:
             opts = Options(HardwareAccelerator.GPU, gpu_options=GpuOptions(enforce_f32=fp32))
             self._cm = CompiledModel.from_file(path, options=opts)

@@ -32,7 +32,7 @@ from PIL import Image
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from conftest import BUNDLED, Broker, Daemon, free_port
+from conftest import BUNDLED, Broker, Daemon, free_port, shared
 
 RAW = np.zeros((1, 8, 8, 1), np.uint8).tobytes()  # a raw frame of the bundled model: 64 bytes
 SAMPLE = (BUNDLED / "digits_sample.png").read_bytes()
@@ -185,6 +185,12 @@ def stopped(pid: int) -> Iterator[None]:
         os.kill(pid, signal.SIGCONT)
 
 
+def drained(d: Daemon) -> bool:
+    """Nothing queued and nothing at a worker: every frame taken so far has its result produced."""
+    st = d.status()
+    return st is not None and st["queue_depth"] == 0 and all(w["inflight"] == 0 for w in st["workers"])
+
+
 def code(res: dict[str, Any] | None) -> str | None:
     if res is None:
         return None
@@ -241,6 +247,7 @@ def test_broker_restart_mid_stream_persistent_sessions_every_frame_answered(daem
     st = d.status()
     assert st["mqtt"]["connected"] is True and st["mqtt"]["reconnects"] >= 1, st["mqtt"]
     assert c.connects >= 2  # the client came back on its own session too
+    assert "session present: True" in d.log()  # the broker's store kept the daemon's session
 
 
 def test_daemon_stopped_qos1_frames_held_by_broker_answered_after_restart(daemon_factory, broker, session_client):
@@ -279,7 +286,8 @@ def test_broker_outage_results_held_and_published_after_return(daemon_factory, p
         pb.stop()
         until(lambda: d.status()["mqtt"]["connected"] is False, 10, "the daemon to notice the broker is gone")
     # the worker resumes with the broker down: every result is produced now, and held
-    until(lambda: frames(d)["completed"] == 40, 20, "40 results produced while the broker is down")
+    until(lambda: drained(d), 20, "40 results produced while the broker is down")
+    assert frames(d)["completed"] == 40
     assert c.answered() == 0
     t_back = time.time()
     pb.start()
@@ -291,30 +299,98 @@ def test_broker_outage_results_held_and_published_after_return(daemon_factory, p
     st = d.status()
     assert st["mqtt"]["reconnects"] >= 1 and st["mqtt"]["connected"] is True, st["mqtt"]
     assert st["mqtt"]["result_overflows"] == 0
+    assert "session present: True" in d.log()
 
 
 def test_broker_outage_result_buffer_full_qos1_frames_redelivered_and_answered(daemon_factory, persistent_broker,
                                                                               session_client):
     """Past mqtt.result_buffer a result is not held and its QoS 1 frame is not acknowledged: the broker
-    redelivers it on reconnect, so it is still answered."""
+    redelivers it on reconnect, so it is still answered.
+
+    Kept clear of the result-burst bug (see the stall test below): the worker is frozen across the reconnect
+    until the held results are out and acknowledged, and runs MobileNet v2 (~10 ms a frame) so that the
+    redelivered frames' results never pile up past the buffer while waiting for their PUBACKs."""
     pb = persistent_broker()
-    d = daemon_factory({"mqtt": {"result_buffer": 10}}, broker=pb)
+    d = daemon_factory({"mqtt": {"result_buffer": 10},
+                        "model": {"path": str(shared("mobilenet_v2_1.0_224_quant.tflite")),
+                                  "labels": str(shared("imagenet_labels.txt")), "task": "classify"}}, broker=pb)
     c = session_client(pb.port, d.prefix)
-    ids = [f"rb{i}" for i in range(30)]
-    with stopped(worker_pid(d)):
+    frame = np.zeros((1, 224, 224, 3), np.uint8).tobytes()
+    ids = [f"rb{i}" for i in range(14)]
+    wpid = worker_pid(d)
+    with stopped(wpid):
         for fid in ids:
-            c.send(RAW, fid, qos=1)
-        until(lambda: frames(d)["received"] == 30, 10, "30 frames admitted")
+            c.send(frame, fid, qos=1)
+        until(lambda: frames(d)["received"] == 14, 10, "14 frames admitted")
         pb.stop()
         until(lambda: d.status()["mqtt"]["connected"] is False, 10, "the daemon to notice the broker is gone")
-    until(lambda: frames(d)["completed"] == 30, 20, "30 results produced while the broker is down")
-    assert d.status()["mqtt"]["result_overflows"] == 20
-    pb.start()
+    until(lambda: drained(d), 20, "14 results produced while the broker is down")
+    assert d.status()["mqtt"]["result_overflows"] >= 1  # 4 with paho counting only our 14 results
+    with stopped(wpid):
+        pb.start()
+        held = c.wait(ids[:10], 20)
+        assert all(served_ok(v) for v in held.values()), held  # the held results, out on reconnect
+        # the broker redelivers every frame: acknowledgements sent while it was away were lost
+        until(lambda: frames(d)["received"] == 28, 20, "the frames redelivered")
+        time.sleep(0.5)  # PUBACKs of the held results reach the daemon
     got = c.wait(ids, 30)
     missing = [k for k, v in got.items() if v is None]
     assert not missing, f"{len(missing)} unanswered, e.g. {missing[:5]}; daemon log: {d.log()[-1500:]}"
     assert all(served_ok(v) for v in got.values())
-    assert "result buffer full" in d.log()
+    assert "results already held (mqtt.result_buffer)" in d.log()
+    assert d.status()["mqtt"]["reconnects"] >= 1
+
+
+def test_broker_stall_result_buffer_full_qos1_frames_still_answered(daemon_factory, broker, session_client):
+    """The broker freezes (SIGSTOP) instead of going away: the TCP connection stays up, no PUBACK comes back,
+    results pile up past mqtt.result_buffer; the broker resumes well within the keepalive (no reconnect)."""
+    d = daemon_factory({"mqtt": {"result_buffer": 10}})
+    c = session_client(broker.port, d.prefix)
+    ids = [f"st{i}" for i in range(30)]
+    assert broker.proc is not None
+    bpid = broker.proc.pid
+    try:
+        with stopped(worker_pid(d)):
+            for fid in ids:
+                c.send(RAW, fid, qos=1)
+            until(lambda: frames(d)["received"] == 30, 10, "30 frames admitted")
+            os.kill(bpid, signal.SIGSTOP)
+        # the worker resumes with the broker frozen: every result is produced now
+        until(lambda: drained(d), 20, "every result produced")
+        st = d.status()
+        overflows = st["mqtt"]["result_overflows"]
+        assert st["mqtt"]["connected"] is True and st["mqtt"]["reconnects"] == 0  # a stall, not a disconnect
+    finally:
+        os.kill(bpid, signal.SIGCONT)
+    got = c.wait(ids, 10)
+    missing = [k for k, v in got.items() if v is None]
+    assert not missing, f"{len(missing)} of 30 never answered ({overflows} result overflows), e.g. {missing[:3]}"
+
+
+def test_daemon_sigterm_during_broker_outage_exits_zero_qos1_frames_answered_after_restart(
+        daemon_factory, persistent_broker, session_client):
+    """Results held for an absent broker die with the process; their QoS 1 frames were never acknowledged,
+    so the broker hands them to the next start."""
+    pb = persistent_broker()
+    d = daemon_factory(broker=pb)
+    c = session_client(pb.port, d.prefix)
+    ids = [f"t{i}" for i in range(20)]
+    with stopped(worker_pid(d)):
+        for fid in ids:
+            c.send(RAW, fid, qos=1)
+        until(lambda: frames(d)["received"] == 20, 10, "20 frames admitted")
+        pb.stop()
+        until(lambda: d.status()["mqtt"]["connected"] is False, 10, "the daemon to notice the broker is gone")
+    until(lambda: drained(d), 20, "20 results produced while the broker is down")
+    t0 = time.monotonic()
+    assert d.stop(timeout=20) == 0
+    assert time.monotonic() - t0 < 15, "SIGTERM with the broker away must not hang"
+    pb.start()
+    d.start()
+    got = c.wait(ids, 30)
+    missing = [k for k, v in got.items() if v is None]
+    assert not missing, f"{len(missing)} unanswered, e.g. {missing[:5]}; daemon log: {d.log()[-1500:]}"
+    assert all(served_ok(v) for v in got.values())
 
 
 # ---- 3. admission: size caps, queue policies, expiry --------------------------------------------
@@ -367,11 +443,11 @@ def test_queue_full_dropped_frames_answered_overloaded_policy_keeps_right_ones(d
         for i in range(2, 10):
             c.send(RAW, f"f{i}", qos=i % 2 if qos_mode == "mixed" else 0)
             until(lambda: frames(d)["received"] == i + 1, 10, f"f{i} admitted")
-        st = d.status()
-        assert st["queue_depth"] == 2 and st["frames"]["dropped"] == 6, st["frames"]
-        dropped_early = c.wait([f"f{i}" for i in range(2, 10)], 0.1)
-    # drops are answered at once, while the worker is still frozen
-    assert sum(code(r) == "overloaded" for r in dropped_early.values()) == 6, dropped_early
+        until(lambda: frames(d)["dropped"] == 6, 5, "six frames dropped")
+        assert d.status()["queue_depth"] == 2
+        # drops are answered at once, while the worker is still frozen
+        until(lambda: sum(code(r) == "overloaded" for r in list(c.results.values())) == 6, 10,
+              "six overloaded answers before the worker resumes")
     got = c.wait(ids, 20)
     kept = {"reject": {"f2", "f3"}, "drop_oldest": {"f8", "f9"}}[policy]
     for fid, res in got.items():
@@ -380,11 +456,17 @@ def test_queue_full_dropped_frames_answered_overloaded_policy_keeps_right_ones(d
         else:
             assert code(res) == "overloaded", (fid, res)
             assert "full" in res["error"]["message"] and policy in res["error"]["message"]
-    time.sleep(0.5)  # an overloaded QoS 1 frame was acknowledged: no redelivery, no second answer
+    time.sleep(0.5)
     assert set(c.counts.values()) == {1}, c.counts
     st = d.status()
     assert st["frames"]["dropped"] == 6 and st["errors_by_code"] == {"overloaded": 6}, st
     assert st["frames"]["completed"] == 4 and st["queue_depth"] == 0
+    if qos_mode == "mixed":
+        # every QoS 1 frame was acknowledged with its answer, overloaded or not: a restart brings none back
+        assert d.stop() == 0
+        d.start()
+        time.sleep(1)
+        assert set(c.counts.values()) == {1} and frames(d)["received"] == 0, (c.counts, frames(d))
 
 
 @pytest.mark.parametrize("policy", ["reject", "drop_oldest"])
@@ -405,7 +487,8 @@ def test_queue_qos1_flood_receive_maximum_holds_rest_at_broker_all_answered(daem
         until(lambda: frames(d)["received"] >= 4, 10, "the queue filled")
         time.sleep(1)
         st = d.status()
-        assert st["frames"]["received"] == 4 and st["frames"]["dropped"] == 0, st["frames"]  # the rest wait at the broker
+        # f0..f3 taken, the rest wait at the broker
+        assert st["frames"]["received"] == 4 and st["frames"]["dropped"] == 0, st["frames"]
         assert st["queue_depth"] == 2
     got = c.wait(ids, 20)
     assert all(r is not None for r in got.values()), [k for k, v in got.items() if v is None]
@@ -444,7 +527,7 @@ def test_queue_pool_full_policy_drops_oldest_until_frame_fits_or_rejects_it(daem
         until(lambda: d.status()["queue_depth"] == 10, 10, "ten small frames queued")
         assert frames(d)["dropped"] == 0
         c.send(big, "big", qos=0)
-        until(lambda: frames(d)["received"] == 13, 10, "the big frame admitted")
+        until(lambda: frames(d)["received"] == 13 and frames(d)["dropped"] >= 1, 10, "the big frame admitted")
         time.sleep(0.2)
         depth = d.status()["queue_depth"]
     got = c.wait(["f0", "f1", "big", *ids], 20)
@@ -464,10 +547,6 @@ def test_queue_pool_full_policy_drops_oldest_until_frame_fits_or_rejects_it(daem
     assert frames(d)["dropped"] == len(dropped) + (code(got["big"]) == "overloaded")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "daemon bug: with drop_oldest, admit() drops queued frames one by one while pool.write() fails, even "
-    "when the new frame is larger than the whole pool (pool.max_mb) and can never fit: a frame that passes "
-    "queue.max_frame_bytes but not the pool flushes its stream's queue, then is refused anyway"))
 def test_queue_frame_larger_than_pool_drop_oldest_keeps_queued_frames(daemon_factory, broker, session_client):
     d = daemon_factory({"pool": {"initial_mb": 1, "max_mb": 1}, "queue": {"policy": "drop_oldest"}})
     c = session_client(broker.port, d.prefix)
@@ -659,8 +738,8 @@ def test_tls_wrong_password_daemon_waits_disconnected_logs_refusal(daemon_factor
     log = d.log()
     assert "Traceback" not in log
     refusal = next(line for line in log.splitlines() if "refused the connection" in line)
-    assert f"127.0.0.1:{tls_broker.port}" in refusal and ("password" in refusal.lower() or "authori" in refusal.lower()), \
-        refusal
+    assert f"127.0.0.1:{tls_broker.port}" in refusal, refusal
+    assert "password" in refusal.lower() or "authori" in refusal.lower(), refusal  # "Not authorized" from 2.0.11
 
 
 # ---- 6. scale-out over a shared subscription ---------------------------------------------------
