@@ -21,8 +21,13 @@ mosquitto:
 run: $(STAMP) mosquitto
 	tools/run_local.sh $(CONFIG)
 
+# the whole suite, then the model-level tests again on the tflite-runtime backend (its own venv: numpy<2)
 test: $(STAMP) mosquitto
 	$(BIN)/python -m pytest -q
+	tools/tflite_venv.sh
+
+tflite-venv:
+	tools/tflite_venv.sh
 
 check: $(STAMP)
 	$(BIN)/edged check -c $(CONFIG)
