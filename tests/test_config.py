@@ -377,3 +377,9 @@ def test_cli_version_prints_version():
 def test_cli_status_no_daemon_exits_69_with_one_line():
     line = assert_one_line_error(run_edged("status", "--socket", "/nonexistent"), 69)
     assert "/nonexistent" in line
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").rglob("*.yaml")), ids=lambda p: p.name)
+def test_load_every_shipped_config_is_valid(path):
+    cfg = config.load(path)
+    assert cfg.accelerator.prefer and cfg.model.task in ("classify", "detect", "raw")
