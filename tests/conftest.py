@@ -159,7 +159,37 @@ class Daemon:
         return self.proc.returncode
 
 
-class Client:
+class FrameIO:
+    """Sending frames and waiting for their results; needs self.c (paho), self.prefix, self.cv, self.results."""
+
+    c: mqtt.Client
+    prefix: str
+    cv: threading.Condition
+    results: dict[str, dict[str, Any]]
+
+    def send(self, payload: bytes, frame_id: str, stream: str = "cam1", qos: int = 1,
+             content_type: str | None = None, expiry: int | None = None) -> mqtt.MQTTMessageInfo:
+        props = Properties(PacketTypes.PUBLISH)
+        props.UserProperty = [("frame_id", frame_id)]
+        if content_type:
+            props.ContentType = content_type
+        if expiry is not None:
+            props.MessageExpiryInterval = expiry
+        return self.c.publish(f"{self.prefix}/in/{stream}", payload, qos=qos, properties=props)
+
+    def wait(self, ids: list[str], timeout: float = 30) -> dict[str, dict[str, Any] | None]:
+        deadline = time.monotonic() + timeout
+        with self.cv:
+            while not all(i in self.results for i in ids):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self.cv.wait(left)
+            return {i: self.results.get(i) for i in ids}
+
+
+
+class Client(FrameIO):
     """MQTT v5 test client: send frames with a frame_id, gather results by frame_id."""
 
     def __init__(self, broker: Broker, prefix: str) -> None:
@@ -190,26 +220,6 @@ class Client:
                 self.count += 1
                 self.results[str(body.get("frame_id"))] = dict(body, _topic=msg.topic)
             self.cv.notify_all()
-
-    def send(self, payload: bytes, frame_id: str, stream: str = "cam1", qos: int = 1,
-             content_type: str | None = None, expiry: int | None = None) -> mqtt.MQTTMessageInfo:
-        props = Properties(PacketTypes.PUBLISH)
-        props.UserProperty = [("frame_id", frame_id)]
-        if content_type:
-            props.ContentType = content_type
-        if expiry is not None:
-            props.MessageExpiryInterval = expiry
-        return self.c.publish(f"{self.prefix}/in/{stream}", payload, qos=qos, properties=props)
-
-    def wait(self, ids: list[str], timeout: float = 30) -> dict[str, dict[str, Any] | None]:
-        deadline = time.monotonic() + timeout
-        with self.cv:
-            while not all(i in self.results for i in ids):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self.cv.wait(left)
-            return {i: self.results.get(i) for i in ids}
 
     def close(self) -> None:
         self.c.loop_stop()

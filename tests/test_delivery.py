@@ -32,7 +32,7 @@ from PIL import Image
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from conftest import BUNDLED, Broker, Daemon, free_port, shared
+from conftest import BUNDLED, Broker, Daemon, FrameIO, free_port, shared
 
 RAW = np.zeros((1, 8, 8, 1), np.uint8).tobytes()  # a raw frame of the bundled model: 64 bytes
 SAMPLE = (BUNDLED / "digits_sample.png").read_bytes()
@@ -40,7 +40,7 @@ SAMPLE_CLASS = "7"
 
 
 # ---- helpers ------------------------------------------------------------------------------------
-class SessionClient:
+class SessionClient(FrameIO):
     """MQTT v5 test client with a persistent session (clean_start off + a session expiry).
 
     The broker keeps its subscription to P/out/# and queues its results while it is away, so it
@@ -90,29 +90,9 @@ class SessionClient:
             self.results[fid] = dict(body, _topic=msg.topic, _t=time.time())
             self.cv.notify_all()
 
-    def send(self, payload: bytes, frame_id: str, stream: str = "cam1", qos: int = 1,
-             content_type: str | None = None, expiry: int | None = None) -> mqtt.MQTTMessageInfo:
-        props = Properties(PacketTypes.PUBLISH)
-        props.UserProperty = [("frame_id", frame_id)]
-        if content_type:
-            props.ContentType = content_type
-        if expiry is not None:
-            props.MessageExpiryInterval = expiry
-        return self.c.publish(f"{self.prefix}/in/{stream}", payload, qos=qos, properties=props)
-
     def answered(self) -> int:
         with self.cv:
             return len(self.results)
-
-    def wait(self, ids: list[str], timeout: float = 30) -> dict[str, dict[str, Any] | None]:
-        deadline = time.monotonic() + timeout
-        with self.cv:
-            while not all(i in self.results for i in ids):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self.cv.wait(left)
-            return {i: self.results.get(i) for i in ids}
 
     def close(self) -> None:
         self.c.loop_stop()
