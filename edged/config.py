@@ -79,6 +79,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class CoralConfig:
     device: str = "usb"
+    devices: tuple[str, ...] = ()  # several Edge TPUs: one worker each (overrides accelerator.workers)
     library: str = "libedgetpu.so.1"
     options: dict[str, str] = _f(factory=dict)
 
@@ -158,6 +159,19 @@ class Config:
     @property
     def client_id(self) -> str:
         return self.mqtt.client_id or f"edged-{self.device_id}"
+
+    @property
+    def worker_count(self) -> int:
+        """One worker per listed Edge TPU when Coral is preferred, else accelerator.workers."""
+        coral = self.accelerator.coral
+        if coral.devices and "coral" in self.accelerator.prefer:
+            return len(coral.devices)
+        return self.accelerator.workers
+
+    def coral_device(self, index: int) -> str | None:
+        """The Edge TPU worker `index` opens (None: accelerator.coral.device)."""
+        devices = self.accelerator.coral.devices
+        return devices[index % len(devices)] if devices else None
 
     @property
     def model_name(self) -> str:

@@ -145,7 +145,8 @@ class Supervisor:
                 "log_level": logging.getLevelName(cfg.logging.level)}
 
     def _spawn(self, index: int, cfg: config.Config) -> WorkerHandle:
-        h = WorkerHandle(index, self._init_msg(cfg), self._on_worker_message, self._on_worker_exit, self.generation)
+        init = dict(self._init_msg(cfg), coral_device=cfg.coral_device(index))
+        h = WorkerHandle(index, init, self._on_worker_message, self._on_worker_exit, self.generation)
         h.start()
         logger.info("worker %d ready: pid %s, model %s on %s, sandboxed %s", index, h.pid, h.model_name,
                     h.info.get("accelerator", {}).get("chosen"), h.info.get("sandboxed"))
@@ -157,7 +158,7 @@ class Supervisor:
 
     def start_workers(self) -> None:
         """Start every worker; a model or config error here is fatal (exit 78)."""
-        handles = [self._spawn(i, self.cfg) for i in range(self.cfg.accelerator.workers)]
+        handles = [self._spawn(i, self.cfg) for i in range(self.cfg.worker_count)]
         with self.cond:
             self.slots = [Slot(i, h) for i, h in enumerate(handles)]
             self._adopt(handles[0])
@@ -373,6 +374,7 @@ class Supervisor:
             frame = h.inflight.pop(msg.get("s"), None)  # type: ignore[arg-type]
             self.cond.notify_all()
         h.last_pong = time.monotonic()
+        h.served += 1
         if frame is None:
             return
         if frame.block is not None:
@@ -493,6 +495,8 @@ class Supervisor:
                         "sandboxed": bool(s.handle and s.handle.info.get("sandboxed")),
                         "sandbox_profile": s.handle.info.get("sandbox_profile") if s.handle else None,
                         "inflight": len(s.handle.inflight) if s.handle else 0, "last_exit": s.last_exit,
+                        "served": s.handle.served if s.handle else 0,
+                        "accelerator": s.handle.info.get("accelerator", {}).get("chosen") if s.handle else None,
                         "model": s.handle.model_name if s.handle else None} for s in self.slots]
             depth = self.queue_depth()
         mem = {"rss_bytes": psutil.Process().memory_info().rss, "workers": {}}
@@ -554,7 +558,7 @@ class Supervisor:
                 logger.warning("reload: mqtt and status changes take effect at the next restart")
                 new_cfg = dataclasses.replace(new_cfg, mqtt=self.cfg.mqtt, status=self.cfg.status)
             self.generation += 1
-            fresh = [self._spawn(i, new_cfg) for i in range(new_cfg.accelerator.workers)]
+            fresh = [self._spawn(i, new_cfg) for i in range(new_cfg.worker_count)]
         except EdgedError as exc:
             logger.error("reload failed, still serving the previous model: %s", exc)
             self.notifier.ready(f"reload failed: {exc}")

@@ -43,6 +43,7 @@ class WorkerHandle:
         self.inflight: dict[int, Any] = {}  # seq -> Frame, guarded by the supervisor's lock
         self.last_pong = time.monotonic()
         self.retiring = False
+        self.served = 0  # results (and error results) this worker sent
         self._send_lock = threading.Lock()
         self._reader: threading.Thread | None = None
 

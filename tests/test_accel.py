@@ -211,6 +211,29 @@ def test_run_with_fake_delegate_serves_frames_on_coral(tmp_path, fakes, daemon_f
     assert d.status()["workers"][0]["sandboxed"] is True
 
 
+def test_run_one_worker_per_edge_tpu_frames_spread_over_them(tmp_path, fakes, daemon_factory, client_factory):
+    accel_cfg = _coral(fakes.good)
+    accel_cfg["coral"]["devices"] = ["usb:0", "usb:1"]
+    d = daemon_factory({"accelerator": accel_cfg})
+    c = client_factory(d.prefix)
+    ids = [f"m{i}" for i in range(40)]
+    for fid in ids:
+        c.send((BUNDLED / "digits_sample.png").read_bytes(), fid)
+    got = c.wait(ids, 30)
+    assert all(r is not None and r["classes"][0]["label"] == SAMPLE_CLASS for r in got.values())
+    workers = d.status()["workers"]
+    assert len(workers) == 2 and {w["accelerator"] for w in workers} == {"coral"}
+    assert all(w["served"] > 0 for w in workers), workers  # the dispatcher used both
+    assert sum(w["served"] for w in workers) == 40
+
+
+def test_run_n_cpu_workers_status_shows_each(daemon_factory, client_factory):
+    d = daemon_factory({"accelerator": {"prefer": ["cpu"], "workers": 3}})
+    workers = d.status()["workers"]
+    assert len(workers) == 3 and len({w["pid"] for w in workers}) == 3
+    assert all(w["sandboxed"] and w["state"] == "ready" for w in workers)
+
+
 def _check(tmp_path: Path, doc: dict[str, Any]) -> subprocess.CompletedProcess[str]:
     path = tmp_path / "check.yaml"
     path.write_text(yaml.safe_dump(doc))
