@@ -209,13 +209,11 @@ class MqttLink:
         if self.connected:
             info = self.client.publish(f"{self.prefix}/status", final_status, qos=1, retain=True)
             end = time.monotonic() + timeout
-            while time.monotonic() < end and (not info.is_published() or self._pending()):
+            while time.monotonic() < end and (not info.is_published() or self.held()):
                 time.sleep(0.02)
         self.client.disconnect()
         self.client.loop_stop()
 
-    def _pending(self) -> bool:
-        return bool(getattr(self.client, "_out_messages", None))
 
 
 def send_frame(cfg: Config, payload: bytes, stream: str = "cli", timeout: float = 10.0) -> dict[str, Any]:
