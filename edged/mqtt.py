@@ -63,7 +63,8 @@ class MqttLink:
         # results while connected. The bound is ours instead: results held while the broker is away.
         self.client.max_queued_messages_set(0)
         self._unacked: set[int] = set()
-        self._acked_early: dict[int, float] = {}  # mid -> when: acknowledged before publish() recorded it
+        self._acked_early: dict[int, float] = {}
+        self._closing = False  # mid -> when: acknowledged before publish() recorded it
         self.client.max_inflight_messages_set(100)
         self.client.reconnect_delay_set(1, max(1, int(m.reconnect_max_s)))
         self.client.will_set(f"{self.prefix}/status", b'{"state": "offline"}', qos=1, retain=True)
@@ -138,7 +139,7 @@ class MqttLink:
 
     def _on_disconnect(self, client: paho.Client, userdata: object, flags: object, rc: paho.ReasonCode,
                        props: object) -> None:
-        if self.connected:
+        if self.connected and not self._closing:
             logger.warning("disconnected from broker: %s; reconnecting", rc)
         self.connected = False
         if self.on_connection:
@@ -206,6 +207,7 @@ class MqttLink:
     def stop(self, final_status: bytes, timeout: float = 5.0) -> None:
         """Publish the final status, flush what is queued, disconnect cleanly (no last will)."""
         self.status_payload = final_status
+        self._closing = True
         if self.connected:
             info = self.client.publish(f"{self.prefix}/status", final_status, qos=1, retain=True)
             end = time.monotonic() + timeout
