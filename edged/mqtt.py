@@ -63,8 +63,8 @@ class MqttLink:
         # results while connected. The bound is ours instead: results held while the broker is away.
         self.client.max_queued_messages_set(0)
         self._unacked: set[int] = set()
-        self._acked_early: dict[int, float] = {}
-        self._closing = False  # mid -> when: acknowledged before publish() recorded it
+        self._acked_early: dict[int, float] = {}  # mid -> when: acknowledged before publish() recorded it
+        self._closing = False
         self.client.max_inflight_messages_set(100)
         self.client.reconnect_delay_set(1, max(1, int(m.reconnect_max_s)))
         self.client.will_set(f"{self.prefix}/status", b'{"state": "offline"}', qos=1, retain=True)
