@@ -422,7 +422,7 @@ def test_queue_full_dropped_frames_answered_overloaded_policy_keeps_right_ones(d
         until(lambda: d.status()["workers"][0]["inflight"] == 2, 10, "two frames handed to the worker")
         for i in range(2, 10):
             c.send(RAW, f"f{i}", qos=i % 2 if qos_mode == "mixed" else 0)
-            until(lambda: frames(d)["received"] == i + 1, 10, f"f{i} admitted")
+            until(lambda i=i: frames(d)["received"] == i + 1, 10, f"f{i} admitted")
         until(lambda: frames(d)["dropped"] == 6, 5, "six frames dropped")
         assert d.status()["queue_depth"] == 2
         # drops are answered at once, while the worker is still frozen

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from conftest import BUNDLED, DATA, ROOT, edged_cmd, shared
+from conftest import BUNDLED, DATA, edged_cmd, shared
 
 RAW_DIGIT = np.zeros((1, 8, 8, 1), np.uint8).tobytes()
 

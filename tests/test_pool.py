@@ -214,7 +214,7 @@ def test_maintain_after_idle_releases_empty_grown_segment_only():
     clock, released = FakeClock(), []
     with small_pool(clock=clock, on_segment_released=released.append) as pool:
         base = pool.alloc(4096)
-        keep, drop = pool.alloc(4096), pool.alloc(4096)        # segments 1 and 2
+        _live, drop = pool.alloc(4096), pool.alloc(4096)        # segments 1 and 2
         pool.free(drop)
         pool.free(base)
         clock.t += 9.9
