@@ -55,7 +55,12 @@ def cmd_check(args: argparse.Namespace) -> int:
           f"{(model.input.scale, model.input.zero_point) if model.input.scale else None}")
     for o in model.outputs:
         print(f"output       {o.name} {list(o.shape)} {o.dtype}")
-    print(f"accelerator  {choice.kind} (preference {', '.join(cfg.accelerator.prefer)})")
+    rep = choice.report()
+    share = "" if rep["total_ops"] is None else \
+        f", {rep['delegated_ops']} of {rep['total_ops']} ops delegated{' (partial)' if rep['partial'] else ''}"
+    if choice.kind == "gpu":
+        share = ", fully on the GPU" if not rep["partial"] else ", partly on the GPU (some ops on the CPU)"
+    print(f"accelerator  {choice.kind} (preference {', '.join(cfg.accelerator.prefer)}{share})")
     for kind, reason in choice.skipped:
         print(f"  skipped    {kind}: {reason}")
     print(f"mqtt         {cfg.mqtt.host}:{cfg.mqtt.port} topics {cfg.prefix}/in/+ -> {cfg.prefix}/out/<stream>")
