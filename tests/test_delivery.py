@@ -406,6 +406,13 @@ def test_admission_64mb_payload_refused_too_large_rss_flat(daemon_factory, clien
     assert after - before <= 8 << 20, f"RSS {before / 2**20:.1f} MiB before, {after / 2**20:.1f} MiB after"
 
 
+def occupy_worker(c: Any, d: Daemon) -> None:
+    """Hand the frozen worker its two in-flight frames (f0, f1), so that later frames queue."""
+    c.send(RAW, "f0", qos=0)
+    c.send(RAW, "f1", qos=0)
+    until(lambda: d.status()["workers"][0]["inflight"] == 2, 10, "two frames handed to the worker")
+
+
 @pytest.mark.parametrize("policy", ["reject", "drop_oldest"])
 @pytest.mark.parametrize("qos_mode", ["qos0", "mixed"])
 def test_queue_full_dropped_frames_answered_overloaded_policy_keeps_right_ones(daemon_factory, broker,
@@ -417,9 +424,7 @@ def test_queue_full_dropped_frames_answered_overloaded_policy_keeps_right_ones(d
     c = session_client(broker.port, d.prefix)
     ids = [f"f{i}" for i in range(10)]
     with stopped(worker_pid(d)):
-        c.send(RAW, "f0", qos=0)
-        c.send(RAW, "f1", qos=0)
-        until(lambda: d.status()["workers"][0]["inflight"] == 2, 10, "two frames handed to the worker")
+        occupy_worker(c, d)
         for i in range(2, 10):
             c.send(RAW, f"f{i}", qos=i % 2 if qos_mode == "mixed" else 0)
             until(lambda i=i: frames(d)["received"] == i + 1, 10, f"f{i} admitted")
@@ -459,9 +464,7 @@ def test_queue_qos1_flood_receive_maximum_holds_rest_at_broker_all_answered(daem
     c = session_client(broker.port, d.prefix)
     ids = [f"f{i}" for i in range(12)]
     with stopped(worker_pid(d)):
-        c.send(RAW, "f0", qos=0)
-        c.send(RAW, "f1", qos=0)
-        until(lambda: d.status()["workers"][0]["inflight"] == 2, 10, "two frames handed to the worker")
+        occupy_worker(c, d)
         for fid in ids[2:]:
             c.send(RAW, fid, qos=1)
         until(lambda: frames(d)["received"] >= 4, 10, "the queue filled")
@@ -499,9 +502,7 @@ def test_queue_pool_full_policy_drops_oldest_until_frame_fits_or_rejects_it(daem
     assert 10 * len(small) < 1 << 20 < len(big) + 2 * len(small)
     ids = [f"s{i}" for i in range(10)]
     with stopped(worker_pid(d)):
-        c.send(RAW, "f0", qos=0)
-        c.send(RAW, "f1", qos=0)
-        until(lambda: d.status()["workers"][0]["inflight"] == 2, 10, "two frames handed to the worker")
+        occupy_worker(c, d)
         for fid in ids:
             c.send(small, fid, qos=0)
         until(lambda: d.status()["queue_depth"] == 10, 10, "ten small frames queued")
@@ -532,9 +533,7 @@ def test_queue_frame_larger_than_pool_drop_oldest_keeps_queued_frames(daemon_fac
     c = session_client(broker.port, d.prefix)
     ids = [f"q{i}" for i in range(5)]
     with stopped(worker_pid(d)):
-        c.send(RAW, "f0", qos=0)
-        c.send(RAW, "f1", qos=0)
-        until(lambda: d.status()["workers"][0]["inflight"] == 2, 10, "two frames handed to the worker")
+        occupy_worker(c, d)
         for fid in ids:
             c.send(SAMPLE, fid, qos=0)
         until(lambda: d.status()["queue_depth"] == 5, 10, "five frames queued")
