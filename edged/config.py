@@ -100,6 +100,7 @@ class AccelConfig:
 @dataclass(frozen=True)
 class SandboxConfig:
     enabled: bool = True
+    in_process: bool = False  # debugging only: the worker runs as a thread of the daemon (needs enabled: false)
     mode: str = _f("kill", choices=("kill", "log"))
     memory_limit_mb: int = _f(1024, lo=16)
     frame_timeout_s: float = _f(10.0, lo=0.1)
@@ -302,6 +303,9 @@ def parse(text: str, fname: str = "<config>", base: Path | None = None) -> Confi
         raise ConfigError(f"{short} mqtt.topic_prefix: must not be empty")
     if cfg.mqtt.tls is not None and bool(cfg.mqtt.tls.cert) != bool(cfg.mqtt.tls.key):
         raise ConfigError(f"{short} mqtt.tls: cert and key go together")
+    if cfg.sandbox.in_process and cfg.sandbox.enabled:
+        raise ConfigError(f"{short} sandbox.in_process: needs sandbox.enabled: false (the daemon itself cannot be "
+                          "filtered)")
     if cfg.model.task != "raw" and cfg.model.task == "detect" and cfg.model.score_threshold > 1:
         raise ConfigError(f"{short} model.score_threshold: must be <= 1")
     return dataclasses.replace(cfg, source=str(fname))

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from edged import config
 from edged.errors import EdgedError
-from edged.workers import WorkerHandle
+from edged.workers import InProcessWorkerHandle, WorkerHandle
 
 if TYPE_CHECKING:
     from edged.daemon import Frame
@@ -72,7 +72,8 @@ class Supervision:
 
     def _spawn(self, index: int, cfg: config.Config) -> WorkerHandle:
         init = dict(self._init_msg(cfg), coral_device=cfg.coral_device(index))
-        h = WorkerHandle(index, init, self._on_worker_message, self._on_worker_exit, self.generation)
+        kind = InProcessWorkerHandle if cfg.sandbox.in_process else WorkerHandle
+        h = kind(index, init, self._on_worker_message, self._on_worker_exit, self.generation)
         h.start()
         logger.info("worker %d ready: pid %s, model %s on %s, sandboxed %s", index, h.pid, h.model_name,
                     h.info.get("accelerator", {}).get("chosen"), h.info.get("sandboxed"))
@@ -84,6 +85,9 @@ class Supervision:
 
     def start_workers(self) -> None:
         """Start every worker; a model or config error here is fatal (exit 78)."""
+        if self.cfg.sandbox.in_process:
+            logger.warning("sandbox.in_process: inference runs on threads of this process, unfiltered and without "
+                           "crash isolation (for debugging only)")
         handles = [self._spawn(i, self.cfg) for i in range(self.cfg.worker_count)]
         with self.cond:
             self.slots = [Slot(i, h) for i, h in enumerate(handles)]

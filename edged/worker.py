@@ -142,16 +142,24 @@ class Worker:
             protocol.send(self.sock, {"t": "r", "s": seq, "e": {"code": "inference_failed", "message": text[:300]}})
 
 
-def main(argv: list[str]) -> int:
-    sock = socket.socket(fileno=int(argv[1]))
+def run_channel(sock: socket.socket, in_process: bool = False) -> int:
+    """Serve the supervisor on `sock` until it says stop or goes away; the exit status.
+
+    In a worker process the log records travel over the channel and the init
+    message sets the level; in process (a thread of the daemon, sandbox off)
+    the daemon's own logging already applies.
+    """
     root = logging.getLogger()
-    handler = ChannelLogHandler(sock)
-    handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
-    root.addHandler(handler)
+    handler = None
+    if not in_process:
+        handler = ChannelLogHandler(sock)
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        root.addHandler(handler)
     w = Worker(sock)
     try:
         init = w.reader.read()
-        root.setLevel(int(init.get("log_level", logging.INFO)))
+        if not in_process:
+            root.setLevel(int(init.get("log_level", logging.INFO)))
         try:
             w.init(init)
         except Exception as exc:  # top of the worker: every load failure goes back as one line
@@ -161,9 +169,20 @@ def main(argv: list[str]) -> int:
             protocol.send(sock, {"t": "fatal", "kind": kind, "message": str(exc) or type(exc).__name__})
             return 3
         w.serve()
-    except protocol.ProtocolError:
+    except (protocol.ProtocolError, OSError):
         return 0  # the supervisor went away: nothing left to serve
+    finally:
+        for seg in w.segments.values():
+            try:
+                seg.close()
+            except BufferError:  # a view still alive (a frame cut short): the mapping goes with the worker
+                pass
+        w.segments.clear()
     return 0
+
+
+def main(argv: list[str]) -> int:
+    return run_channel(socket.socket(fileno=int(argv[1])))
 
 
 if __name__ == "__main__":

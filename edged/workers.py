@@ -60,14 +60,7 @@ class WorkerHandle:
     def start(self, timeout: float = 120.0) -> dict[str, Any]:
         """Spawn the worker and block until it has loaded the model; raise ModelError/WorkerError."""
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        # the worker must not talk to systemd: only the supervisor vouches for the pipeline
-        env = {k: v for k, v in os.environ.items() if k not in NOTIFY_ENV_VARS}
-        env.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-        try:
-            self.proc = subprocess.Popen([sys.executable, "-m", "edged.worker", str(child.fileno())],
-                                         pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, env=env)
-        finally:
-            child.close()
+        self._spawn_worker(child)
         self.sock = parent
         reader = protocol.Reader(parent)
         try:
@@ -98,6 +91,17 @@ class WorkerHandle:
                                         daemon=True)
         self._reader.start()
         return self.info
+
+    def _spawn_worker(self, child: socket.socket) -> None:
+        """Start the worker on its end of the channel (here: a fresh interpreter) and let go of that end."""
+        # the worker must not talk to systemd: only the supervisor vouches for the pipeline
+        env = {k: v for k, v in os.environ.items() if k not in NOTIFY_ENV_VARS}
+        env.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        try:
+            self.proc = subprocess.Popen([sys.executable, "-m", "edged.worker", str(child.fileno())],
+                                         pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, env=env)
+        finally:
+            child.close()
 
     def _read_loop(self, reader: protocol.Reader) -> None:
         try:
@@ -190,3 +194,64 @@ class WorkerHandle:
             except ValueError:
                 return f"killed by signal {-rc}"
         return f"exited with status {rc}"
+
+
+class InProcessWorkerHandle(WorkerHandle):
+    """`sandbox.in_process`: the same worker loop and channel, on a thread of the daemon.
+
+    For debugging (a debugger and profiler see the interpreter) and for
+    measuring what the process boundary costs. It gives up what the process
+    gave: no seccomp, no rlimits, a native crash takes the daemon down, and a
+    frame stuck in native code cannot be stopped (its thread is abandoned and
+    a new one started).
+    """
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self._thread: threading.Thread | None = None
+        self._status: int | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return os.getpid()
+
+    def _spawn_worker(self, child: socket.socket) -> None:
+        from edged import worker
+
+        def run() -> None:
+            try:
+                self._status = worker.run_channel(child, in_process=True)
+            finally:
+                child.close()  # the supervisor's reader sees the end of the channel
+
+        self._thread = threading.Thread(target=run, name=f"worker-{self.index}", daemon=True)
+        self._thread.start()
+
+    def start(self, timeout: float = 120.0) -> dict[str, Any]:
+        info = super().start(timeout)
+        info["sandbox_profile"] = "in_process"
+        return info
+
+    def stop(self, grace: float = 3.0) -> None:
+        self.state = "stopping"
+        self.send({"t": "stop"})
+        if self._thread is not None:
+            self._thread.join(grace)
+        self._close()
+        self.state = "stopped"
+
+    def kill(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            logger.warning("worker %d runs in process: closing its channel; a frame stuck in native code keeps "
+                           "its thread", self.index)
+        self._close()
+
+    def _reap(self, wait: float = 2.0) -> int | None:
+        if self._thread is not None:
+            self._thread.join(wait)
+        return self._status
+
+    def exit_description(self) -> str:
+        if self._thread is not None and self._thread.is_alive():
+            return "abandoned (in-process worker)"
+        return f"worker thread ended with status {self._status}" if self._status is not None else "channel closed"

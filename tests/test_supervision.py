@@ -106,3 +106,61 @@ def test_restart_budget_exhausted_daemon_exits_nonzero(daemon_factory):
             time.sleep(0.05)
     assert d.proc.wait(15) == 70
     assert "giving up" in d.log()
+
+
+def _threads(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
+def test_in_process_mode_serves_from_daemon_threads_and_reloads_without_leaking(daemon_factory, client_factory):
+    import psutil
+    import yaml
+
+    from conftest import BUNDLED
+
+    d = daemon_factory({"sandbox": {"enabled": False, "in_process": True}})
+    c = client_factory(d.prefix)
+    w = d.status()["workers"][0]
+    assert w["pid"] == d.proc.pid and w["sandboxed"] is False and w["sandbox_profile"] == "in_process", w
+    assert psutil.Process(d.proc.pid).children() == []  # no worker process at all
+    assert "sandbox.in_process" in d.log()
+    sample = (BUNDLED / "digits_sample.png").read_bytes()
+    c.send(sample, "a")
+    r = c.wait(["a"], 20)["a"]
+    assert r and "error" not in r and r["classes"][0]["label"] == "7", r
+    # SIGHUP swaps the in-process worker for a new one; the old thread ends and its mappings go
+    threads0 = _threads(d.proc.pid)
+    for i in range(3):
+        cfg = d.config
+        cfg["model"]["top_k"] = 2 + i
+        d.cfg_path.write_text(yaml.safe_dump(cfg))
+        d.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            c.send(sample, f"r{i}")
+            got = c.wait([f"r{i}"], 10)[f"r{i}"]
+            c.results.pop(f"r{i}", None)
+            if got and len(got.get("classes", [])) == 2 + i:
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError(f"reload {i} never took effect: {d.log()[-1500:]}")
+    time.sleep(1.0)
+    assert _threads(d.proc.pid) <= threads0, (threads0, _threads(d.proc.pid))
+    st = d.status()
+    assert len(st["workers"]) == 1 and st["workers"][0]["pid"] == d.proc.pid
+    assert d.stop(signal.SIGTERM, 20) == 0
+
+
+def test_in_process_mode_refused_with_sandbox_enabled(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import BUNDLED, ROOT
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model:\n  path: {BUNDLED / 'digits.tflite'}\nsandbox:\n  in_process: true\n")
+    r = subprocess.run([sys.executable, "-m", "edged", "check", "-c", str(cfg)], capture_output=True, text=True,
+                       cwd=ROOT, timeout=60)
+    assert r.returncode == 78, r
+    assert "sandbox.in_process" in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
