@@ -5,6 +5,8 @@
 (c) worker:     a real worker subprocess fed through the shared-memory pool, sandbox off
 (d) sandboxed:  the same with the seccomp sandbox on (what `edged run` does)
 (e) e2e:        publisher -> Mosquitto -> `edged run` -> subscriber, frames in flight
+With model.batch_max > 1 also: raw_batch (the invoke loop at that batch
+size) and e2e_nobatch (e2e with batching off, same window), for the gain.
 Same model, threads and frame for all. The paths stay up for the whole run
 and are measured in interleaved rounds, so drift of a shared machine hits
 them alike. Reported: throughput, p50/p95/p99 latency, CPU time per frame
@@ -130,6 +132,33 @@ def raw_path(cfg: Config, payload: bytes) -> Serial:
     d = interp.get_input_details()[0]
     interp.set_tensor(d["index"], np.frombuffer(payload, d["dtype"]).reshape(d["shape"]))
     return Serial("raw", interp.invoke)
+
+
+class RawBatch(BenchPath):
+    """The bare invoke loop with `batch` frames per invoke (model.batch_max on a resizable-batch model)."""
+
+    def __init__(self, cfg: Config, payload: bytes, batch: int) -> None:
+        from edged import runtime
+
+        self.name, self.batch, self.pids = "raw_batch", batch, [os.getpid()]
+        self.model = runtime.Model(cfg.model.path, threads=cfg.model.threads)
+        why = self.model.batch_refusal(batch)
+        if why:
+            raise RuntimeError(why)
+        self.model.set_batch(batch)
+        one = np.frombuffer(payload, self.model.input.dtype).reshape(self.model.input.shape)
+        self.model.set_input(np.concatenate([one] * batch))
+
+    def measure(self, n: int, into: Stats) -> None:
+        steps = max(1, n // self.batch)
+        c0, t0 = _cpu(self.pids), time.perf_counter()
+        for _ in range(steps):
+            s = time.perf_counter()
+            self.model.invoke()
+            into.latencies_ms.extend([(time.perf_counter() - s) * 1e3] * self.batch)
+        into.wall_s += time.perf_counter() - t0
+        into.cpu_s += _cpu(self.pids) - c0
+        into.frames += steps * self.batch
 
 
 def inproc_path(cfg: Config, payload: bytes) -> Serial:
@@ -260,13 +289,15 @@ class E2EPath(Windowed):
 
     name = "e2e"
 
-    def __init__(self, cfg: Config, payload: bytes, window: int) -> None:
+    def __init__(self, cfg: Config, payload: bytes, window: int, name: str = "e2e",
+                 model_overrides: dict[str, Any] | None = None) -> None:
         import paho.mqtt.client as paho
         import yaml
 
         from edged.status import query
 
         super().__init__(window)
+        self.name = name
         self.payload = payload
         mosq = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         if not os.path.exists(mosq):
@@ -283,7 +314,8 @@ class E2EPath(Windowed):
         raw_cfg["device_id"] = "bench"
         raw_cfg.setdefault("mqtt", {}).update({"host": "127.0.0.1", "port": port, "topic_prefix": "bench/{device_id}",
                                                "share": None})
-        raw_cfg.setdefault("model", {}).update({"path": cfg.model.path, "labels": cfg.model.labels})
+        raw_cfg.setdefault("model", {}).update({"path": cfg.model.path, "labels": cfg.model.labels,
+                                                **(model_overrides or {})})
         raw_cfg.setdefault("status", {}).update({"socket": str(self.tmp / "s.sock"), "interval": 0,
                                                  "prometheus_file": None})
         (self.tmp / "c.yaml").write_text(yaml.safe_dump(raw_cfg))
@@ -352,9 +384,21 @@ def run_bench(cfg: Config, frames: int = 200, with_e2e: bool = True, rounds: int
         paths += [raw_path(cfg, payload), inproc_path(cfg, payload),
                   WorkerPath(cfg, payload, sandbox=False, window=window),
                   WorkerPath(cfg, payload, sandbox=True, window=window)]
-        if with_e2e:
+        batch = cfg.model.batch_max
+        if batch > 1:
             try:
-                paths.append(E2EPath(cfg, payload, window=window))
+                paths.append(RawBatch(cfg, payload, batch))
+            except RuntimeError as exc:
+                notes["raw_batch"] = f"skipped: batching off: {exc}"
+                batch = 1
+        if with_e2e:
+            # batching needs frames waiting: both e2e paths get the same, wider window
+            e2e_window = max(window, 2 * batch)
+            try:
+                paths.append(E2EPath(cfg, payload, window=e2e_window))
+                if batch > 1:
+                    paths.append(E2EPath(cfg, payload, window=e2e_window, name="e2e_nobatch",
+                                         model_overrides={"batch_max": 1}))
             except RuntimeError as exc:
                 notes["e2e"] = f"skipped: {exc}"
         stats = {p.name: Stats(p.name) for p in paths}
@@ -364,7 +408,7 @@ def run_bench(cfg: Config, frames: int = 200, with_e2e: bool = True, rounds: int
         for _ in range(rounds):
             for p in paths:
                 p.measure(per_round, stats[p.name])
-        e2e = next((p for p in paths if isinstance(p, E2EPath)), None)
+        e2e = next((p for p in paths if isinstance(p, E2EPath) and p.name == "e2e"), None)
         if e2e is not None:
             stats["e2e"].extra = {"cold_start_s": e2e.cold_start_s, **_footprint(e2e.daemon.pid)}
     finally:
@@ -372,21 +416,27 @@ def run_bench(cfg: Config, frames: int = 200, with_e2e: bool = True, rounds: int
             p.close()
     base = stats["raw"]
     report: dict[str, Any] = {"model": cfg.model.path, "threads": cfg.model.threads, "frames_per_path": per_round * rounds,
-                              "rounds": rounds, "in_flight": window, "frame_bytes": len(payload),
+                              "rounds": rounds, "in_flight": window,
+                              "in_flight_e2e": max(window, 2 * batch) if with_e2e else None, "frame_bytes": len(payload),
                               "paths": {n: s.summary(base) for n, s in stats.items()}, "notes": notes}
     P = report["paths"]
     if "worker" in P and "sandboxed" in P:
         report["sandboxed_vs_worker"] = round(P["sandboxed"]["fps"] / P["worker"]["fps"], 3)
         report["sandboxed_vs_inproc"] = round(P["sandboxed"]["fps"] / P["inproc"]["fps"], 3)
+    if "raw_batch" in P:
+        report["batch_max"] = batch
+        report["batch_gain_raw"] = round(P["raw_batch"]["fps"] / P["raw"]["fps"], 3)
+    if "e2e_nobatch" in P:
+        report["batch_gain_e2e"] = round(P["e2e"]["fps"] / P["e2e_nobatch"]["fps"], 3)
     if "e2e" in P:
         report["e2e_vs_raw"] = P["e2e"]["ratio_vs_raw"]
         report["e2e_added_ms_per_frame"] = round(P["e2e"]["ms_per_frame"] - P["raw"]["ms_per_frame"], 3)
     lines = [f"edged bench: {Path(cfg.model.path).name}, {cfg.model.threads} thread(s), {per_round * rounds} frames "
              f"per path in {rounds} interleaved rounds, {window} in flight, {len(payload)}-byte raw tensor frames",
-             f"{'path':<10} {'fps':>8} {'ms/frame':>9} {'p50':>8} {'p95':>8} {'p99':>8} {'cpu ms/f':>9} "
+             f"{'path':<11} {'fps':>8} {'ms/frame':>9} {'p50':>8} {'p95':>8} {'p99':>8} {'cpu ms/f':>9} "
              f"{'fps/raw':>8} {'cpu/raw':>8}"]
     for name, s in P.items():
-        lines.append(f"{name:<10} {s['fps']:>8} {s['ms_per_frame']:>9} {s['p50_ms']:>8} {s['p95_ms']:>8} "
+        lines.append(f"{name:<11} {s['fps']:>8} {s['ms_per_frame']:>9} {s['p50_ms']:>8} {s['p95_ms']:>8} "
                      f"{s['p99_ms']:>8} {s['cpu_ms_per_frame']:>9} {s.get('ratio_vs_raw', 1.0):>8} "
                      f"{str(s.get('cpu_ratio_vs_raw', 1.0)):>8}")
     for name, note in notes.items():
@@ -395,7 +445,8 @@ def run_bench(cfg: Config, frames: int = 200, with_e2e: bool = True, rounds: int
         e = P["e2e"]
         lines.append(f"footprint: supervisor {e['supervisor_pss_mb']} MiB, workers {e['workers_pss_mb']} MiB "
                      f"(PSS), total {e['total_pss_mb']} MiB; cold start to online {e['cold_start_s']} s")
-    for k in ("sandboxed_vs_worker", "sandboxed_vs_inproc", "e2e_vs_raw", "e2e_added_ms_per_frame"):
+    for k in ("sandboxed_vs_worker", "sandboxed_vs_inproc", "e2e_vs_raw", "e2e_added_ms_per_frame",
+              "batch_max", "batch_gain_raw", "batch_gain_e2e"):
         if k in report:
             lines.append(f"{k}: {report[k]}")
     report["text"] = "\n".join(lines)

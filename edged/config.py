@@ -74,6 +74,8 @@ class ModelConfig:
     mean: float = 127.5
     std: float = _f(127.5, lo=1e-9)
     cpu_fallback: str | None = _f(None, path=True)
+    batch_max: int = _f(1, lo=1)  # >1: up to this many waiting frames in one invoke (resizable-batch CPU models)
+    batch_wait_ms: float = _f(0.0, lo=0)  # how long a worker waits for a batch to fill (0: only frames already there)
 
 
 @dataclass(frozen=True)

@@ -172,7 +172,7 @@ class Supervisor(Supervision):
     def _pick(self) -> tuple[Frame, WorkerHandle] | None:
         """Under the lock: the next frame (streams in turn) and the least busy ready worker."""
         ready = [s.handle for s in self.slots if s.handle is not None and s.handle.state == "ready"
-                 and len(s.handle.inflight) < self.cfg.queue.inflight_per_worker]
+                 and len(s.handle.inflight) < s.handle.window]
         if not ready:
             return None
         for _ in range(len(self.rr)):
@@ -249,6 +249,8 @@ class Supervisor(Supervision):
             self.cond.notify_all()
         h.last_pong = time.monotonic()
         h.served += 1
+        if int(msg.get("k", 1)) > 1:
+            h.batched += 1
         if frame is None:
             return
         if frame.block is not None:
@@ -342,6 +344,8 @@ class Supervisor(Supervision):
                         "sandbox_profile": s.handle.info.get("sandbox_profile") if s.handle else None,
                         "inflight": len(s.handle.inflight) if s.handle else 0, "last_exit": s.last_exit,
                         "served": s.handle.served if s.handle else 0,
+                        "batch_max": int(s.handle.info.get("batch", 1)) if s.handle else 1,
+                        "batched": s.handle.batched if s.handle else 0,
                         "accelerator": s.handle.info.get("accelerator", {}).get("chosen") if s.handle else None,
                         "model": s.handle.model_name if s.handle else None} for s in self.slots]
             depth = self.queue_depth()

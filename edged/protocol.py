@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import array
 import json
+import select
 import socket
 import struct
 from typing import Any
@@ -81,6 +82,15 @@ class Reader:
         if not isinstance(msg, dict) or not isinstance(msg.get("t"), str):
             raise ProtocolError("message without a type")
         return msg
+
+    def read_within(self, timeout: float) -> dict[str, Any] | None:
+        """The next message if one starts arriving within `timeout` seconds, else None."""
+        if not self.buf:
+            poller = select.poll()
+            poller.register(self.sock.fileno(), select.POLLIN)
+            if not poller.poll(max(0, int(timeout * 1000))):
+                return None
+        return self.read()
 
     def take_fd(self) -> int:
         if not self.fds:

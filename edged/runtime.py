@@ -155,11 +155,44 @@ class Model:
         return self._interp.get_tensor(self.outputs[i].index)
 
     def dequantized(self, i: int) -> np.ndarray:
-        info = self.outputs[i]
-        raw = self.output(i)
-        if info.scale:
-            return (raw.astype(np.float32) - info.zero_point) * np.float32(info.scale)
-        return raw
+        return dequantize(self.outputs[i], self.output(i))
+
+    # -- batching: several frames in one invoke, for models whose batch dimension resizes --
+
+    batch = 1  # frames the input tensor holds now
+
+    def batch_refusal(self, n: int) -> str | None:
+        """Why this model cannot run `n` frames per invoke (None: it can; left at batch 1 either way)."""
+        if self.stateful:
+            return "the model keeps state between invokes"
+        sig = self._interp.get_input_details()[0].get("shape_signature")
+        if sig is None or len(sig) == 0 or int(sig[0]) != -1:
+            return f"its input's batch dimension is fixed (shape signature {list(sig) if sig is not None else '?'})"
+        if self.input.shape[0] != 1:
+            return f"its input holds {self.input.shape[0]} frames already"
+        try:
+            self.set_batch(n)
+            self._interp.invoke()  # output shapes of a dynamic graph are known after an invoke
+            outs = [self._interp.get_tensor(o.index) for o in self.outputs]
+            bad = [o.name for o, a in zip(self.outputs, outs) if a.ndim == 0 or a.shape[0] != n]
+            if bad:
+                return f"output {bad[0]} does not follow the batch dimension"
+        except (ValueError, RuntimeError) as exc:
+            return f"the runtime cannot resize it to {n}: {_first_line(exc)}"
+        finally:
+            try:
+                self.set_batch(1)
+            except (ValueError, RuntimeError):
+                pass
+        return None
+
+    def set_batch(self, n: int) -> None:
+        """Resize the input to `n` frames (a no-op when it holds that many); input_view() then has n rows."""
+        if n == self.batch:
+            return
+        self._interp.resize_tensor_input(self.input.index, [n, *self.input.shape[1:]])
+        self._interp.allocate_tensors()
+        self.batch = n
 
     def warm_up(self) -> None:
         """Run twice on zeros: primes caches and tells whether state leaks between invokes."""
@@ -178,6 +211,28 @@ class Model:
         return {"path": self.path, "input": {"shape": list(self.input.shape), "dtype": self.input.dtype},
                 "outputs": [o.describe() for o in self.outputs], "backend": self.backend,
                 "stateful": self.stateful}
+
+
+def dequantize(info: TensorInfo, raw: np.ndarray) -> np.ndarray:
+    if info.scale:
+        return (raw.astype(np.float32) - info.zero_point) * np.float32(info.scale)
+    return raw
+
+
+class RowView:
+    """Frame `row` of a batched invoke, with the face of a batch-1 Model that postprocess reads."""
+
+    def __init__(self, model: Model, row: int) -> None:
+        self.model = model
+        self.row = row
+        self.name = model.name
+        self.outputs = model.outputs
+
+    def output(self, i: int) -> np.ndarray:
+        return self.model.output(i)[self.row : self.row + 1]
+
+    def dequantized(self, i: int) -> np.ndarray:
+        return dequantize(self.outputs[i], self.output(i))
 
 
 def _delegation(interp: Any) -> tuple[int | None, int | None]:

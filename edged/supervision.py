@@ -67,6 +67,7 @@ class Supervision:
         return {"t": "init", "config_text": src.read_text(), "config_name": str(src), "config_base": str(src.resolve().parent),
                 "sandbox": cfg.sandbox.enabled, "sandbox_mode": cfg.sandbox.mode,
                 "memory_limit": cfg.sandbox.memory_limit_mb << 20,
+                "batch_max": cfg.model.batch_max, "batch_wait_ms": cfg.model.batch_wait_ms,
                 "max_fds": 32 + int(cfg.pool.max_mb / max(cfg.pool.segment_mb, 0.0625)) + 1,
                 "log_level": logging.getLevelName(cfg.logging.level)}
 
@@ -75,6 +76,8 @@ class Supervision:
         kind = InProcessWorkerHandle if cfg.sandbox.in_process else WorkerHandle
         h = kind(index, init, self._on_worker_message, self._on_worker_exit, self.generation)
         h.start()
+        # a batching worker gets two batches' worth, so the next batch is waiting while one runs
+        h.window = max(cfg.queue.inflight_per_worker, 2 * int(h.info.get("batch", 1)))
         logger.info("worker %d ready: pid %s, model %s on %s, sandboxed %s", index, h.pid, h.model_name,
                     h.info.get("accelerator", {}).get("chosen"), h.info.get("sandboxed"))
         return h

@@ -57,7 +57,18 @@ class Worker:
         self.post = postprocess
         self.model.warm_up()
         self._warm_decoders()
-        info = {"model": self.model.describe(), "accelerator": choice.report(), "task": self.task}
+        self.batch_max, self.batch_wait = 1, 0.0
+        want = int(msg.get("batch_max", 1))
+        if want > 1:
+            why = (f"models on the {choice.kind} accelerator run one frame per invoke" if choice.kind != "cpu"
+                   else self.model.batch_refusal(want))
+            if why:
+                logger.warning("model.batch_max %d: batching off for %s: %s", want, self.model.name, why)
+            else:
+                self.batch_max, self.batch_wait = want, float(msg.get("batch_wait_ms", 0.0)) / 1e3
+                logger.info("batching up to %d frames, waiting at most %.1f ms", want, self.batch_wait * 1e3)
+        info = {"model": self.model.describe(), "accelerator": choice.report(), "task": self.task,
+                "batch": self.batch_max}
         sandboxed = False
         if msg.get("sandbox"):
             from edged import sandbox
@@ -68,8 +79,10 @@ class Worker:
                 keep += sandbox.device_fds()  # the driver's open device nodes: closing them breaks it
             sandbox.harden(memory_limit_bytes=int(msg["memory_limit"]) if msg.get("memory_limit") else None,
                            max_open_files=int(msg.get("max_fds", 256)) + len(keep), keep_fds=keep)
-            sandbox.install_filter(msg.get("sandbox_mode", "kill"),
-                                   extra=sandbox.GPU_EXTRA if choice.kind == "gpu" else ())
+            extra = sandbox.GPU_EXTRA if choice.kind == "gpu" else ()
+            if self.batch_max > 1:
+                extra += sandbox.BATCH_EXTRA  # waiting for a batch to fill: poll on the control socket
+            sandbox.install_filter(msg.get("sandbox_mode", "kill"), extra=extra)
             sandboxed = True
         info["sandboxed"] = sandboxed
         info["sandbox_profile"] = ("gpu" if choice.kind == "gpu" else "default") if sandboxed else "off"
@@ -93,53 +106,139 @@ class Worker:
     def serve(self) -> None:
         while True:
             msg = self.reader.read()
-            t = msg["t"]
-            if t == "f":
-                self.frame(msg)
-            elif t == "seg":
-                fd = self.reader.take_fd()
-                self.segments[int(msg["id"])] = mmap.mmap(fd, int(msg["size"]))
-                os.close(fd)
-            elif t == "unseg":
-                seg = self.segments.pop(int(msg["id"]), None)
-                if seg is not None:
-                    seg.close()
-            elif t == "ping":
-                protocol.send(self.sock, {"t": "pong", "n": msg.get("n")})
-            elif t == "stop":
+            if msg["t"] == "f" and self.batch_max > 1:
+                if not self.gather([msg]):
+                    return
+            elif not self.handle(msg):
                 return
 
-    def frame(self, msg: dict[str, Any]) -> None:
-        from edged.errors import EdgedError, FrameError
+    def gather(self, batch: list[dict[str, Any]]) -> bool:
+        """Collect frames already sent, or sent within batch_wait, up to batch_max; run them; False on stop."""
+        deadline = time.monotonic() + self.batch_wait
+        go_on = True
+        while len(batch) < self.batch_max:
+            msg = self.reader.read_within(max(0.0, deadline - time.monotonic()))
+            if msg is None:
+                break
+            if msg["t"] == "f":
+                batch.append(msg)
+            elif not self.handle(msg):
+                go_on = False
+                break
+        if len(batch) == 1:
+            self.frame(batch[0])
+        else:
+            self.frames(batch)
+        return go_on
 
+    def handle(self, msg: dict[str, Any]) -> bool:
+        """One message; False when the supervisor said stop."""
+        t = msg["t"]
+        if t == "f":
+            self.frame(msg)
+        elif t == "seg":
+            fd = self.reader.take_fd()
+            self.segments[int(msg["id"])] = mmap.mmap(fd, int(msg["size"]))
+            os.close(fd)
+        elif t == "unseg":
+            seg = self.segments.pop(int(msg["id"]), None)
+            if seg is not None:
+                seg.close()
+        elif t == "ping":
+            protocol.send(self.sock, {"t": "pong", "n": msg.get("n")})
+        elif t == "stop":
+            return False
+        return True
+
+    def frame(self, msg: dict[str, Any]) -> None:
         seq = msg["s"]
         t0 = time.perf_counter()
         try:
-            seg = self.segments[int(msg["g"])]
-            off, n = int(msg["o"]), int(msg["n"])
-            view = memoryview(seg)[off : off + n]
+            self.model.set_batch(1)
+            dst = self.model.input_view()
             try:
-                dst = self.model.input_view()
-                self.pre.fill(dst, view, msg.get("c"))
-                del dst
+                self.fill(dst, msg)
             finally:
-                view.release()
+                del dst
             t1 = time.perf_counter()
             self.model.invoke()
             t2 = time.perf_counter()
-            if self.task == "classify":
-                body = self.post.classify(self.model, self.labels, self.cfg.model.top_k)
-            elif self.task == "detect":
-                body = self.post.detect(self.model, self.labels, self.cfg.model.score_threshold, self.det_layout)
-            else:
-                body = self.post.raw(self.model)
+            body = self.postprocess(self.model)
             protocol.send(self.sock, {"t": "r", "s": seq, "b": body, "p": round((t1 - t0) * 1e3, 3),
                                       "i": round((t2 - t1) * 1e3, 3)})
-        except FrameError as exc:
-            protocol.send(self.sock, {"t": "r", "s": seq, "e": {"code": exc.code, "message": exc.message}})
-        except Exception as exc:  # top of the frame: answer it; formatting a traceback would read files (SIGSYS)
+        except Exception as exc:  # top of the frame: answer it
+            self.refuse(seq, exc)
+
+    def frames(self, batch: list[dict[str, Any]]) -> None:
+        """Several frames in one invoke; a bad frame is answered alone and its row left blank."""
+        from edged.runtime import RowView
+
+        t0 = time.perf_counter()
+        try:
+            self.model.set_batch(len(batch))
+        except Exception as exc:
+            for msg in batch:
+                self.refuse(msg["s"], exc)
+            return
+        rows: list[tuple[int, dict[str, Any], float]] = []
+        dst = self.model.input_view()
+        try:
+            for row, msg in enumerate(batch):
+                t = time.perf_counter()
+                try:
+                    self.fill(dst[row : row + 1], msg)
+                    rows.append((row, msg, time.perf_counter() - t))
+                except Exception as exc:
+                    dst[row : row + 1] = 0
+                    self.refuse(msg["s"], exc)
+        finally:
+            del dst
+        if not rows:
+            return
+        t1 = time.perf_counter()
+        try:
+            self.model.invoke()
+        except Exception as exc:
+            for _row, msg, _p in rows:
+                self.refuse(msg["s"], exc)
+            return
+        inv = round((time.perf_counter() - t1) * 1e3, 3)
+        wait = (t1 - t0) - sum(p for _r, _m, p in rows)  # resize and the other rows' decoding
+        for row, msg, p in rows:
+            try:
+                body = self.postprocess(RowView(self.model, row))
+            except Exception as exc:
+                self.refuse(msg["s"], exc)
+                continue
+            protocol.send(self.sock, {"t": "r", "s": msg["s"], "b": body, "p": round((p + wait) * 1e3, 3),
+                                      "i": inv, "k": len(batch)})
+
+    def fill(self, dst: Any, msg: dict[str, Any]) -> None:
+        seg = self.segments[int(msg["g"])]
+        off, n = int(msg["o"]), int(msg["n"])
+        view = memoryview(seg)[off : off + n]
+        try:
+            self.pre.fill(dst, view, msg.get("c"))
+        finally:
+            view.release()
+
+    def postprocess(self, model: Any) -> dict[str, Any]:
+        if self.task == "classify":
+            return self.post.classify(model, self.labels, self.cfg.model.top_k)
+        if self.task == "detect":
+            return self.post.detect(model, self.labels, self.cfg.model.score_threshold, self.det_layout)
+        return self.post.raw(model)
+
+    def refuse(self, seq: Any, exc: Exception) -> None:
+        """Answer one frame with an error; never formats a traceback (it would read files: SIGSYS)."""
+        from edged.errors import EdgedError, FrameError
+
+        if isinstance(exc, FrameError):
+            err = {"code": exc.code, "message": exc.message}
+        else:
             text = f"{type(exc).__name__}: {exc}" if not isinstance(exc, EdgedError) else str(exc)
-            protocol.send(self.sock, {"t": "r", "s": seq, "e": {"code": "inference_failed", "message": text[:300]}})
+            err = {"code": "inference_failed", "message": text[:300]}
+        protocol.send(self.sock, {"t": "r", "s": seq, "e": err})
 
 
 def run_channel(sock: socket.socket, in_process: bool = False) -> int:

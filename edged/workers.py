@@ -44,6 +44,8 @@ class WorkerHandle:
         self.last_pong = time.monotonic()
         self.retiring = False
         self.served = 0  # results (and error results) this worker sent
+        self.batched = 0  # of those, results of frames that shared an invoke with others
+        self.window = 2  # frames handed to it ahead of time (the supervisor sets it once the worker is ready)
         self._send_lock = threading.Lock()
         self._reader: threading.Thread | None = None
 

@@ -147,6 +147,15 @@ def serve_unit(net):
     return fn, tf.TensorSpec([1, 8, 8, 1], tf.float32, name="input")
 
 
+def serve_unit_batch(net):
+    """Like serve_unit, with a free batch dimension: x [N,8,8,1] (shape signature [-1,8,8,1])."""
+
+    def fn(x):
+        return {"probabilities": net(x, training=False)}
+
+    return fn, tf.TensorSpec([None, 8, 8, 1], tf.float32, name="input")
+
+
 def serve_symmetric(net):
     """x: float (pixel-127.5)/127.5 in -1..1, NHWC [1,8,8,1]; (x+1)/2 == pixel/255."""
 
@@ -623,6 +632,18 @@ trained network.
 {block('digits_nchw_float')}
 - held-out accuracy: {info['acc']['digits_nchw_float']:.4f}
 
+## digits_batch.tflite
+
+The network of `digits.tflite`, quantized the same way (uint8 in and out), but
+converted from a serving function whose batch dimension is free
+(`TensorSpec([None, 8, 8, 1])`): the input's shape signature is [-1,8,8,1], so
+`resize_tensor_input` to [N,8,8,1] works (with XNNPACK too), which the
+batch-1 models refuse. Used by the batching tests and benchmark
+(`model.batch_max`).
+
+{block('digits_batch')}
+- held-out accuracy: {info['acc']['digits_batch']:.4f}
+
 ## stateful.tflite
 
 A tiny model with state kept between invokes in TFLite **variable tensors**:
@@ -701,6 +722,7 @@ def main() -> int:
         models["digits_int8io"] = convert(net, serve_unit, work, "int8io", quant_io=tf.int8, rep_images=x_tr)
         models["digits_float"] = convert(net, serve_symmetric, work, "float")
         models["digits_nchw_float"] = convert(net, serve_symmetric_nchw, work, "nchw")
+        models["digits_batch"] = convert(net, serve_unit_batch, work, "batch", quant_io=tf.uint8, rep_images=x_tr)
         models["stateful"], st_ref = build_stateful(work)
 
     desc = {k: describe(v) for k, v in models.items()}
@@ -722,9 +744,12 @@ def main() -> int:
     assert desc["digits_nchw_float"]["inputs"][0]["shape"] == [1, 1, 8, 8]
     assert desc["digits_nchw_float"]["inputs"][0]["dtype"] == "float32"
     assert desc["stateful"]["variable_tensors"], "stateful.tflite has no variable tensors"
+    bsig = interpreter(models["digits_batch"]).get_input_details()[0]["shape_signature"]
+    assert [int(v) for v in bsig] == [-1, 8, 8, 1], f"digits_batch: batch dimension not free ({bsig})"
 
     # --- accuracy -------------------------------------------------------------
-    modes = {"digits": "quant", "digits_int8io": "quant", "digits_float": "float_nhwc", "digits_nchw_float": "float_nchw"}
+    modes = {"digits": "quant", "digits_int8io": "quant", "digits_float": "float_nhwc", "digits_nchw_float": "float_nchw",
+             "digits_batch": "quant"}
     probs = {k: predict_all(models[k], x_te, m) for k, m in modes.items()}
     acc = {k: float(np.mean(np.argmax(p, 1) == y_te)) for k, p in probs.items()}
     acc["keras"] = keras_acc
@@ -750,7 +775,7 @@ def main() -> int:
     Image.fromarray(sample, mode="L").save(MODELS_DIR / "digits_sample.png", optimize=True)
     init_py = MODELS_DIR / "__init__.py"
     init_py.write_text("")
-    for k in ("digits_int8io", "digits_float", "digits_nchw_float", "stateful"):
+    for k in ("digits_int8io", "digits_float", "digits_nchw_float", "digits_batch", "stateful"):
         (TESTDATA_DIR / f"{k}.tflite").write_bytes(models[k])
 
     # the PNG round-trips exactly and the quantized model classifies it
@@ -814,6 +839,7 @@ def main() -> int:
         TESTDATA_DIR / "digits_int8io.tflite",
         TESTDATA_DIR / "digits_float.tflite",
         TESTDATA_DIR / "digits_nchw_float.tflite",
+        TESTDATA_DIR / "digits_batch.tflite",
         TESTDATA_DIR / "stateful.tflite",
         TESTDATA_DIR / "README.md",
     ]

@@ -34,7 +34,7 @@ EOF
 
 tests=()
 for t in tests/test_runtime.py tests/test_postprocess.py tests/test_preprocess.py tests/test_accel.py \
-         tests/test_model_files.py; do
+         tests/test_model_files.py tests/test_batching.py; do
   if [ -f "$t" ]; then tests+=("$t"); else echo "note: $t does not exist, not run" >&2; fi
 done
 exec "$VENV/bin/python" -m pytest -q "${tests[@]}" "$@"
