@@ -245,6 +245,9 @@ def harden(*, memory_limit_bytes: int | None, max_open_files: int = 64, keep_fds
                  max_open_files, memory_limit_bytes, sorted(keep))
 
 
+#: A worker that batches waits for the next frame with a timeout (poll on its control socket).
+BATCH_EXTRA = ("poll", "ppoll")
+
 # What a GPU driver (Vulkan/WebGPU) still does after warm-up, only for a worker
 # whose model runs on the GPU: ioctl submits work, poll/epoll/eventfd wait for
 # fences. Traced on the lent H100 (tools/trace_worker.py under strace, NVIDIA
@@ -253,9 +256,6 @@ def harden(*, memory_limit_bytes: int | None, max_open_files: int = 64, keep_fds
 # fork, ptrace and setuid stay refused; the unit's ProtectSystem/ProtectHome/
 # PrivateTmp/DevicePolicy bound what it could open. Reported in status
 # (workers[].sandbox_profile = "gpu").
-#: A worker that batches waits for the next frame with a timeout (poll on its control socket).
-BATCH_EXTRA = ("poll", "ppoll")
-
 GPU_EXTRA = ("ioctl", "poll", "ppoll", "epoll_wait", "epoll_pwait", "epoll_ctl", "eventfd2",
              "sched_getaffinity", "pread64", "lseek", "dup", "dup3", "openat", "getuid")
 
