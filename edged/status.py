@@ -128,6 +128,9 @@ def render(st: dict[str, Any]) -> str:
     ]
     for w in st.get("workers", []):
         rows.append((f"worker {w.get('index')}", f"pid {w.get('pid')}  {w.get('state')}  restarts {w.get('restarts')}  "
-                     f"sandboxed {'yes' if w.get('sandboxed') else 'no'}  RSS {(w.get('rss_bytes') or 0) >> 20} MiB"))
+                     f"sandboxed {'yes' if w.get('sandboxed') else 'no'}"
+                     + (f" ({w['sandbox_profile']})" if w.get("sandbox_profile") not in (None, "default", "off") else "")
+                     + f"  RSS {(w.get('rss_bytes') or 0) >> 20} MiB"
+                     + (f"  batch {w['batch_max']} ({w.get('batched', 0)} batched)" if w.get("batch_max", 1) > 1 else "")))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

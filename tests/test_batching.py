@@ -6,13 +6,14 @@ tests/data/digits_batch.tflite is the bundled digits network converted with a fr
 from __future__ import annotations
 
 import io
+import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from conftest import BUNDLED, DATA
+from conftest import BUNDLED, DATA, edged_cmd
 from edged import postprocess
 from edged.runtime import Model, RowView
 
@@ -112,6 +113,8 @@ def test_daemon_batches_a_burst_in_a_sandboxed_worker_and_answers_each_frame_as_
     st = d.status()
     assert st["workers"][0]["batched"] > 0, st["workers"][0]  # frames really shared invokes
     assert st["workers"][0]["restarts"] == 0
+    table = subprocess.run(edged_cmd("status", "-c", str(d.cfg_path)), capture_output=True, text=True, timeout=30)
+    assert table.returncode == 0 and "batch 8 (" in table.stdout, table.stdout
 
 
 def test_batch_max_on_fixed_batch_model_is_logged_and_serves_one_by_one(daemon_factory, client_factory):
