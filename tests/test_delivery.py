@@ -403,6 +403,7 @@ def test_admission_64mb_payload_refused_too_large_rss_flat(daemon_factory, clien
     time.sleep(3)
     after = d.status()["memory"]["rss_bytes"]
     assert d.proc.poll() is None
+    print(f"64 MiB payload: too_large; daemon RSS {before / 2**20:.1f} MiB before, {after / 2**20:.1f} MiB after")
     assert after - before <= 8 << 20, f"RSS {before / 2**20:.1f} MiB before, {after / 2**20:.1f} MiB after"
 
 

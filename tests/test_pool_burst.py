@@ -57,10 +57,15 @@ def test_pool_burst_of_mixed_frames_served_grows_then_shrinks_and_rss_returns(da
         time.sleep(0.5)
     else:
         raise AssertionError(f"pool did not shrink back within 30 s: {p2}")
+    t_shrink = time.monotonic() - t0
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         rss = supervisor.memory_info().rss
         if rss <= rss0 * 1.10:
             break
         time.sleep(0.5)
+    print(f"pool burst: {len(ids)} frames; capacity {p0['capacity_bytes'] / 2**20:.1f} MiB -> high water "
+          f"{p1['high_water_bytes'] / 2**20:.1f} MiB ({p1['grows'] - p0['grows']} grows), back to "
+          f"{p2['capacity_bytes'] / 2**20:.1f} MiB {t_shrink:.1f} s after the burst was answered; "
+          f"supervisor RSS {rss0 / 2**20:.1f} MiB before, {rss / 2**20:.1f} MiB after")
     assert rss <= rss0 * 1.10, f"supervisor RSS {rss >> 20} MiB vs {rss0 >> 20} MiB before the burst"

@@ -67,6 +67,9 @@ def test_worker_sigkill_mid_stream_every_frame_answered_and_new_worker_serves(da
     codes = {r["error"]["code"] for r in got.values() if "error" in r}
     assert codes <= {"worker_crashed"}, codes
     assert codes, "the killed worker had frames in flight; they must be answered worker_crashed"
+    n_crashed = sum(1 for r in got.values() if "error" in r)
+    print(f"SIGKILL mid-stream: {len(ids)} frames, {n_crashed} answered worker_crashed, "
+          f"the rest served; new worker ready {t_ready:.2f} s after the kill")
     assert new is not None and t_ready < 2.0, t_ready
     assert _proc_status(new)["Seccomp"] == "2"
     assert d.status()["workers"][0]["restarts"] == 1
