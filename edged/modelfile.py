@@ -7,6 +7,7 @@ it. Not a full verifier: per-op option tables are bounds-checked, not parsed.
 """
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import struct
@@ -253,7 +254,7 @@ def input_normalization(path: str) -> tuple[tuple[float, ...], tuple[float, ...]
                     if opts is None:
                         continue
                     mean, std = f.floats(f.ref(opts, 0)), f.floats(f.ref(opts, 1))
-                    if mean and std and all(s != 0 for s in std):
+                    if mean and std and all(map(math.isfinite, mean + std)) and all(s != 0 for s in std):
                         return tuple(float(m) for m in mean), tuple(float(s) for s in std)
         return None
     except (OSError, ValueError, struct.error):

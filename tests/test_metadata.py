@@ -61,6 +61,8 @@ def test_input_normalization_damaged_or_unusable_metadata_gives_none(tmp_path):
     assert modelfile.input_normalization(str(truncated)) is None
     zero_std = _write(tmp_path, "z.tflite", with_normalization(FLOAT.read_bytes(), [0.0], [0.0]))
     assert modelfile.input_normalization(str(zero_std)) is None
+    nan = _write(tmp_path, "n.tflite", with_normalization(FLOAT.read_bytes(), [float("nan")], [1.0]))
+    assert modelfile.input_normalization(str(nan)) is None
     other = _write(tmp_path, "o.tflite", with_metadata(FLOAT.read_bytes(), blob, name="SOMETHING_ELSE"))
     assert modelfile.input_normalization(str(other)) is None
 
