@@ -1,4 +1,4 @@
-"""Bounds check of a .tflite flatbuffer, for runtimes that do not verify model files.
+"""Reading .tflite files without a runtime: a bounds check, and the input normalization from metadata.
 
 tflite-runtime 2.14 reads offsets of a damaged model without checking them and
 can read past the end of the file (a segfault in GetBuiltinCode); before it
@@ -7,6 +7,7 @@ it. Not a full verifier: per-op option tables are bounds-checked, not parsed.
 """
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import struct
@@ -130,3 +131,131 @@ def check_structure(path: str, name: str) -> None:
         raise ModelError(f"model {name} cannot load: {exc.strerror}") from None
 
 
+
+
+# --- TFLite model metadata (metadata_schema.fbs) ----------------------------------------------------
+# The converter's models carry none; models from TF Hub / Model Maker / the metadata writers keep, in a
+# buffer named by the Model's "TFLITE_METADATA" entry, a ModelMetadata flatbuffer (identifier "M001"):
+# ModelMetadata.subgraph_metadata (field 3) -> SubGraphMetadata.input_tensor_metadata (2) ->
+# TensorMetadata.process_units (4) -> ProcessUnit {options_type (0), options (1)}, where options type 1
+# is NormalizationOptions {mean (0), std (1)}: the input is (pixel - mean) / std, per channel or one value.
+
+_NORMALIZATION_OPTIONS = 1  # ProcessUnitOptions union: NONE 0, NormalizationOptions 1, ...
+
+
+class _Fields:
+    """Bounds-checked reads of flatbuffer tables, vectors and strings (raises ValueError)."""
+
+    def __init__(self, buf: bytes | memoryview | mmap.mmap) -> None:
+        self.buf = buf
+        self.b = _Bounds(buf)
+
+    def root(self) -> int:
+        return self.b.u32(0, "root offset")
+
+    def field(self, table: int, i: int) -> int | None:
+        """Absolute position of field i of the table at `table`, or None when absent."""
+        self.b.need(table, 4, "table")
+        vt = table - struct.unpack_from("<i", self.buf, table)[0]
+        self.b.need(vt, 4, "vtable")
+        vsize, tsize = struct.unpack_from("<HH", self.buf, vt)
+        slot = 4 + 2 * i
+        if slot + 2 > vsize:
+            return None
+        self.b.need(vt, vsize, "vtable")
+        off = struct.unpack_from("<H", self.buf, vt + slot)[0]
+        if off == 0:
+            return None
+        self.b.need(table, tsize, "table")
+        return table + off
+
+    def ref(self, table: int, i: int) -> int | None:
+        """Target of offset field i (a table, vector or string), or None."""
+        pos = self.field(table, i)
+        return None if pos is None else pos + self.b.u32(pos, "offset")
+
+    def scalar(self, table: int, i: int, fmt: str, default: int = 0) -> int:
+        pos = self.field(table, i)
+        if pos is None:
+            return default
+        self.b.need(pos, struct.calcsize(fmt), "scalar")
+        return int(struct.unpack_from("<" + fmt, self.buf, pos)[0])
+
+    def tables(self, vec: int | None) -> list[int]:
+        if vec is None:
+            return []
+        n = self.b.u32(vec, "vector")
+        self.b.need(vec + 4, 4 * n, "vector")
+        return [vec + 4 + 4 * j + self.b.u32(vec + 4 + 4 * j, "vector") for j in range(n)]
+
+    def string(self, pos: int | None) -> str:
+        if pos is None:
+            return ""
+        n = self.b.u32(pos, "string")
+        self.b.need(pos + 4, n, "string")
+        return bytes(self.buf[pos + 4:pos + 4 + n]).decode("utf-8", "replace")
+
+    def floats(self, vec: int | None) -> tuple[float, ...]:
+        if vec is None:
+            return ()
+        n = self.b.u32(vec, "vector")
+        self.b.need(vec + 4, 4 * n, "vector")
+        return struct.unpack_from(f"<{n}f", self.buf, vec + 4)
+
+    def blob(self, vec: int | None) -> bytes:
+        if vec is None:
+            return b""
+        n = self.b.u32(vec, "vector")
+        self.b.need(vec + 4, n, "vector")
+        return bytes(self.buf[vec + 4:vec + 4 + n])
+
+
+def metadata_blob(buf: bytes | memoryview | mmap.mmap, name: str = "TFLITE_METADATA") -> bytes | None:
+    """The bytes of the model's metadata buffer called `name`, or None (raises ValueError on a bad file)."""
+    f = _Fields(buf)
+    model = f.root()
+    for meta in f.tables(f.ref(model, 6)):
+        if f.string(f.ref(meta, 0)) != name:
+            continue
+        buffers = f.tables(f.ref(model, 4))
+        idx = f.scalar(meta, 1, "I")
+        if idx >= len(buffers):
+            raise ValueError(f"metadata {name} names buffer {idx} of {len(buffers)}")
+        data = f.ref(buffers[idx], 0)
+        if data is not None:
+            return f.blob(data)
+        start, size = f.scalar(buffers[idx], 1, "Q"), f.scalar(buffers[idx], 2, "Q")
+        if start > 1:  # models past 2 GB keep buffers after the flatbuffer
+            f.b.need(start, size, "buffer data")
+            return bytes(buf[start:start + size])
+        return b""
+    return None
+
+
+def input_normalization(path: str) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """(mean, std) of the first input from the model's TFLite metadata, or None when it has none.
+
+    A model without metadata, or whose metadata cannot be read, gives None: the
+    config's model.mean / model.std apply then. Each tuple holds one value or one per channel.
+    """
+    try:
+        with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            blob = metadata_blob(buf)
+        if not blob:
+            return None
+        f = _Fields(blob)
+        meta = f.root()
+        for sub in f.tables(f.ref(meta, 3))[:1]:
+            for tensor in f.tables(f.ref(sub, 2))[:1]:
+                for unit in f.tables(f.ref(tensor, 4)):
+                    if f.scalar(unit, 0, "B") != _NORMALIZATION_OPTIONS:
+                        continue
+                    opts = f.ref(unit, 1)
+                    if opts is None:
+                        continue
+                    mean, std = f.floats(f.ref(opts, 0)), f.floats(f.ref(opts, 1))
+                    if mean and std and all(map(math.isfinite, mean + std)) and all(s != 0 for s in std):
+                        return tuple(float(m) for m in mean), tuple(float(s) for s in std)
+        return None
+    except (OSError, ValueError, struct.error):
+        return None

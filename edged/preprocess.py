@@ -60,14 +60,37 @@ def sniff(payload: memoryview | bytes, content_type: str | None = None) -> str |
     return None
 
 
+Norm = float | tuple[float, ...]
+
+
+def normalization(info: TensorInfo, metadata: tuple[tuple[float, ...], tuple[float, ...]] | None,
+                  mean: float, std: float) -> tuple[Norm, Norm, str]:
+    """(mean, std, where from) for a float input: the model's metadata when it has usable values, else config.
+
+    Metadata values must be one number or one per channel of the input; others are
+    ignored, and the returned source says why.
+    """
+    if metadata is None:
+        return mean, std, "config"
+    lay = Layout.of(info)
+    channels = lay.channels if lay else 1
+    m, s = metadata
+    if len(m) not in (1, channels) or len(s) not in (1, channels):
+        return mean, std, (f"config (the model's metadata gives {len(m)} means and {len(s)} stds "
+                           f"for a {channels}-channel input)")
+    return (m[0] if len(m) == 1 else m), (s[0] if len(s) == 1 else s), "model metadata"
+
+
 class Preprocessor:
     """Fills a model's input tensor from frame payloads."""
 
-    def __init__(self, info: TensorInfo, mean: float = 127.5, std: float = 127.5) -> None:
+    def __init__(self, info: TensorInfo, mean: Norm = 127.5, std: Norm = 127.5) -> None:
         self.info = info
         self.layout = Layout.of(info)
-        self.mean = np.float32(mean)
-        self.std = np.float32(std)
+        # one value, or one per channel: shaped to broadcast over HWC or CHW pixels
+        per_channel = (-1, 1, 1) if self.layout is not None and self.layout.nchw else (-1,)
+        self.mean = np.asarray(mean, np.float32).reshape(per_channel if np.ndim(mean) else ())
+        self.std = np.asarray(std, np.float32).reshape(per_channel if np.ndim(std) else ())
 
     def fill(self, dst: np.ndarray, payload: memoryview, content_type: str | None = None) -> str:
         """Write the frame into dst (the input tensor); return the kind of frame it was."""

@@ -14,7 +14,7 @@ if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
   test -x "$VENV/bin/python" || "$PYTHON" -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip
   "$VENV/bin/python" -m pip install -q 'numpy<2' tflite-runtime pillow pyyaml paho-mqtt pyseccomp psutil \
-    pytest hypothesis
+    pytest hypothesis flatbuffers
   # --no-deps: the package's own dependencies name ai-edge-litert, which would pull numpy>=2
   "$VENV/bin/python" -m pip install -q --no-deps -e .
   touch "$STAMP"
@@ -34,7 +34,7 @@ EOF
 
 tests=()
 for t in tests/test_runtime.py tests/test_postprocess.py tests/test_preprocess.py tests/test_accel.py \
-         tests/test_model_files.py tests/test_batching.py; do
+         tests/test_model_files.py tests/test_batching.py tests/test_metadata.py; do
   if [ -f "$t" ]; then tests+=("$t"); else echo "note: $t does not exist, not run" >&2; fi
 done
 exec "$VENV/bin/python" -m pytest -q "${tests[@]}" "$@"
