@@ -138,7 +138,8 @@ else
     # points at the model bundled in the venv and at the systemd socket path.
     # Only those lines are rewritten so the file keeps its comments; pyyaml
     # then checks the result.
-    "$R$VENV/bin/python" - "$SRC/configs/edged.yaml" "$R$CONF.tmp" "$R" <<'PY'
+    # -I: isolated, so the current directory (a checkout holding edged/) does not shadow the venv's package
+    "$R$VENV/bin/python" -I - "$SRC/configs/edged.yaml" "$R$CONF.tmp" "$R" <<'PY'
 import importlib.util, re, sys
 from pathlib import Path
 import yaml
