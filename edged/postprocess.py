@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from edged.errors import ModelError
-from edged.runtime import Model
+from edged.runtime import Model, dequantize
 
 _ID_LINE = re.compile(r"^\s*(\d+)[\s:,]+(.+?)\s*$")
 
@@ -40,12 +40,17 @@ def _label(labels: dict[int, str], i: int) -> str:
 
 
 def classify(model: Model, labels: dict[int, str], top_k: int) -> dict[str, Any]:
-    scores = model.dequantized(0).reshape(-1)
-    k = min(top_k, scores.size)
-    idx = np.argpartition(-scores, k - 1)[:k]
-    idx = idx[np.argsort(-scores[idx], kind="stable")]
-    return {"classes": [{"id": int(i), "label": _label(labels, int(i)), "score": round(float(scores[i]), 4)}
-                        for i in idx]}
+    info = model.outputs[0]
+    raw = model.output(0).reshape(-1) if info.scale >= 0 else model.dequantized(0).reshape(-1)
+    k = max(1, min(top_k, raw.size))
+    # dequantizing is monotonic (scale > 0): find the top k on the raw values, dequantize only those.
+    # Every class at least as good as the k-th is a candidate, so ties at the cut go by class id.
+    kth = np.partition(raw, raw.size - k)[raw.size - k]
+    idx = np.flatnonzero(raw >= kth)
+    scores = (dequantize(info, raw[idx]) if info.scale > 0 else raw[idx]).astype(np.float64)
+    order = np.lexsort((idx, -scores))[:k]  # best first; equal scores by class id
+    return {"classes": [{"id": int(idx[j]), "label": _label(labels, int(idx[j])), "score": round(float(scores[j]), 4)}
+                        for j in order]}
 
 
 def detection_outputs(model: Model) -> tuple[int, int, int, int | None]:

@@ -145,6 +145,25 @@ def test_classify_top_k_capped_by_class_count(top_k, n):
     assert len({c["id"] for c in classes}) == n
 
 
+@pytest.mark.parametrize("name", ["digits.tflite", "data/digits_int8io.tflite", "data/digits_float.tflite"])
+def test_classify_top_k_on_raw_values_equals_full_dequantize_sort_ties_by_id(name):
+    """classify() picks the top k on the quantized output and dequantizes only those: same answer as
+    dequantizing everything and sorting (best first, equal scores by class id)."""
+    path = BUNDLED / name if "/" not in name else DATA / name.split("/", 1)[1]
+    model = Model(str(path))
+    rng = np.random.default_rng(5)
+    for _ in range(20):
+        x = rng.integers(0, 256, model.input.shape, dtype=np.uint8)
+        model.set_input(x.astype(np.float32) / 127.5 - 1 if model.input.dtype == "float32"
+                        else (x ^ 0x80).view(np.int8) if model.input.dtype == "int8" else x)
+        model.invoke()
+        full = model.dequantized(0).reshape(-1).astype(np.float64)
+        want = sorted(range(full.size), key=lambda i: (-full[i], i))[:5]
+        got = postprocess.classify(model, {}, top_k=5)["classes"]
+        assert [c["id"] for c in got] == want
+        assert [c["score"] for c in got] == [round(float(full[i]), 4) for i in want]
+
+
 # -- detect --------------------------------------------------------------------------------------------
 
 def test_detection_outputs_ssd_layout(ssd):
