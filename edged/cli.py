@@ -54,10 +54,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"input        {list(model.input.shape)} {model.input.dtype} quantization "
           f"{(model.input.scale, model.input.zero_point) if model.input.scale else None}")
     if model.input.dtype.startswith("float"):
-        from edged import modelfile, preprocess
+        from edged import preprocess
 
-        mean, std, source = preprocess.normalization(
-            model.input, modelfile.input_normalization(model.path), cfg.model.mean, cfg.model.std)
+        mean, std, source = preprocess.model_normalization(model.path, model.input, cfg.model.mean, cfg.model.std)
         print(f"normalize    (pixel - {mean}) / {std}, from {source}")
     for o in model.outputs:
         print(f"output       {o.name} {list(o.shape)} {o.dtype}")

@@ -131,8 +131,6 @@ def check_structure(path: str, name: str) -> None:
         raise ModelError(f"model {name} cannot load: {exc.strerror}") from None
 
 
-
-
 # --- TFLite model metadata (metadata_schema.fbs) ----------------------------------------------------
 # The converter's models carry none; models from TF Hub / Model Maker / the metadata writers keep, in a
 # buffer named by the Model's "TFLITE_METADATA" entry, a ModelMetadata flatbuffer (identifier "M001"):

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import BmpImagePlugin, Image, JpegImagePlugin, PngImagePlugin  # noqa: F401  (plugins loaded before the sandbox)
 
+from edged import modelfile
 from edged.errors import FrameError
 from edged.runtime import TensorInfo
 
@@ -61,6 +62,13 @@ def sniff(payload: memoryview | bytes, content_type: str | None = None) -> str |
 
 
 Norm = float | tuple[float, ...]
+
+
+def model_normalization(model_path: str, info: TensorInfo, mean: float, std: float) -> tuple[Norm, Norm, str]:
+    """(mean, std, where from) for the model's input: see normalization(); config values for non-float inputs."""
+    if not info.dtype.startswith("float"):
+        return mean, std, "config"
+    return normalization(info, modelfile.input_normalization(model_path), mean, std)
 
 
 def normalization(info: TensorInfo, metadata: tuple[tuple[float, ...], tuple[float, ...]] | None,

@@ -53,12 +53,9 @@ class Worker:
         self.labels = postprocess.load_labels(cfg.model.labels)
         self.task = cfg.model.task
         self.det_layout = postprocess.detection_outputs(self.model) if self.task == "detect" else None
-        mean, std = cfg.model.mean, cfg.model.std
+        mean, std, source = preprocess.model_normalization(self.model.path, self.model.input,
+                                                           cfg.model.mean, cfg.model.std)
         if self.model.input.dtype.startswith("float"):
-            from edged import modelfile
-
-            mean, std, source = preprocess.normalization(
-                self.model.input, modelfile.input_normalization(self.model.path), mean, std)
             logger.info("float input: (pixel - %s) / %s, from %s", mean, std, source)
         self.pre = preprocess.Preprocessor(self.model.input, mean, std)
         self.post = postprocess

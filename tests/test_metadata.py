@@ -71,6 +71,15 @@ def _info(shape: tuple[int, ...]) -> runtime.TensorInfo:
     return runtime.TensorInfo(0, "in", shape, "float32", 0.0, 0)
 
 
+def test_model_normalization_reads_the_file_for_float_inputs_only(tmp_path):
+    meta = _write(tmp_path, "m.tflite", with_normalization(FLOAT.read_bytes(), [0.0], [255.0]))
+    f32 = runtime.TensorInfo(0, "in", (1, 8, 8, 1), "float32", 0.0, 0)
+    u8 = runtime.TensorInfo(0, "in", (1, 8, 8, 1), "uint8", 1 / 255, 0)
+    assert preprocess.model_normalization(str(meta), f32, 1.0, 2.0) == (0.0, 255.0, "model metadata")
+    assert preprocess.model_normalization(str(FLOAT), f32, 1.0, 2.0) == (1.0, 2.0, "config")
+    assert preprocess.model_normalization(str(meta), u8, 1.0, 2.0) == (1.0, 2.0, "config")
+
+
 def test_normalization_prefers_metadata_checks_channel_count():
     nhwc3 = _info((1, 4, 4, 3))
     assert preprocess.normalization(nhwc3, None, 1.0, 2.0) == (1.0, 2.0, "config")
