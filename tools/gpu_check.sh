@@ -3,6 +3,8 @@
 # GPU tests, `edged check` and `edged bench` on MobileNet v2 with accelerator.prefer [gpu, cpu], and the same
 # bench on the CPU for comparison. Optional carried folders: .gl (Vulkan/GL loader .debs), .whl (wheels),
 # .mq (a mosquitto binary and its libraries), .m (the shared models). Outputs go to ${OUT:-/tmp/gpu-out}.
+# .mq: cp /usr/sbin/mosquitto and every library `ldd` lists except libc, libm and ld-linux; mind that a
+# filter on 'libdl' also drops libdlt.so.2, and then mosquitto does not start there (the e2e bench fails).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/gpu-out}; mkdir -p "$out"
