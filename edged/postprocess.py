@@ -41,13 +41,15 @@ def _label(labels: dict[int, str], i: int) -> str:
 
 def classify(model: Model, labels: dict[int, str], top_k: int) -> dict[str, Any]:
     info = model.outputs[0]
-    raw = model.output(0).reshape(-1) if info.scale >= 0 else model.dequantized(0).reshape(-1)
+    # dequantizing keeps the order (scale >= 0; 0 = not quantized): find the top k on the raw values and
+    # dequantize only those. Every class at least as good as the k-th is a candidate, so ties at the cut
+    # go by class id.
+    monotonic = info.scale >= 0
+    raw = (model.output(0) if monotonic else model.dequantized(0)).reshape(-1)
     k = max(1, min(top_k, raw.size))
-    # dequantizing is monotonic (scale > 0): find the top k on the raw values, dequantize only those.
-    # Every class at least as good as the k-th is a candidate, so ties at the cut go by class id.
     kth = np.partition(raw, raw.size - k)[raw.size - k]
     idx = np.flatnonzero(raw >= kth)
-    scores = (dequantize(info, raw[idx]) if info.scale > 0 else raw[idx]).astype(np.float64)
+    scores = (dequantize(info, raw[idx]) if monotonic else raw[idx]).astype(np.float64)
     order = np.lexsort((idx, -scores))[:k]  # best first; equal scores by class id
     return {"classes": [{"id": int(idx[j]), "label": _label(labels, int(idx[j])), "score": round(float(scores[j]), 4)}
                         for j in order]}
