@@ -188,7 +188,12 @@ def inproc_path(cfg: Config, payload: bytes) -> Serial:
 
 
 class Windowed(BenchPath):
-    """Keeps `window` frames in flight: submit(seq) starts one, completion is signalled by done(seq)."""
+    """Keeps `window` frames in flight: submit(seq) starts one, completion is signalled by done(seq).
+
+    The next frame is submitted from the thread that reports a completion, as a pipelining
+    client does: no hop through the measuring thread per frame, whose wake-ups would be charged
+    to the path (on 2 cores they were ~0.2 ms of CPU per frame end to end).
+    """
 
     def __init__(self, window: int) -> None:
         self.window = window
@@ -197,6 +202,9 @@ class Windowed(BenchPath):
         self.started: dict[int, float] = {}
         self.next_seq = 0
         self.dead = ""
+        self._nxt = 0
+        self._end = 0
+        self._left = 0
 
     def submit(self, seq: int) -> None:
         raise NotImplementedError
@@ -205,33 +213,39 @@ class Windowed(BenchPath):
         pass
 
     def done(self, seq: int) -> None:
+        nxt = -1
         with self.cv:
             self.finished[seq] = time.perf_counter()
-            self.cv.notify_all()
+            if self._nxt < self._end:
+                nxt, self._nxt = self._nxt, self._nxt + 1
+                self.started[nxt] = time.perf_counter()
+            self._left -= 1
+            if self._left <= 0:
+                self.cv.notify_all()
+        self.retire(seq)
+        if nxt >= 0:
+            self.submit(nxt)
 
     def measure(self, n: int, into: Stats | None = None) -> None:
         base = self.next_seq
         self.next_seq += n
-        nxt = base
+        first = min(self.window, n)
+        with self.cv:
+            self._nxt, self._end, self._left = base + first, base + n, n
         c0, t0 = _cpu(self.pids), time.perf_counter()
-        for _ in range(min(self.window, n)):
-            self.started[nxt] = time.perf_counter()
-            self.submit(nxt)
-            nxt += 1
-        for seq in range(base, base + n):
-            with self.cv:
-                end = time.monotonic() + 30
-                while seq not in self.finished:
-                    if self.dead:
-                        raise RuntimeError(f"bench path {self.name}: {self.dead} at frame {seq}")
-                    if time.monotonic() > end:
-                        raise RuntimeError(f"bench path {self.name}: frame {seq} unanswered after 30 s")
-                    self.cv.wait(1)
-            self.retire(seq)
-            if nxt < base + n:
-                self.started[nxt] = time.perf_counter()
-                self.submit(nxt)
-                nxt += 1
+        for seq in range(base, base + first):
+            self.started[seq] = time.perf_counter()
+            self.submit(seq)
+        with self.cv:
+            limit = 30 + n * 0.1
+            end = time.monotonic() + limit
+            while self._left > 0:
+                if self.dead:
+                    raise RuntimeError(f"bench path {self.name}: {self.dead} with {self._left} frame(s) unanswered")
+                if time.monotonic() > end:
+                    raise RuntimeError(f"bench path {self.name}: {self._left} frame(s) unanswered after "
+                                       f"{limit:.0f} s")
+                self.cv.wait(1)
         if into is not None:
             into.wall_s += time.perf_counter() - t0
             into.cpu_s += _cpu(self.pids) - c0
