@@ -25,6 +25,7 @@ from paho.mqtt.properties import Properties
 
 from edged.config import Config
 from edged.errors import ConfigError, UnavailableError
+from edged.ioloop import IoLoop
 
 logger = logging.getLogger(__name__)
 
@@ -44,9 +45,24 @@ class Incoming:
 
 
 class MqttLink:
+    """paho driven by the supervisor's I/O loop (loop_read/loop_write/loop_misc), not by a thread of its own.
+
+    Callbacks (frames, acknowledgements, connection changes) run on the loop
+    thread; publish() and ack() may be called from any thread. The one
+    blocking step, the TCP (and TLS) connect, runs on a short-lived helper
+    thread while the loop keeps serving the workers; reconnects back off from
+    1 s to mqtt.reconnect_max_s, as paho's own loop would.
+    """
+
     def __init__(self, cfg: Config, on_frame: Callable[[Incoming], None],
-                 on_connection: Callable[[bool], None] | None = None) -> None:
+                 on_connection: Callable[[bool], None] | None = None, *, loop: IoLoop) -> None:
         self.cfg = cfg
+        self.loop = loop
+        self._sock: Any = None  # the socket the loop watches, while connected or connecting
+        self._writing = False
+        self._connecting = False
+        self._delay = 1.0
+        self._stopped = threading.Event()
         self.prefix = cfg.prefix
         self.on_frame = on_frame
         self.on_connection = on_connection
@@ -82,6 +98,11 @@ class MqttLink:
         self.client.on_message = self._on_message
         self.client.on_subscribe = self._on_subscribe
         self.client.on_publish = self._on_publish
+        self.client.on_socket_open = self._on_socket_open
+        self.client.on_socket_close = self._on_socket_close
+        self.client.on_socket_register_write = self._on_register_write
+        self.client.on_socket_unregister_write = None
+        loop.after_events(self._flush)
 
     def _password(self) -> str | None:
         pf = self.cfg.mqtt.password_file
@@ -100,7 +121,90 @@ class MqttLink:
         props.ReceiveMaximum = min(65535, self.cfg.queue.max_per_stream)
         self.client.connect_async(self.cfg.mqtt.host, self.cfg.mqtt.port, keepalive=self.cfg.mqtt.keepalive,
                                   clean_start=False, properties=props)
-        self.client.loop_start()
+        self.loop.call_soon(self._connect_later, 0.0)
+        self.loop.call_soon(self._tick)
+
+    # ---- on the I/O loop ---------------------------------------------------------
+    def _connect_later(self, delay: float) -> None:
+        if self._closing or self._connecting:
+            return
+        self._connecting = True
+        self.loop.call_later(delay, lambda: threading.Thread(target=self._connect, name="mqtt-connect",
+                                                             daemon=True).start())
+
+    def _connect(self) -> None:
+        """Helper thread: paho's reconnect() (blocking connect, then CONNECT queued); the loop takes over."""
+        try:
+            ok = self.client.reconnect() == paho.MQTT_ERR_SUCCESS
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            logger.debug("connecting to %s:%s failed: %s", self.cfg.mqtt.host, self.cfg.mqtt.port, exc)
+            ok = False
+        self.loop.call_soon(self._connect_done, ok)
+
+    def _connect_done(self, ok: bool) -> None:
+        self._connecting = False
+        if self._closing:
+            return
+        sock = self.client.socket()
+        if not ok or sock is None:
+            self._lost()
+            return
+        self._sock = sock
+        self._writing = False
+        self.loop.watch(sock, self._read)
+        self._flush()
+
+    def _lost(self) -> None:
+        """The connection is gone (or never came): forget the socket, try again after the back-off."""
+        if self._sock is not None:
+            self.loop.watch(self._sock, None)
+            self._sock = None
+        if self._closing:
+            self._stopped.set()
+            return
+        delay, self._delay = self._delay, min(self._delay * 2, max(1.0, float(self.cfg.mqtt.reconnect_max_s)))
+        self._connect_later(delay)
+
+    def _check(self, rc: int) -> None:
+        if rc != paho.MQTT_ERR_SUCCESS and self.client.socket() is None:
+            self._lost()
+
+    def _read(self) -> None:
+        if self._sock is not None and not self._connecting:
+            self._check(self.client.loop_read())
+
+    def _flush(self) -> None:
+        """After each round of events: write what callbacks and other threads queued."""
+        if self._sock is None or self._connecting:
+            return
+        if self.client.want_write():
+            self._check(self.client.loop_write())
+        if self._sock is None:
+            return
+        pending = self.client.want_write()  # the socket buffer is full: write again when it drains
+        if pending != self._writing:
+            self._writing = pending
+            self.loop.watch(self._sock, self._read, self._flush if pending else None)
+
+    def _tick(self) -> None:
+        """Once a second: keepalive pings and the broker's silence (paho's loop_misc)."""
+        if self._sock is not None and not self._connecting:
+            self._check(self.client.loop_misc())
+        if not self._stopped.is_set():
+            self.loop.call_later(1.0, self._tick)
+
+    def _on_socket_open(self, client: paho.Client, userdata: object, sock: Any) -> None:
+        pass  # _connect_done watches it, on the loop
+
+    def _on_socket_close(self, client: paho.Client, userdata: object, sock: Any) -> None:
+        if self.loop.in_loop() and sock is self._sock:
+            self.loop.watch(sock, None)
+            self._sock = None
+            self._writing = False
+
+    def _on_register_write(self, client: paho.Client, userdata: object, sock: Any) -> None:
+        if not self.loop.in_loop():
+            self.loop.wake()  # the loop writes it; on the loop itself, _flush does after this round
 
     def subscriptions(self) -> list[tuple[str, int]]:
         subs = [(f"{self.prefix}/in/+", 1)]
@@ -207,14 +311,26 @@ class MqttLink:
     def stop(self, final_status: bytes, timeout: float = 5.0) -> None:
         """Publish the final status, flush what is queued, disconnect cleanly (no last will)."""
         self.status_payload = final_status
-        self._closing = True
         if self.connected:
             info = self.client.publish(f"{self.prefix}/status", final_status, qos=1, retain=True)
             end = time.monotonic() + timeout
             while time.monotonic() < end and (not info.is_published() or self.held()):
                 time.sleep(0.02)
-        self.client.disconnect()
-        self.client.loop_stop()
+        self._closing = True
+        if not self.loop.running():
+            self.client.disconnect()
+            return
+        self.loop.call_soon(self._disconnect)
+        self._stopped.wait(2.0)
+
+    def _disconnect(self) -> None:
+        if self._sock is None:
+            self._stopped.set()
+            return
+        self.client.disconnect()  # queues DISCONNECT; paho closes the socket once it is written
+        self._flush()
+        if self.client.socket() is None:
+            self._lost()
 
 
 

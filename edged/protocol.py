@@ -50,6 +50,7 @@ class Reader:
         self.chunk = chunk
         self.buf = bytearray()
         self.fds: list[int] = []
+        self._error: ProtocolError | None = None
 
     def _fill(self) -> None:
         data, anc, flags, _addr = self.sock.recvmsg(self.chunk, socket.CMSG_SPACE(_MAX_FDS * 4))
@@ -73,6 +74,29 @@ class Reader:
             raise ProtocolError(f"message of {size} bytes exceeds the limit")
         while len(self.buf) < 4 + size:
             self._fill()
+        return self._take(size)
+
+    def read_available(self) -> list[dict[str, Any]]:
+        """One receive (the socket is readable: it does not block), then every whole message buffered."""
+        if self._error is not None:
+            raise self._error
+        self._fill()
+        out: list[dict[str, Any]] = []
+        try:
+            while len(self.buf) >= 4:
+                (size,) = _HDR.unpack_from(self.buf)
+                if size > MAX_MESSAGE:
+                    raise ProtocolError(f"message of {size} bytes exceeds the limit")
+                if len(self.buf) < 4 + size:
+                    break
+                out.append(self._take(size))
+        except ProtocolError as exc:
+            if not out:
+                raise
+            self._error = exc  # the good messages before it first; the next call raises
+        return out
+
+    def _take(self, size: int) -> dict[str, Any]:
         body = bytes(self.buf[4 : 4 + size])
         del self.buf[: 4 + size]
         try:
@@ -91,6 +115,11 @@ class Reader:
             if not poller.poll(max(0, int(timeout * 1000))):
                 return None
         return self.read()
+
+    @property
+    def failed(self) -> ProtocolError | None:
+        """What ended read_available() after the messages it returned, if anything did."""
+        return self._error
 
     def take_fd(self) -> int:
         if not self.fds:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from edged import config
 from edged.errors import EdgedError
+from edged.ioloop import IoLoop
 from edged.workers import InProcessWorkerHandle, WorkerHandle
 
 if TYPE_CHECKING:
@@ -52,6 +53,7 @@ class Supervision:
     notifier: Notifier
     model_info: dict[str, Any]
     accel_info: dict[str, Any]
+    loop: IoLoop
 
     def _wake(self) -> None:
         raise NotImplementedError
@@ -74,7 +76,7 @@ class Supervision:
     def _spawn(self, index: int, cfg: config.Config) -> WorkerHandle:
         init = dict(self._init_msg(cfg), coral_device=cfg.coral_device(index))
         kind = InProcessWorkerHandle if cfg.sandbox.in_process else WorkerHandle
-        h = kind(index, init, self._on_worker_message, self._on_worker_exit, self.generation)
+        h = kind(index, init, self._on_worker_message, self._on_worker_exit, self.generation, loop=self.loop)
         h.start()
         # a batching worker gets two batches' worth, so the next batch is waiting while one runs
         h.window = max(cfg.queue.inflight_per_worker, 2 * int(h.info.get("batch", 1)))

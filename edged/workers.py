@@ -2,8 +2,9 @@
 
 A WorkerHandle spawns ``python -m edged.worker`` (a fresh interpreter, not a
 fork of the threaded supervisor), hands it the config, waits for it to load
-the model, then sends it frames and pool segments and reads its results on a
-thread of its own. It never parses frame bytes.
+the model, then sends it frames and pool segments and reads its results on the
+supervisor's I/O loop (or, without one, on a thread of its own). It never
+parses frame bytes.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from typing import Any, Callable
 
 from edged import protocol
 from edged.errors import ModelError, WorkerError
+from edged.ioloop import IoLoop
 from edged.notify import NOTIFY_ENV_VARS
 
 logger = logging.getLogger(__name__)
@@ -29,7 +31,7 @@ class WorkerHandle:
     """One worker process; `on_message(handle, msg)` gets results and pongs, `on_exit(handle)` its death."""
 
     def __init__(self, index: int, init: dict[str, Any], on_message: Callable[[WorkerHandle, dict[str, Any]], None],
-                 on_exit: Callable[[WorkerHandle], None], generation: int = 0) -> None:
+                 on_exit: Callable[[WorkerHandle], None], generation: int = 0, loop: IoLoop | None = None) -> None:
         self.index = index
         self.init_msg = init
         self.on_message = on_message
@@ -48,6 +50,8 @@ class WorkerHandle:
         self.window = 2  # frames handed to it ahead of time (the supervisor sets it once the worker is ready)
         self._send_lock = threading.Lock()
         self._reader: threading.Thread | None = None
+        self.loop = loop  # results are read on this I/O loop; without one, on a thread of the handle's own
+        self._ended = False
 
     @property
     def pid(self) -> int | None:
@@ -89,9 +93,13 @@ class WorkerHandle:
         self.info = {k: v for k, v in msg.items() if k != "t"}
         self.state = "ready"
         self.last_pong = time.monotonic()
-        self._reader = threading.Thread(target=self._read_loop, args=(reader,), name=f"worker-{self.index}-reader",
-                                        daemon=True)
-        self._reader.start()
+        if self.loop is not None:
+            loop = self.loop
+            loop.call_soon(loop.watch, parent, lambda: self._on_readable(reader))
+        else:
+            self._reader = threading.Thread(target=self._read_loop, args=(reader,),
+                                            name=f"worker-{self.index}-reader", daemon=True)
+            self._reader.start()
         return self.info
 
     def _spawn_worker(self, child: socket.socket) -> None:
@@ -105,19 +113,45 @@ class WorkerHandle:
         finally:
             child.close()
 
+    def _handle(self, msg: dict[str, Any]) -> None:
+        if msg["t"] == "log":
+            wlog.log(int(msg.get("lvl", logging.INFO)), "[%s] %s", self.pid, msg.get("msg"))
+        else:
+            self.on_message(self, msg)
+
     def _read_loop(self, reader: protocol.Reader) -> None:
         try:
             while True:
-                msg = reader.read()
-                if msg["t"] == "log":
-                    wlog.log(int(msg.get("lvl", logging.INFO)), "[%s] %s", self.pid, msg.get("msg"))
-                else:
-                    self.on_message(self, msg)
+                self._handle(reader.read())
         except (OSError, protocol.ProtocolError) as exc:
             if self.state not in ("stopping", "stopped"):
                 logger.debug("worker %s channel closed: %s", self.pid, exc)
         except Exception:  # a bug in our handling must not leave frames unanswered
             logger.exception("worker %s reader failed", self.pid)
+        self._end()
+
+    def _on_readable(self, reader: protocol.Reader) -> None:
+        """On the I/O loop: take what the channel holds; at its end, hand the rest to a thread."""
+        try:
+            for msg in reader.read_available():
+                self._handle(msg)
+            if reader.failed is None:
+                return
+            raise reader.failed
+        except (OSError, protocol.ProtocolError) as exc:
+            if self.state not in ("stopping", "stopped"):
+                logger.debug("worker %s channel closed: %s", self.pid, exc)
+        except Exception:  # a bug in our handling must not leave frames unanswered
+            logger.exception("worker %s reader failed", self.pid)
+        assert self.loop is not None
+        self.loop.watch(reader.sock, None)
+        # reaping may wait seconds for the process: not on the I/O loop
+        threading.Thread(target=self._end, name=f"worker-{self.index}-reaper", daemon=True).start()
+
+    def _end(self) -> None:
+        if self._ended:
+            return
+        self._ended = True
         self._reap(wait=5.0)
         self.on_exit(self)
 
@@ -175,7 +209,16 @@ class WorkerHandle:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-            sock.close()
+            if self.loop is not None and self.loop.running():
+                # the loop forgets the socket before its fd number can be reused
+                self.loop.call_soon(self._release, sock)
+            else:
+                sock.close()
+
+    def _release(self, sock: socket.socket) -> None:
+        assert self.loop is not None
+        self.loop.watch(sock, None)
+        sock.close()
 
     def _reap(self, wait: float = 2.0) -> int | None:
         if self.proc is None:

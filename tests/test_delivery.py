@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import tempfile
@@ -203,6 +204,55 @@ def test_daemon_started_before_broker_waits_starting_then_serves(tmp_path, daemo
     res = c.wait(["first"], 20)["first"]
     assert served_ok(res) and res["classes"][0]["label"] == SAMPLE_CLASS, res
     assert d.status()["mqtt"]["connected"] is True
+
+
+class _Blackhole:
+    """A loopback port whose TCP handshakes never complete: a listener that never accepts, its queue full."""
+
+    def __init__(self) -> None:
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(0)
+        self.port = self.listener.getsockname()[1]
+        self.fillers: list[socket.socket] = []
+        for _ in range(4):
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(("127.0.0.1", self.port))
+            self.fillers.append(s)
+
+    def close(self) -> None:
+        for s in self.fillers + [self.listener]:
+            s.close()
+
+
+def test_broker_that_never_answers_the_handshake_does_not_stall_the_workers(daemon_factory):
+    """The TCP connect blocks (paho: up to 5 s per try): it runs beside the I/O loop, which keeps reading the
+    workers' heartbeats. Were it on the loop, 0.2 s heartbeats would go unread and the workers be killed."""
+    hole = _Blackhole()
+    try:
+        probe = socket.socket()
+        probe.settimeout(1.0)
+        with pytest.raises(OSError):  # the premise: a connect here hangs (times out), it is not refused
+            probe.connect(("127.0.0.1", hole.port))
+        probe.close()
+        d = daemon_factory({"sandbox": {"heartbeat_s": 0.2, "frame_timeout_s": 0.5}}, start=False, broker=hole)
+        d.start(wait=False)
+        until(d.status, 30, "the status socket")
+        until(lambda: all(w["state"] == "ready" for w in d.status()["workers"]), 30, "workers ready")
+        end = time.monotonic() + 6  # more than one paho connect timeout
+        while time.monotonic() < end:
+            st = d.status()
+            assert st["state"] == "starting" and st["mqtt"]["connected"] is False, st["state"]
+            assert [w["restarts"] for w in st["workers"]] == [0] * len(st["workers"]), d.log()[-1500:]
+            assert all(w["state"] == "ready" for w in st["workers"]), st["workers"]
+            time.sleep(0.2)
+        assert "missed its heartbeats" not in d.log()
+        t0 = time.monotonic()
+        assert d.stop(signal.SIGTERM, 15) == 0
+        assert time.monotonic() - t0 < 10  # a connect still hanging does not hold the exit up
+    finally:
+        hole.close()
 
 
 def test_broker_restart_mid_stream_persistent_sessions_every_frame_answered(daemon_factory, persistent_broker,

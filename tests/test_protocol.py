@@ -194,3 +194,34 @@ def test_reader_messages_before_close_still_read(pair):
     assert reader.read() == {"t": "fatal", "error": "model cannot load"}
     with pytest.raises(ProtocolError):
         reader.read()
+
+
+def test_read_available_returns_every_whole_message_and_keeps_the_partial_one(pair):
+    a, b = pair
+    data = b"".join(protocol.encode(m) for m in MESSAGES[:3])
+    third = protocol.encode(MESSAGES[3])
+    a.sendall(data + third[:7])  # two and a half... three whole ones and the start of a fourth
+    r = Reader(b)
+    got = []
+    while len(got) < 3:
+        got += r.read_available()
+    assert got == MESSAGES[:3]
+    a.sendall(third[7:])
+    assert r.read_available() == [MESSAGES[3]]
+
+
+def test_read_available_hands_over_good_messages_before_a_bad_one(pair):
+    a, b = pair
+    a.sendall(protocol.encode({"t": "r", "s": 1}) + struct.pack(">I", 3) + b"{x}")
+    r = Reader(b)
+    assert r.read_available() == [{"t": "r", "s": 1}]
+    assert isinstance(r.failed, ProtocolError)
+    with pytest.raises(ProtocolError):
+        r.read_available()
+
+
+def test_read_available_raises_at_the_end_of_the_channel(pair):
+    a, b = pair
+    a.close()
+    with pytest.raises(ProtocolError, match="closed"):
+        Reader(b).read_available()
