@@ -82,7 +82,6 @@ class MqttLink:
         self._acked_early: dict[int, float] = {}  # mid -> when: acknowledged before publish() recorded it
         self._closing = False
         self.client.max_inflight_messages_set(100)
-        self.client.reconnect_delay_set(1, max(1, int(m.reconnect_max_s)))
         self.client.will_set(f"{self.prefix}/status", b'{"state": "offline"}', qos=1, retain=True)
         if m.username:
             self.client.username_pw_set(m.username, self._password())
@@ -224,6 +223,7 @@ class MqttLink:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass
+        self._delay = 1.0  # the next loss starts its back-off afresh
         self.connects += 1
         if self.connects > 1:
             self.reconnects += 1
