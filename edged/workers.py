@@ -154,6 +154,7 @@ class WorkerHandle:
         self._ended = True
         self._reap(wait=5.0)
         self.on_exit(self)
+        self._close()  # the channel's fd, now rather than whenever the handle is collected
 
     def send(self, msg: dict[str, Any], fds: tuple[int, ...] = ()) -> bool:
         sock = self.sock
