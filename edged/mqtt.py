@@ -169,8 +169,16 @@ class MqttLink:
             self._lost()
 
     def _read(self) -> None:
-        if self._sock is not None and not self._connecting:
-            self._check(self.client.loop_read())
+        if self._sock is None or self._connecting:
+            return
+        rc = self.client.loop_read()
+        # TLS: bytes already decrypted into the SSL object's buffer do not make the socket readable again;
+        # paho's own loop checks pending() for that, and so must we
+        sock = self.client.socket()
+        pending = getattr(sock, "pending", None)
+        while rc == paho.MQTT_ERR_SUCCESS and pending is not None and pending() > 0:
+            rc = self.client.loop_read()
+        self._check(rc)
 
     def _flush(self) -> None:
         """After each round of events: write what callbacks and other threads queued."""

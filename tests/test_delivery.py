@@ -740,6 +740,12 @@ def test_tls_client_cert_and_password_daemon_serves(daemon_factory, tls_broker, 
     c.send(SAMPLE, "tls1")
     res = c.wait(["tls1"], 20)["tls1"]
     assert served_ok(res) and res["classes"][0]["label"] == SAMPLE_CLASS, res
+    # a burst: several packets per read of the TLS socket, every one answered without waiting for more traffic
+    burst = [f"tlsb{i}" for i in range(60)]
+    for fid in burst:
+        c.send(SAMPLE, fid)
+    got = c.wait(burst, 20)
+    assert all(served_ok(got[k]) for k in burst), [k for k in burst if not served_ok(got[k])][:5]
     assert d.status()["mqtt"]["connected"] is True
     # the broker really wants TLS: plain MQTT on that port gets nowhere
     plain = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
