@@ -198,14 +198,18 @@ class Supervisor(Supervision):
                     if picked is not None:
                         break
                     self.cond.wait(0.5)
-            self._dispatch_guarded(*picked)
+            if not self._dispatch_guarded(*picked):
+                with self.cond:
+                    self.cond.wait(0.05)  # the worker is going away: let its exit or restart settle
 
-    def _dispatch_guarded(self, frame: Frame, worker: WorkerHandle) -> None:
+    def _dispatch_guarded(self, frame: Frame, worker: WorkerHandle) -> bool:
+        """False when the frame went back to the head of its queue."""
         try:
-            self._dispatch(frame, worker)
+            return self._dispatch(frame, worker)
         except Exception:  # top of a dispatch: answer the frame, keep serving
             logger.exception("dispatch of frame %s failed", frame.frame_id)
             self._fail(frame, "inference_failed", "internal error while dispatching the frame")
+            return True
 
     def _dispatch_ready(self) -> None:
         """Hand queued frames to idle workers from the calling thread: no wake-up of the dispatcher on the hot path."""
@@ -214,27 +218,30 @@ class Supervisor(Supervision):
                 picked = self._pick()
             if picked is None:
                 return
-            self._dispatch_guarded(*picked)
+            if not self._dispatch_guarded(*picked):
+                with self.cond:
+                    self.cond.notify_all()  # never wait here (the I/O thread): the dispatcher retries
+                return
 
-    def _dispatch(self, frame: Frame, worker: WorkerHandle) -> None:
+    def _dispatch(self, frame: Frame, worker: WorkerHandle) -> bool:
         now = time.monotonic()
         if frame.expires_at is not None and now > frame.expires_at:
             self.metrics.count("expired")
             self._fail(frame, "expired", "message expiry passed before inference")
-            return
+            return True
         block = frame.block
         assert block is not None
         seg = next(((fd, size) for sid, fd, size in self.pool.segments() if sid == block.segment), None)
         with self.cond:
             if worker.state != "ready" or seg is None:
                 self.queues[frame.stream].appendleft(frame)
-                self.cond.wait(0.05)
-                return
+                return False
             frame.t_dispatch = now
             worker.inflight[frame.seq] = frame
         worker.ensure_segment(block.segment, *seg)
         worker.send({"t": "f", "s": frame.seq, "g": block.segment, "o": block.offset, "n": frame.length,
                      "c": frame.content_type})
+        return True
 
     def _segment_released(self, seg_id: int) -> None:
         for s in list(self.slots):
