@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
+import yaml
 from PIL import Image
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -253,6 +254,40 @@ def test_broker_that_never_answers_the_handshake_does_not_stall_the_workers(daem
         assert time.monotonic() - t0 < 10  # a connect still hanging does not hold the exit up
     finally:
         hole.close()
+
+
+def test_reconnect_back_off_starts_afresh_after_each_connection(tmp_path, persistent_broker):
+    """The link's own back-off (1 s doubling to mqtt.reconnect_max_s): without the reset on CONNACK, each
+    broker restart waited longer than the last (a soak saw 7, 8, 16, 30 s for four 5 s outages)."""
+    from edged import config
+    from edged.ioloop import IoLoop
+    from edged.mqtt import MqttLink
+
+    pb = persistent_broker()
+    cfg_path = tmp_path / "link.yaml"
+    cfg_path.write_text(yaml.safe_dump({"device_id": "backoff", "mqtt": {"host": "127.0.0.1", "port": pb.port},
+                                        "model": {"path": str(BUNDLED / "digits.tflite")},
+                                        "status": {"socket": str(tmp_path / "s.sock")}}))
+    loop = IoLoop()
+    loop.start()
+    link = MqttLink(config.load(cfg_path), lambda inc: None, loop=loop)
+    try:
+        link.start()
+        until(lambda: link.connected, 10, "the first connection")
+        for outage in range(2):
+            pb.stop()
+            until(lambda: not link.connected, 10, "the loss noticed")
+            until(lambda: link._delay >= 4, 10, "a failed reconnect (back-off doubled)")
+            t0 = time.monotonic()
+            pb.start()
+            until(lambda: link.connected, 10, f"reconnected after outage {outage + 1}")
+            assert time.monotonic() - t0 < 3.5  # the attempt that was due 2 s after the failed one
+            assert link._delay == 1.0, f"back-off not reset after outage {outage + 1}: {link._delay}"
+        assert link.reconnects == 2
+    finally:
+        link.stop(b'{"state": "stopped"}')
+        loop.stop()
+        loop.close()
 
 
 def test_broker_restart_mid_stream_persistent_sessions_every_frame_answered(daemon_factory, persistent_broker,
