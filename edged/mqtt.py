@@ -97,7 +97,6 @@ class MqttLink:
         self.client.on_message = self._on_message
         self.client.on_subscribe = self._on_subscribe
         self.client.on_publish = self._on_publish
-        self.client.on_socket_open = self._on_socket_open
         self.client.on_socket_close = self._on_socket_close
         self.client.on_socket_register_write = self._on_register_write
         self.client.on_socket_unregister_write = None
@@ -199,9 +198,6 @@ class MqttLink:
             self._check(self.client.loop_misc())
         if not self._stopped.is_set():
             self.loop.call_later(1.0, self._tick)
-
-    def _on_socket_open(self, client: paho.Client, userdata: object, sock: Any) -> None:
-        pass  # _connect_done watches it, on the loop
 
     def _on_socket_close(self, client: paho.Client, userdata: object, sock: Any) -> None:
         if self.loop.in_loop() and sock is self._sock:

@@ -69,9 +69,7 @@ class Reader:
         """Block until one whole message is in; return it."""
         while len(self.buf) < 4:
             self._fill()
-        (size,) = _HDR.unpack_from(self.buf)
-        if size > MAX_MESSAGE:
-            raise ProtocolError(f"message of {size} bytes exceeds the limit")
+        size = self._size()
         while len(self.buf) < 4 + size:
             self._fill()
         return self._take(size)
@@ -84,9 +82,7 @@ class Reader:
         out: list[dict[str, Any]] = []
         try:
             while len(self.buf) >= 4:
-                (size,) = _HDR.unpack_from(self.buf)
-                if size > MAX_MESSAGE:
-                    raise ProtocolError(f"message of {size} bytes exceeds the limit")
+                size = self._size()
                 if len(self.buf) < 4 + size:
                     break
                 out.append(self._take(size))
@@ -95,6 +91,13 @@ class Reader:
                 raise
             self._error = exc  # the good messages before it first; the next call raises
         return out
+
+    def _size(self) -> int:
+        """The body length in the buffered header, within the limit."""
+        (size,) = _HDR.unpack_from(self.buf)
+        if size > MAX_MESSAGE:
+            raise ProtocolError(f"message of {size} bytes exceeds the limit")
+        return size
 
     def _take(self, size: int) -> dict[str, Any]:
         body = bytes(self.buf[4 : 4 + size])

@@ -51,7 +51,6 @@ class WorkerHandle:
         self._send_lock = threading.Lock()
         self._reader: threading.Thread | None = None
         self.loop = loop  # results are read on this I/O loop; without one, on a thread of the handle's own
-        self._ended = False
 
     @property
     def pid(self) -> int | None:
@@ -149,9 +148,6 @@ class WorkerHandle:
         threading.Thread(target=self._end, name=f"worker-{self.index}-reaper", daemon=True).start()
 
     def _end(self) -> None:
-        if self._ended:
-            return
-        self._ended = True
         self._reap(wait=5.0)
         self.on_exit(self)
         self._close()  # the channel's fd, now rather than whenever the handle is collected
