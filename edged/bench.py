@@ -176,13 +176,8 @@ def inproc_path(cfg: Config, payload: bytes) -> Serial:
         pre.fill(dst, view)
         del dst
         model.invoke()
-        if cfg.model.task == "classify":
-            body = postprocess.classify(model, labels, cfg.model.top_k)
-        elif cfg.model.task == "detect":
-            body = postprocess.detect(model, labels, cfg.model.score_threshold, det)  # type: ignore[arg-type]
-        else:
-            body = postprocess.raw(model)
-        json.dumps(body)
+        m = cfg.model
+        json.dumps(postprocess.body(model, m.task, labels, m.top_k, m.score_threshold, det))
 
     return Serial("inproc", step)
 
@@ -258,18 +253,16 @@ class WorkerPath(Windowed):
 
     def __init__(self, cfg: Config, payload: bytes, sandbox: bool, window: int) -> None:
         from edged.pool import FramePool
+        from edged.supervision import init_message, read_config_text
         from edged.workers import WorkerHandle
 
         super().__init__(window)
         self.name = "sandboxed" if sandbox else "worker"
         self.payload = payload
-        init = {"t": "init", "config_text": Path(cfg.source).read_text(), "config_name": cfg.source,
-                "config_base": str(Path(cfg.source).resolve().parent), "sandbox": sandbox,
-                "sandbox_mode": cfg.sandbox.mode, "memory_limit": cfg.sandbox.memory_limit_mb << 20,
-                "model_path": cfg.model.path, "log_level": 30}
+        init = init_message(cfg, read_config_text(cfg), cfg.coral_device(0), sandbox=sandbox, model_path=cfg.model.path)
         self.h = WorkerHandle(0, init, self._on_message, self._on_exit)
         self.pool = FramePool(initial_bytes=max(1 << 20, 8 * len(payload)))
-        self.blocks: dict[int, Any] = {}
+        self.leases: dict[int, Any] = {}
         self.h.start()
         self.pids = [os.getpid(), self.h.pid or 0]
 
@@ -278,20 +271,26 @@ class WorkerPath(Windowed):
             self.dead = f"worker {h.exit_description()}"
             self.cv.notify_all()
 
-    def _on_message(self, h: Any, msg: dict[str, Any]) -> None:
-        if msg.get("t") == "r":
-            self.done(int(msg["s"]))
+    def _on_message(self, h: Any, msg: Any) -> None:
+        from edged.protocol import Result
+
+        if isinstance(msg, Result):
+            self.done(msg.seq)
 
     def submit(self, seq: int) -> None:
-        b = self.pool.write(self.payload)
-        assert b is not None
-        fd, size = next((fd, size) for sid, fd, size in self.pool.segments() if sid == b.segment)
-        self.h.ensure_segment(b.segment, fd, size)
-        self.blocks[seq] = b
-        self.h.send({"t": "f", "s": seq, "g": b.segment, "o": b.offset, "n": len(self.payload), "c": None})
+        from edged.protocol import FrameJob
+
+        lease = self.pool.lease(self.payload)
+        assert lease is not None and lease.block is not None
+        b = lease.block
+        seg = self.pool.segment(b.segment)
+        assert seg is not None
+        self.h.ensure_segment(b.segment, *seg)
+        self.leases[seq] = lease
+        self.h.send(FrameJob(seq, b.segment, b.offset, len(self.payload), None))
 
     def retire(self, seq: int) -> None:
-        self.pool.free(self.blocks.pop(seq))
+        self.leases.pop(seq).release()
 
     def close(self) -> None:
         self.h.stop()

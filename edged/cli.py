@@ -93,7 +93,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_send(args: argparse.Namespace) -> int:
-    from edged.mqtt import send_frame
+    from edged.send import send_frame
 
     cfg = _load(args)
     try:

@@ -61,6 +61,7 @@ class MqttConfig:
     share: ShareConfig | None = None
     result_buffer: int = _f(1000, lo=1)
     reconnect_max_s: float = _f(30.0, lo=1)
+    response_topics: tuple[str, ...] = ("#",)  # topic filters a frame's Response Topic must match
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,7 @@ class PoolConfig:
 @dataclass(frozen=True)
 class QueueConfig:
     max_per_stream: int = _f(256, lo=1)
+    max_streams: int = _f(256, lo=1)  # streams that may hold queued frames at once
     policy: str = _f("drop_oldest", choices=("drop_oldest", "reject"))
     max_frame_bytes: int = _f(32 << 20, lo=1)
     inflight_per_worker: int = _f(2, lo=1)
@@ -303,6 +305,9 @@ def parse(text: str, fname: str = "<config>", base: Path | None = None) -> Confi
         cfg = dataclasses.replace(cfg, device_id=socket.gethostname().split(".")[0] or "edged")
     if "{device_id}" not in cfg.mqtt.topic_prefix and not cfg.mqtt.topic_prefix.strip("/"):
         raise ConfigError(f"{short} mqtt.topic_prefix: must not be empty")
+    for i, filt in enumerate(cfg.mqtt.response_topics):
+        if not _valid_filter(filt):
+            raise ConfigError(f"{short} mqtt.response_topics[{i}]: {filt!r} is not an MQTT topic filter")
     if cfg.mqtt.tls is not None and bool(cfg.mqtt.tls.cert) != bool(cfg.mqtt.tls.key):
         raise ConfigError(f"{short} mqtt.tls: cert and key go together")
     if cfg.sandbox.in_process and cfg.sandbox.enabled:
@@ -311,6 +316,17 @@ def parse(text: str, fname: str = "<config>", base: Path | None = None) -> Confi
     if cfg.model.task != "raw" and cfg.model.task == "detect" and cfg.model.score_threshold > 1:
         raise ConfigError(f"{short} model.score_threshold: must be <= 1")
     return dataclasses.replace(cfg, source=str(fname))
+
+
+def _valid_filter(filt: str) -> bool:
+    """An MQTT topic filter: `+` alone in its level, `#` alone and last."""
+    if not filt or "\0" in filt:
+        return False
+    levels = filt.split("/")
+    for i, level in enumerate(levels):
+        if ("+" in level and level != "+") or ("#" in level and (level != "#" or i != len(levels) - 1)):
+            return False
+    return True
 
 
 def load(path: str | os.PathLike[str]) -> Config:

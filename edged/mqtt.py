@@ -1,47 +1,78 @@
-"""The MQTT adapter: the only module that imports paho-mqtt.
+"""The MQTT adapter: the only module that imports paho-mqtt, and where its errors become MqttError.
 
 MQTT v5, a persistent session (fixed client id, clean_start off, a session
 expiry), manual acknowledgement: a QoS 1 frame is acknowledged to the broker
 only once its result has been handed to paho, so a frame the daemon never
-answered is redelivered after a restart. Results go out at QoS 1; while the
-broker is away paho holds them in its outgoing queue, bounded by
-mqtt.result_buffer. Callbacks only translate and hand over; no work in them.
+answered is redelivered after a restart. Results go out at QoS 1; at most
+mqtt.result_buffer of them wait for the broker's PUBACK in paho's queue (past
+that, publish() says "busy" while connected, "away" while not). Every frame
+message passes edged.door before admission sees it; the CONNECT asks for a
+Maximum Packet Size from queue.max_frame_bytes, so the broker refuses bigger
+frames for us. Callbacks only translate and hand over, and never raise into
+paho (an exception there would leave paho re-reading the same packet).
+`new_client()` is the one place that sets up TLS and authentication, for the
+daemon and for `edged send` alike.
 """
 from __future__ import annotations
 
-import json
 import logging
-import secrets
 import socket
 import ssl
 import threading
 import time
-from dataclasses import dataclass
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from edged.config import Config
-from edged.errors import ConfigError, UnavailableError
+from edged.door import Door, Incoming
+from edged.errors import ConfigError, MqttError
 from edged.ioloop import IoLoop
 
 logger = logging.getLogger(__name__)
 
+PACKET_HEADROOM = 64 << 10  # topic and properties around a frame's payload
+MAX_PACKET = 268_435_455  # MQTT's own limit
 
-@dataclass(slots=True)
-class Incoming:
-    topic: str
-    payload: bytes
-    qos: int
-    mid: int
-    dup: bool
-    frame_id: str | None
-    response_topic: str | None
-    correlation: bytes | None
-    content_type: str | None
-    expiry_s: int | None
+
+def _password(cfg: Config) -> str | None:
+    pf = cfg.mqtt.password_file
+    if not pf:
+        return None
+    try:
+        with open(pf, encoding="utf-8") as fh:
+            return fh.readline().rstrip("\r\n")
+    except OSError as exc:
+        raise ConfigError(f"{cfg.source} mqtt.password_file: cannot read {pf}: {exc.strerror}") from None
+
+
+def new_client(cfg: Config, client_id: str, *, manual_ack: bool = False) -> paho.Client:
+    """A paho v5 client with the config's TLS (certificates required) and username/password."""
+    m = cfg.mqtt
+    client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5,
+                         manual_ack=manual_ack)
+    if m.username:
+        client.username_pw_set(m.username, _password(cfg))
+    if m.tls is not None:
+        try:
+            client.tls_set(ca_certs=m.tls.ca, certfile=m.tls.cert, keyfile=m.tls.key, cert_reqs=ssl.CERT_REQUIRED)
+            client.tls_insecure_set(m.tls.insecure)
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            raise ConfigError(f"{cfg.source} mqtt.tls: {exc}") from None
+    return client
+
+
+def request_properties(reply_topic: str, correlation: bytes, frame_id: str) -> Properties:
+    """PUBLISH properties of a request: where to answer, what to echo, which frame."""
+    props = Properties(PacketTypes.PUBLISH)
+    props.ResponseTopic = reply_topic
+    props.CorrelationData = correlation
+    props.UserProperty = [("frame_id", frame_id)]
+    return props
 
 
 class MqttLink:
@@ -55,7 +86,8 @@ class MqttLink:
     """
 
     def __init__(self, cfg: Config, on_frame: Callable[[Incoming], None],
-                 on_connection: Callable[[bool], None] | None = None, *, loop: IoLoop) -> None:
+                 on_connection: Callable[[bool], None] | None = None, *, loop: IoLoop,
+                 door: Door | None = None, on_room: Callable[[], None] | None = None) -> None:
         self.cfg = cfg
         self.loop = loop
         self._sock: Any = None  # the socket the loop watches, while connected or connecting
@@ -66,15 +98,18 @@ class MqttLink:
         self.prefix = cfg.prefix
         self.on_frame = on_frame
         self.on_connection = on_connection
+        self.on_room = on_room  # called on the loop when results can be taken again
+        self.door = door or Door(cfg)
+        self.max_packet = min(MAX_PACKET, cfg.queue.max_frame_bytes + PACKET_HEADROOM)
+        self.unrouted = 0
+        self.oversized = 0
         self.connected = False
         self.reconnects = 0
         self.connects = 0
         self.overflows = 0
         self.status_payload = b'{"state": "starting"}'
         self._lock = threading.RLock()
-        m = cfg.mqtt
-        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=cfg.client_id,
-                                  protocol=paho.MQTTv5, manual_ack=True)
+        self.client = new_client(cfg, cfg.client_id, manual_ack=True)
         # paho's own queue limit also counts results waiting for their PUBACK: a limit there drops
         # results while connected. The bound is ours instead: results held while the broker is away.
         self.client.max_queued_messages_set(0)
@@ -83,15 +118,6 @@ class MqttLink:
         self._closing = False
         self.client.max_inflight_messages_set(100)
         self.client.will_set(f"{self.prefix}/status", b'{"state": "offline"}', qos=1, retain=True)
-        if m.username:
-            self.client.username_pw_set(m.username, self._password())
-        if m.tls is not None:
-            try:
-                self.client.tls_set(ca_certs=m.tls.ca, certfile=m.tls.cert, keyfile=m.tls.key,
-                                    cert_reqs=ssl.CERT_REQUIRED)
-                self.client.tls_insecure_set(m.tls.insecure)
-            except (OSError, ssl.SSLError, ValueError) as exc:
-                raise ConfigError(f"{cfg.source} mqtt.tls: {exc}") from None
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
@@ -102,21 +128,13 @@ class MqttLink:
         self.client.on_socket_unregister_write = None
         loop.after_events(self._flush)
 
-    def _password(self) -> str | None:
-        pf = self.cfg.mqtt.password_file
-        if not pf:
-            return None
-        try:
-            with open(pf, encoding="utf-8") as fh:
-                return fh.readline().rstrip("\r\n")
-        except OSError as exc:
-            raise ConfigError(f"{self.cfg.source} mqtt.password_file: cannot read {pf}: {exc.strerror}") from None
-
     def start(self) -> None:
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = self.cfg.mqtt.session_expiry
         # backpressure for QoS 1 frames: the broker holds back what our queue could not take
         props.ReceiveMaximum = min(65535, self.cfg.queue.max_per_stream)
+        # the broker must not send us a packet bigger than this: it refuses oversized frames for us
+        props.MaximumPacketSize = self.max_packet
         self.client.connect_async(self.cfg.mqtt.host, self.cfg.mqtt.port, keepalive=self.cfg.mqtt.keepalive,
                                   clean_start=False, properties=props)
         self.loop.call_soon(self._connect_later, 0.0)
@@ -135,7 +153,8 @@ class MqttLink:
         try:
             ok = self.client.reconnect() == paho.MQTT_ERR_SUCCESS
         except (OSError, ssl.SSLError, ValueError) as exc:
-            logger.debug("connecting to %s:%s failed: %s", self.cfg.mqtt.host, self.cfg.mqtt.port, exc)
+            level = logging.WARNING if self.connects == 0 or self.connected else logging.DEBUG
+            logger.log(level, "connecting to %s:%s failed: %s", self.cfg.mqtt.host, self.cfg.mqtt.port, exc)
             ok = False
         self.loop.call_soon(self._connect_done, ok)
 
@@ -178,6 +197,29 @@ class MqttLink:
         while rc == paho.MQTT_ERR_SUCCESS and pending is not None and pending() > 0:
             rc = self.client.loop_read()
         self._check(rc)
+        self._refuse_oversized()
+
+    def _refuse_oversized(self) -> None:
+        """A packet over our Maximum Packet Size (a broker that ignores it): drop the connection, as MQTT 5 says.
+
+        paho reads a packet whole before it hands it over; its partial buffer is
+        its private state, read here only to stop it growing past the limit.
+        """
+        pkt = getattr(self.client, "_in_packet", None)
+        if not isinstance(pkt, dict) or not pkt.get("have_remaining"):
+            return
+        if int(pkt.get("remaining_length", 0)) <= self.max_packet:
+            return
+        self.oversized += 1
+        logger.error("broker sent a packet of %s bytes, over our Maximum Packet Size %d: disconnecting (0x95)",
+                     pkt.get("remaining_length"), self.max_packet)
+        sock = self.client.socket()
+        if sock is not None:
+            try:
+                sock.close()  # paho notices on its next read and frees its buffer; we reconnect
+            except OSError:
+                pass
+        self._lost()
 
     def _flush(self) -> None:
         """After each round of events: write what callbacks and other threads queued."""
@@ -209,11 +251,14 @@ class MqttLink:
         if not self.loop.in_loop():
             self.loop.wake()  # the loop writes it; on the loop itself, _flush does after this round
 
-    def subscriptions(self) -> list[tuple[str, int]]:
-        subs = [(f"{self.prefix}/in/+", 1)]
+    def subscriptions(self) -> list[tuple[str, SubscribeOptions]]:
+        # retained frames only with a new subscription: a retained frame is answered once, not at every start
+        # (the persistent session keeps the subscription; a shared subscription gets no retained messages)
+        opts = SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_SEND_IF_NEW_SUB)
+        subs = [(f"{self.prefix}/in/+", opts)]
         share = self.cfg.mqtt.share
         if share is not None:
-            subs.append((f"$share/{share.group}/{share.prefix.rstrip('/')}/in/+", 1))
+            subs.append((f"$share/{share.group}/{share.prefix.rstrip('/')}/in/+", opts))
         return subs
 
     def _on_connect(self, client: paho.Client, userdata: object, flags: object, rc: paho.ReasonCode,
@@ -234,7 +279,9 @@ class MqttLink:
         self.connected = True
         logger.info("connected to broker %s:%s (session present: %s)", self.cfg.mqtt.host, self.cfg.mqtt.port,
                     getattr(flags, "session_present", "?"))
-        client.subscribe(self.subscriptions())
+        rc, _mid = client.subscribe(self.subscriptions())
+        if rc != paho.MQTT_ERR_SUCCESS:
+            logger.error("subscribing failed: %s", paho.error_string(rc))
         client.publish(f"{self.prefix}/status", self.status_payload, qos=1, retain=True)
         if self.on_connection:
             self.on_connection(True)
@@ -254,14 +301,22 @@ class MqttLink:
             self.on_connection(False)
 
     def _on_message(self, client: paho.Client, userdata: object, msg: paho.MQTTMessage) -> None:
-        p = getattr(msg, "properties", None)
-        frame_id = None
-        for k, v in getattr(p, "UserProperty", None) or ():
-            if k == "frame_id":
-                frame_id = v
-        self.on_frame(Incoming(msg.topic, msg.payload, msg.qos, msg.mid, bool(msg.dup), frame_id,
-                               getattr(p, "ResponseTopic", None), getattr(p, "CorrelationData", None),
-                               getattr(p, "ContentType", None), getattr(p, "MessageExpiryInterval", None)))
+        """Never raises into paho: a failure here is logged with its traceback, and the message acknowledged."""
+        try:
+            try:
+                topic: str | None = msg.topic
+            except UnicodeDecodeError:
+                topic = None  # the door refuses it as a stream name
+            inc = self.door.inspect(topic, msg.payload, msg.qos, msg.mid, bool(msg.retain),
+                                    getattr(msg, "properties", None))
+            if inc is None:
+                self.unrouted += 1
+                self.ack(msg.mid, msg.qos)
+                return
+            self.on_frame(inc)
+        except Exception:  # top of paho's callback: one message must not wedge the reader
+            logger.exception("handling the message on %r (mid %s) failed", msg._topic[:200], msg.mid)
+            self.ack(msg.mid, msg.qos)
 
     def _on_publish(self, client: paho.Client, userdata: object, mid: int, rc: paho.ReasonCode,
                     props: object) -> None:
@@ -270,25 +325,41 @@ class MqttLink:
                 self._unacked.discard(mid)
             else:  # a status message, or a result acknowledged before publish() could record it
                 self._acked_early[mid] = time.monotonic()
+        if self.on_room is not None:
+            self.on_room()
 
     def held(self) -> int:
         """Results handed to paho and not yet acknowledged by the broker."""
         with self._lock:
             return len(self._unacked)
 
-    def publish(self, topic: str, payload: bytes, *, correlation: bytes | None = None) -> bool:
-        """Queue a result at the configured QoS; False when the broker is away and mqtt.result_buffer is full."""
-        if not self.connected and self.held() >= self.cfg.mqtt.result_buffer:
+    def has_room(self) -> bool:
+        return self.held() < self.cfg.mqtt.result_buffer
+
+    def publish(self, topic: str, payload: bytes, *, correlation: bytes | None = None) -> str:
+        """Queue a result at the configured QoS: "sent" (paho has it), "busy" (mqtt.result_buffer results wait
+        for their PUBACK: try again on_room) or "away" (the broker is away and that buffer is full).
+        A topic or payload the client refuses is an MqttError."""
+        if not self.has_room():
+            if self.connected:
+                return "busy"
             with self._lock:
                 self.overflows += 1
-            return False
+            return "away"
         # properties cost a Python-level pack per message: only what request/response needs
         props = None
         if correlation is not None:
             props = Properties(PacketTypes.PUBLISH)
             props.CorrelationData = correlation
         # never hold our lock across paho's publish: paho calls on_publish under its own lock
-        info = self.client.publish(topic, payload, qos=self.cfg.mqtt.qos, properties=props)
+        try:
+            info = self.client.publish(topic, payload, qos=self.cfg.mqtt.qos, properties=props)
+        except (ValueError, TypeError) as exc:
+            raise MqttError(f"cannot publish to {topic[:100]!r}: {exc}") from None
+        if info.rc == paho.MQTT_ERR_QUEUE_SIZE:
+            return "busy"
+        if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):  # NO_CONN: queued for the reconnect
+            raise MqttError(f"cannot publish to {topic[:100]!r}: {paho.error_string(info.rc)}")
         if self.cfg.mqtt.qos > 0:
             with self._lock:
                 if self._acked_early.pop(info.mid, None) is None:
@@ -296,11 +367,18 @@ class MqttLink:
                 if len(self._acked_early) > 64:  # only the race window matters: forget the old ones
                     cutoff = time.monotonic() - 5.0
                     self._acked_early = {m: t for m, t in self._acked_early.items() if t > cutoff}
-        return True
+        return "sent"
 
     def ack(self, mid: int, qos: int) -> None:
+        """Acknowledge a frame; one that cannot be acknowledged now is delivered again after the reconnect."""
         if qos > 0:
-            self.client.ack(mid, qos)
+            try:
+                rc = self.client.ack(mid, qos)
+            except (ValueError, OSError) as exc:
+                logger.debug("acknowledging mid %d failed: %s", mid, exc)
+                return
+            if rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN, None):
+                logger.debug("acknowledging mid %d failed: %s", mid, paho.error_string(rc))
 
     def set_status(self, payload: bytes) -> None:
         """Publish the retained P/status now (if connected) and on every reconnect."""
@@ -335,52 +413,3 @@ class MqttLink:
         self._flush()
         if self.client.socket() is None:
             self._lost()
-
-
-
-def send_frame(cfg: Config, payload: bytes, stream: str = "cli", timeout: float = 10.0) -> dict[str, Any]:
-    """Send a frame to P/in/<stream> with a private response topic; return the result JSON."""
-    token = secrets.token_hex(6)
-    reply = f"{cfg.prefix}/reply/{token}"
-    got: dict[str, Any] = {}
-    subscribed, answered = threading.Event(), threading.Event()
-    c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"edged-send-{token}", protocol=paho.MQTTv5)
-    if cfg.mqtt.username:
-        pw = None
-        if cfg.mqtt.password_file:
-            with open(cfg.mqtt.password_file, encoding="utf-8") as fh:
-                pw = fh.readline().rstrip("\r\n")
-        c.username_pw_set(cfg.mqtt.username, pw)
-    if cfg.mqtt.tls is not None:
-        c.tls_set(ca_certs=cfg.mqtt.tls.ca, certfile=cfg.mqtt.tls.cert, keyfile=cfg.mqtt.tls.key)
-        c.tls_insecure_set(cfg.mqtt.tls.insecure)
-    c.on_subscribe = lambda *a: subscribed.set()
-
-    def on_message(client: Any, userdata: Any, msg: Any) -> None:
-        try:
-            got.update(json.loads(msg.payload))
-        except ValueError:
-            got["_raw"] = msg.payload.decode("utf-8", "replace")
-        answered.set()
-
-    c.on_message = on_message
-    try:
-        c.connect(cfg.mqtt.host, cfg.mqtt.port, keepalive=30)
-    except OSError as exc:
-        raise UnavailableError(f"broker {cfg.mqtt.host}:{cfg.mqtt.port} not reachable: {exc}") from None
-    c.loop_start()
-    try:
-        c.subscribe(reply, qos=1)
-        if not subscribed.wait(timeout):
-            raise UnavailableError(f"broker {cfg.mqtt.host}:{cfg.mqtt.port} did not confirm the subscription")
-        props = Properties(PacketTypes.PUBLISH)
-        props.ResponseTopic = reply
-        props.CorrelationData = token.encode()
-        props.UserProperty = [("frame_id", f"send-{token}")]
-        c.publish(f"{cfg.prefix}/in/{stream}", payload, qos=1, properties=props)
-        if not answered.wait(timeout):
-            raise UnavailableError(f"no result from edged on {cfg.prefix}/in/{stream} within {timeout:.0f} s")
-        return got
-    finally:
-        c.loop_stop()
-        c.disconnect()

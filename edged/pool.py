@@ -44,16 +44,12 @@ import threading
 import time
 from typing import Any, Callable, NamedTuple
 
-from edged.errors import EdgedError
+from edged.errors import PoolError
 
 log = logging.getLogger(__name__)
 
 ALIGN = 64
 PAGE = mmap.PAGESIZE
-
-
-class PoolError(EdgedError):
-    """Misuse of the frame pool: double or foreign free, use after close, bad size."""
 
 
 class Block(NamedTuple):
@@ -62,6 +58,27 @@ class Block(NamedTuple):
     offset: int
     size: int
     length: int
+
+
+class Lease:
+    """A frame's hold on one block: release() gives it back exactly once (a second call does nothing)."""
+
+    __slots__ = ("block", "pool")
+
+    def __init__(self, pool: FramePool, block: Block) -> None:
+        self.pool = pool
+        self.block: Block | None = block
+
+    def release(self) -> None:
+        block, self.block = self.block, None
+        if block is not None:
+            self.pool.free(block)
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 def _round_up(n: int, unit: int) -> int:
@@ -182,6 +199,17 @@ class FramePool:
                 mm = self._segment_of(block).mm
             mm[block.offset:block.offset + block.length] = src  # type: ignore[index]
         return block
+
+    def lease(self, data: Any) -> Lease | None:
+        """The payload copied into a block that the returned Lease owns; None when it does not fit."""
+        block = self.write(data) if len(data) else self.alloc(1)
+        return Lease(self, block) if block is not None else None
+
+    def segment(self, seg_id: int) -> tuple[int, int] | None:
+        """(fd, size) of a live segment, by id; None once it is gone."""
+        with self._lock:
+            seg = self._segs.get(seg_id)
+            return (seg.fd, seg.size) if seg is not None else None
 
     def view(self, block: Block) -> memoryview:
         """Writable view of exactly ``block.length`` bytes; release() it before the block is freed."""

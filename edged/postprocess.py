@@ -100,3 +100,13 @@ def raw(model: Model) -> dict[str, Any]:
             flat = data.reshape(-1).tolist()
         outputs.append({"name": info.name, "shape": list(info.shape), "dtype": info.dtype, "data": flat})
     return {"outputs": outputs}
+
+
+def body(model: Any, task: str, labels: dict[int, str], top_k: int, score_threshold: float,
+         det_layout: Any = None) -> dict[str, Any]:
+    """The result body of one invoke for the configured task (the worker and the bench alike)."""
+    if task == "classify":
+        return classify(model, labels, top_k)
+    if task == "detect":
+        return detect(model, labels, score_threshold, det_layout)
+    return raw(model)

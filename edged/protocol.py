@@ -1,38 +1,261 @@
-"""The control channel between supervisor and worker.
+"""The control channel between supervisor and worker: its framing and its typed messages.
 
-An AF_UNIX SOCK_STREAM socketpair carries length-prefixed JSON messages (4-byte
-big-endian length, then UTF-8 JSON); file descriptors (new pool segments) ride
-along as SCM_RIGHTS ancillary data. JSON, never pickle: the supervisor must
-not trust what a compromised worker sends.
+Framing: an AF_UNIX SOCK_STREAM socketpair carries length-prefixed JSON
+messages (4-byte big-endian length, then UTF-8 JSON); file descriptors (new
+pool segments) ride along as SCM_RIGHTS ancillary data, from the supervisor to
+the worker only. JSON, never pickle: the worker runs untrusted model code.
 
-Messages, by their ``t`` field:
-  supervisor -> worker: init, seg (+fd), unseg, f (frame), ping, stop
-  worker -> supervisor: ready, fatal, r (result), pong, log
+Messages are the frozen dataclasses below, with named fields; `encode()` is
+the one encoder and `decode()` the one validating decoder, used by the
+supervisor, the worker and the bench alike. The decoder is where a hostile
+worker's reply is refused: an unknown type, a missing or extra field, a field
+of the wrong type or out of bounds, a result body with a field the supervisor
+owns (frame id, topic, timing...) is a ProtocolError, and the supervisor ends
+a worker that sends one (INTERFACE.md: "whatever it sends back that is not a
+well-formed reply for a frame it holds ends that worker").
+
+  supervisor -> worker: Init, SegmentAdd (+fd), SegmentDrop, FrameJob, Ping, Stop
+  worker -> supervisor: Ready, Fatal, Result, Pong, Log
 """
 from __future__ import annotations
 
 import array
+import dataclasses
 import json
+import math
+import os
 import select
 import socket
 import struct
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
-MAX_MESSAGE = 64 << 20  # results of `raw` models can be large; anything bigger is a broken peer
+from edged.errors import ProtocolError
+
+MAX_MESSAGE = 64 << 20  # the framing's own ceiling; each Reader may set a lower one
 _HDR = struct.Struct(">I")
 _MAX_FDS = 16
 
-
-class ProtocolError(Exception):
-    """The peer closed the channel or sent a malformed message."""
+__all__ = ["MAX_MESSAGE", "ProtocolError", "Reader", "decode", "encode", "send"]
 
 
-def encode(obj: Any) -> bytes:
+# ---- messages -------------------------------------------------------------------------------------------------------
+class Message:
+    """Base of the typed messages; TAG is the wire type, FIELDS the checks of each field."""
+
+    TAG: ClassVar[str] = ""
+    # field -> (accepted types, optional bound check); filled in by each class
+    FIELDS: ClassVar[dict[str, tuple[tuple[type, ...], Any]]] = {}
+
+
+def _short(limit: int) -> Any:
+    return lambda v: len(v) <= limit
+
+
+def _nonneg(v: Any) -> bool:
+    return v >= 0
+
+
+@dataclass(frozen=True, slots=True)
+class Init(Message):
+    """The worker's whole brief: the config as text (the worker parses it, the supervisor never re-reads it)."""
+
+    TAG = "init"
+    config_text: str
+    config_name: str
+    config_base: str
+    sandbox: bool
+    sandbox_mode: str
+    memory_limit: int
+    batch_max: int
+    batch_wait_ms: float
+    max_fds: int
+    log_level: int
+    coral_device: str | None = None
+    model_path: str | None = None
+    FIELDS = {"config_text": ((str,), None), "config_name": ((str,), None), "config_base": ((str,), None),
+              "sandbox": ((bool,), None), "sandbox_mode": ((str,), None), "memory_limit": ((int,), _nonneg),
+              "batch_max": ((int,), _nonneg), "batch_wait_ms": ((int, float), _nonneg), "max_fds": ((int,), _nonneg),
+              "log_level": ((int,), None), "coral_device": ((str, type(None)), None),
+              "model_path": ((str, type(None)), None)}
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentAdd(Message):
+    TAG = "seg"
+    id: int
+    size: int
+    FIELDS = {"id": ((int,), _nonneg), "size": ((int,), _nonneg)}
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentDrop(Message):
+    TAG = "unseg"
+    id: int
+    FIELDS = {"id": ((int,), _nonneg)}
+
+
+@dataclass(frozen=True, slots=True)
+class FrameJob(Message):
+    """A frame to serve: `length` bytes at `offset` of pool segment `segment`."""
+
+    TAG = "f"
+    seq: int
+    segment: int
+    offset: int
+    length: int
+    content_type: str | None = None
+    FIELDS = {"seq": ((int,), None), "segment": ((int,), _nonneg), "offset": ((int,), _nonneg),
+              "length": ((int,), _nonneg), "content_type": ((str, type(None)), _short(256))}
+
+
+@dataclass(frozen=True, slots=True)
+class Ping(Message):
+    TAG = "ping"
+    n: int | None = None
+    FIELDS = {"n": ((int, type(None)), None)}
+
+
+@dataclass(frozen=True, slots=True)
+class Stop(Message):
+    TAG = "stop"
+    FIELDS = {}
+
+
+def _info(v: dict[str, Any]) -> bool:
+    return len(json.dumps(v)) <= 1 << 16
+
+
+@dataclass(frozen=True, slots=True)
+class Ready(Message):
+    """The model is loaded (and the filter in place when sandboxed); what the worker found."""
+
+    TAG = "ready"
+    model: dict[str, Any]
+    accelerator: dict[str, Any]
+    task: str
+    batch: int
+    sandboxed: bool
+    sandbox_profile: str
+    FIELDS = {"model": ((dict,), _info), "accelerator": ((dict,), _info), "task": ((str,), _short(16)),
+              "batch": ((int,), lambda v: 1 <= v <= 4096), "sandboxed": ((bool,), None),
+              "sandbox_profile": ((str,), _short(32))}
+
+
+@dataclass(frozen=True, slots=True)
+class Fatal(Message):
+    TAG = "fatal"
+    kind: str
+    message: str
+    FIELDS = {"kind": ((str,), _short(16)), "message": ((str,), _short(4096))}
+
+
+# the result body may carry these fields only; everything else in the result JSON is the supervisor's
+BODY_FIELDS = frozenset({"classes", "detections", "outputs"})
+_CODE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz_")
+
+
+def _body(v: dict[str, Any] | None) -> bool:
+    return v is None or (v.keys() <= BODY_FIELDS and all(isinstance(x, list) for x in v.values()))
+
+
+def _code(v: str | None) -> bool:
+    return v is None or (0 < len(v) <= 32 and set(v) <= _CODE_CHARS)
+
+
+def _ms(v: float) -> bool:
+    return math.isfinite(v) and 0 <= v < 1e9
+
+
+@dataclass(frozen=True, slots=True)
+class Result(Message):
+    """The answer for one frame: a body, or an error code and message."""
+
+    TAG = "r"
+    seq: int
+    body: dict[str, Any] | None = None
+    preprocess_ms: float = 0.0
+    inference_ms: float = 0.0
+    batch: int = 1
+    error_code: str | None = None
+    error_message: str | None = None
+    FIELDS = {"seq": ((int,), None), "body": ((dict, type(None)), _body), "preprocess_ms": ((int, float), _ms),
+              "inference_ms": ((int, float), _ms), "batch": ((int,), lambda v: 1 <= v <= 4096),
+              "error_code": ((str, type(None)), _code), "error_message": ((str, type(None)), _short(1000))}
+
+
+@dataclass(frozen=True, slots=True)
+class Pong(Message):
+    TAG = "pong"
+    n: int | None = None
+    FIELDS = {"n": ((int, type(None)), None)}
+
+
+@dataclass(frozen=True, slots=True)
+class Log(Message):
+    TAG = "log"
+    level: int
+    msg: str
+    FIELDS = {"level": ((int,), lambda v: 0 <= v <= 50), "msg": ((str,), _short(4096))}
+
+
+TO_WORKER: tuple[type[Message], ...] = (Init, SegmentAdd, SegmentDrop, FrameJob, Ping, Stop)
+FROM_WORKER: tuple[type[Message], ...] = (Ready, Fatal, Result, Pong, Log)
+_BY_TAG: dict[str, type[Message]] = {c.TAG: c for c in (*TO_WORKER, *FROM_WORKER)}
+_NAMES: dict[type[Message], tuple[str, ...]] = {c: tuple(f.name for f in dataclasses.fields(c))  # type: ignore[arg-type]
+                                                for c in _BY_TAG.values()}
+_REQUIRED: dict[type[Message], frozenset[str]] = {
+    c: frozenset(f.name for f in dataclasses.fields(c)  # type: ignore[arg-type]
+                 if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+    for c in _BY_TAG.values()}
+
+
+def as_dict(msg: Message) -> dict[str, Any]:
+    """The wire form of a message: its type tag and its named fields."""
+    d: dict[str, Any] = {"t": msg.TAG}
+    for name in _NAMES[type(msg)]:
+        d[name] = getattr(msg, name)
+    return d
+
+
+def decode(raw: dict[str, Any], allowed: tuple[type[Message], ...]) -> Message:
+    """Validate one received message against its schema; ProtocolError names what is wrong."""
+    tag = raw.get("t")
+    cls = _BY_TAG.get(tag) if isinstance(tag, str) else None
+    if cls is None or cls not in allowed:
+        raise ProtocolError(f"unexpected message type {str(tag)[:32]!r}")
+    fields = cls.FIELDS
+    for key, value in raw.items():
+        if key == "t":
+            continue
+        spec = fields.get(key)
+        if spec is None:
+            raise ProtocolError(f"{cls.TAG}: unknown field {key[:32]!r}")
+        types, check = spec
+        # bool is an int to Python, not to the schema (except where bool is what is asked)
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise ProtocolError(f"{cls.TAG}.{key}: wrong type {type(value).__name__}")
+        if check is not None and value is not None and not check(value):
+            raise ProtocolError(f"{cls.TAG}.{key}: out of bounds")
+    missing = _REQUIRED[cls] - raw.keys()
+    if missing:
+        raise ProtocolError(f"{cls.TAG}: missing {', '.join(sorted(missing))}")
+    return cls(**{k: v for k, v in raw.items() if k != "t"})
+
+
+# ---- framing --------------------------------------------------------------------------------------------------------
+def _no_constants(name: str) -> float:
+    raise ValueError(f"{name} is not JSON")
+
+
+def encode(obj: dict[str, Any] | Message) -> bytes:
+    if isinstance(obj, Message):
+        obj = as_dict(obj)
     body = json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
     return _HDR.pack(len(body)) + body
 
 
-def send(sock: socket.socket, obj: Any, fds: tuple[int, ...] = ()) -> None:
+def send(sock: socket.socket, obj: dict[str, Any] | Message, fds: tuple[int, ...] = ()) -> None:
     data = encode(obj)
     if fds:
         anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
@@ -42,25 +265,41 @@ def send(sock: socket.socket, obj: Any, fds: tuple[int, ...] = ()) -> None:
         sock.sendall(data)
 
 
-class Reader:
-    """Reassembles messages (and the fds sent with them) from a stream socket."""
 
-    def __init__(self, sock: socket.socket, chunk: int = 1 << 16) -> None:
+class Reader:
+    """Reassembles messages (and the fds sent with them) from a stream socket.
+
+    `max_message` caps what one message may make us buffer; with `accept_fds`
+    off (the supervisor reading a worker) any descriptor that arrives is
+    closed at once and the channel is broken.
+    """
+
+    def __init__(self, sock: socket.socket, chunk: int = 1 << 16, *, max_message: int = MAX_MESSAGE,
+                 accept_fds: bool = True) -> None:
         self.sock = sock
         self.chunk = chunk
+        self.max_message = max_message
+        self.accept_fds = accept_fds
         self.buf = bytearray()
         self.fds: list[int] = []
         self._error: ProtocolError | None = None
 
     def _fill(self) -> None:
-        data, anc, flags, _addr = self.sock.recvmsg(self.chunk, socket.CMSG_SPACE(_MAX_FDS * 4))
-        if flags & socket.MSG_CTRUNC:
-            raise ProtocolError("file descriptors were dropped in transit (fd limit reached)")
+        room = socket.CMSG_SPACE(_MAX_FDS * 4) if self.accept_fds else socket.CMSG_SPACE(4)
+        data, anc, flags, _addr = self.sock.recvmsg(self.chunk, room)
+        got: list[int] = []
         for level, kind, payload in anc:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 fds = array.array("i")
                 fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
-                self.fds.extend(fds)
+                got.extend(fds)
+        if got and not self.accept_fds:
+            for fd in got:
+                os.close(fd)
+            raise ProtocolError(f"peer sent {len(got)} file descriptor(s), which this channel refuses")
+        self.fds.extend(got)
+        if flags & socket.MSG_CTRUNC:
+            raise ProtocolError("file descriptors were dropped in transit (fd limit reached)")
         if not data:
             raise ProtocolError("channel closed")
         self.buf += data
@@ -95,17 +334,17 @@ class Reader:
     def _size(self) -> int:
         """The body length in the buffered header, within the limit."""
         (size,) = _HDR.unpack_from(self.buf)
-        if size > MAX_MESSAGE:
-            raise ProtocolError(f"message of {size} bytes exceeds the limit")
+        if size > self.max_message:
+            raise ProtocolError(f"message of {size} bytes exceeds the limit of {self.max_message}")
         return size
 
     def _take(self, size: int) -> dict[str, Any]:
         body = bytes(self.buf[4 : 4 + size])
         del self.buf[: 4 + size]
         try:
-            msg = json.loads(body)
-        except ValueError as exc:
-            raise ProtocolError(f"malformed message: {exc}") from None
+            msg = json.loads(body, parse_constant=_no_constants)
+        except (ValueError, RecursionError) as exc:
+            raise ProtocolError(f"malformed message: {str(exc)[:200]}") from None
         if not isinstance(msg, dict) or not isinstance(msg.get("t"), str):
             raise ProtocolError("message without a type")
         return msg

@@ -63,15 +63,11 @@ import threading
 from collections.abc import Collection
 from types import ModuleType
 
-from edged.errors import EdgedError
+from edged.errors import SandboxError
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["GPU_EXTRA", "SandboxError", "allowed_syscalls", "device_fds", "harden", "install_filter", "seccomp_mode"]
-
-
-class SandboxError(EdgedError):
-    """The sandbox could not be set up (rlimits, fds or the seccomp filter)."""
 
 
 # Conditions on a row of the table; the argument index is per syscall (below).

@@ -1,11 +1,16 @@
-"""Worker supervision: starting, replacing and retiring worker processes.
+"""Worker supervision: starting, watching, replacing, reloading and retiring worker processes.
 
-A mixin of the Supervisor (edged.daemon), which owns the state it works on: the
-slots, the lock and the config. A worker that dies, hangs past the frame
-deadline or misses heartbeats is killed, its frames answered, and replaced with
-capped exponential backoff; too many restarts in the window set `fatal`, and
-the daemon exits 70. SIGHUP starts new workers on the new config before the old
-ones retire.
+`Workers` owns the worker slots. A worker that dies, hangs past the frame
+deadline or misses heartbeats is killed and replaced with capped exponential
+backoff; the frames it held go back to whoever owns frames (the daemon's
+`on_orphans`), which runs each once more. Too many restarts in the window set
+`fatal`, and the daemon exits 70. A reload starts new workers on the new
+config before the old ones retire. Workers always start from the config
+held in memory (the text last loaded), never from the file as it is now.
+
+It does not import the daemon or admission: frames are opaque to it (it
+reads their `t_dispatch` and `seq`), and every event goes out through the
+callbacks it was given.
 """
 from __future__ import annotations
 
@@ -14,20 +19,38 @@ import dataclasses
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from edged import config
-from edged.errors import EdgedError
+from edged import config, protocol
+from edged.errors import ConfigError, EdgedError
 from edged.ioloop import IoLoop
 from edged.workers import InProcessWorkerHandle, WorkerHandle
 
-if TYPE_CHECKING:
-    from edged.daemon import Frame
-    from edged.notify import Notifier
-
 logger = logging.getLogger(__name__)
+
+
+def read_config_text(cfg: config.Config) -> str:
+    try:
+        return Path(cfg.source).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{cfg.source}: cannot read config: {exc}") from None
+
+
+def init_message(cfg: config.Config, config_text: str, coral_device: str | None = None, *,
+                 sandbox: bool | None = None, model_path: str | None = None) -> protocol.Init:
+    """What a worker is told at start: the one builder, for the daemon and the bench alike."""
+    src = Path(cfg.source)
+    return protocol.Init(config_text=config_text, config_name=str(src), config_base=str(src.resolve().parent),
+                         sandbox=cfg.sandbox.enabled if sandbox is None else sandbox, sandbox_mode=cfg.sandbox.mode,
+                         memory_limit=cfg.sandbox.memory_limit_mb << 20, batch_max=cfg.model.batch_max,
+                         batch_wait_ms=cfg.model.batch_wait_ms,
+                         max_fds=32 + int(cfg.pool.max_mb / max(cfg.pool.segment_mb, 0.0625)) + 1,
+                         log_level=logging.getLevelName(cfg.logging.level), coral_device=coral_device,
+                         model_path=model_path)
+
 
 @dataclass
 class Slot:
@@ -41,65 +64,74 @@ class Slot:
     last_exit: str = ""
 
 
-class Supervision:
-    """Worker lifecycle for the Supervisor; see the module docstring."""
+OnMessage = Callable[[WorkerHandle, "protocol.Result | protocol.Pong"], None]
+OnOrphans = Callable[[WorkerHandle, list[Any]], None]
 
-    cfg: config.Config
-    cond: threading.Condition
-    slots: list[Slot]
-    generation: int
-    stopping: bool
-    fatal: str | None
-    notifier: Notifier
-    model_info: dict[str, Any]
-    accel_info: dict[str, Any]
-    loop: IoLoop
 
-    def _wake(self) -> None:
-        raise NotImplementedError
+class Workers:
+    """The worker slots and their lifecycle; see the module docstring. `cond` is the supervisor's one lock."""
 
-    def _fail(self, frame: Frame, code: str, message: str, h: WorkerHandle | None = None) -> None:
-        raise NotImplementedError
+    def __init__(self, cfg: config.Config, cond: threading.Condition, loop: IoLoop, *, on_message: OnMessage,
+                 on_orphans: OnOrphans, wake: Callable[[], None]) -> None:
+        self.cfg = cfg
+        self.config_text = read_config_text(cfg)
+        self.cond = cond
+        self.loop = loop
+        self.on_message = on_message
+        self.on_orphans = on_orphans
+        self.wake = wake
+        self.slots: list[Slot] = []
+        self.generation = 0
+        self.stopping = False
+        self.fatal: str | None = None
+        self.model_info: dict[str, Any] = {}
+        self.accel_info: dict[str, Any] = {}
 
-    def _on_worker_message(self, h: WorkerHandle, msg: dict[str, Any]) -> None:
-        raise NotImplementedError
+    # ---- queries (under the lock) -------------------------------------------------------------------------------
+    def handles(self) -> list[WorkerHandle]:
+        return [s.handle for s in self.slots if s.handle is not None]
 
-    def _init_msg(self, cfg: config.Config) -> dict[str, Any]:
-        src = Path(cfg.source)
-        return {"t": "init", "config_text": src.read_text(), "config_name": str(src), "config_base": str(src.resolve().parent),
-                "sandbox": cfg.sandbox.enabled, "sandbox_mode": cfg.sandbox.mode,
-                "memory_limit": cfg.sandbox.memory_limit_mb << 20,
-                "batch_max": cfg.model.batch_max, "batch_wait_ms": cfg.model.batch_wait_ms,
-                "max_fds": 32 + int(cfg.pool.max_mb / max(cfg.pool.segment_mb, 0.0625)) + 1,
-                "log_level": logging.getLevelName(cfg.logging.level)}
+    def ready(self) -> list[WorkerHandle]:
+        """Workers that can take one more frame now."""
+        return [s.handle for s in self.slots if s.handle is not None and s.handle.state == "ready"
+                and len(s.handle.inflight) < s.handle.window]
 
-    def _spawn(self, index: int, cfg: config.Config) -> WorkerHandle:
-        init = dict(self._init_msg(cfg), coral_device=cfg.coral_device(index))
+    def inflight(self) -> int:
+        return sum(len(h.inflight) for h in self.handles())
+
+    def all_ready(self) -> bool:
+        return bool(self.slots) and all(s.handle is not None and s.handle.state == "ready" for s in self.slots)
+
+    # ---- starting -----------------------------------------------------------------------------------------------
+    def _spawn(self, index: int, cfg: config.Config, text: str) -> WorkerHandle:
+        init = init_message(cfg, text, cfg.coral_device(index))
         kind = InProcessWorkerHandle if cfg.sandbox.in_process else WorkerHandle
-        h = kind(index, init, self._on_worker_message, self._on_worker_exit, self.generation, loop=self.loop)
+        h = kind(index, init, self.on_message, self._on_exit, self.generation, loop=self.loop)
         h.start()
         # a batching worker gets two batches' worth, so the next batch is waiting while one runs
         h.window = max(cfg.queue.inflight_per_worker, 2 * int(h.info.get("batch", 1)))
         logger.info("worker %d ready: pid %s, model %s on %s, sandboxed %s", index, h.pid, h.model_name,
-                    h.info.get("accelerator", {}).get("chosen"), h.info.get("sandboxed"))
+                    h.accelerator, h.info.get("sandboxed"))
         return h
 
     def _adopt(self, h: WorkerHandle) -> None:
         self.model_info = dict(h.info.get("model", {}), task=h.info.get("task"), name=h.model_name)
         self.accel_info = h.info.get("accelerator", {})
 
-    def start_workers(self) -> None:
+    def start_all(self) -> None:
         """Start every worker; a model or config error here is fatal (exit 78)."""
         if self.cfg.sandbox.in_process:
             logger.warning("sandbox.in_process: inference runs on threads of this process, unfiltered and without "
                            "crash isolation (for debugging only)")
-        handles = [self._spawn(i, self.cfg) for i in range(self.cfg.worker_count)]
+        handles = [self._spawn(i, self.cfg, self.config_text) for i in range(self.cfg.worker_count)]
         with self.cond:
             self.slots = [Slot(i, h) for i, h in enumerate(handles)]
             self._adopt(handles[0])
             self.cond.notify_all()
 
-    def _on_worker_exit(self, h: WorkerHandle) -> None:
+    # ---- a worker's end -----------------------------------------------------------------------------------------
+    def _on_exit(self, h: WorkerHandle) -> None:
+        slot = None
         with self.cond:
             frames = list(h.inflight.values())
             h.inflight.clear()
@@ -121,12 +153,11 @@ class Supervision:
         if slot is not None and not expected:
             logger.error("worker %d (pid %s) %s with %d frame(s) in flight", h.index, h.pid,
                          h.exit_description(), len(frames))
-        for f in frames:
-            self._fail(f, f.error_code, f"worker {h.index} {h.exit_description()} while serving this frame"
-                       if f.error_code == "worker_crashed" else "inference took longer than sandbox.frame_timeout_s")
-        self._wake()
+        if frames:
+            self.on_orphans(h, frames)
+        self.wake()
 
-    def _restart_due(self) -> None:
+    def restart_due(self) -> None:
         now = time.monotonic()
         for slot in self.slots:
             h = slot.handle
@@ -139,19 +170,22 @@ class Supervision:
 
     def _restart(self, slot: Slot) -> None:
         try:
-            h = self._spawn(slot.index, self.cfg)
-        except EdgedError as exc:
-            logger.error("worker %d restart failed: %s", slot.index, exc)
+            h = self._spawn(slot.index, self.cfg, self.config_text)
+        except Exception as exc:  # top of the restart thread: it must never die with the slot left dead
+            if not isinstance(exc, EdgedError):
+                logger.exception("worker %d restart failed", slot.index)
+            else:
+                logger.error("worker %d restart failed: %s", slot.index, exc)
             with self.cond:
                 slot.restart_times.append(time.monotonic())
                 slot.next_start = time.monotonic() + self.cfg.sandbox.backoff_max_s
                 if len(slot.restart_times) > self.cfg.sandbox.max_restarts:
                     self.fatal = f"worker {slot.index} cannot be restarted: {exc}"
-            self._wake()
+            self.wake()
             return
         with self.cond:
             if self.stopping or slot.handle is not None and slot.handle.state not in ("dead", "stopped"):
-                stale = h
+                stale: WorkerHandle | None = h
             else:
                 stale = None
                 slot.handle = h
@@ -159,9 +193,11 @@ class Supervision:
                 self.cond.notify_all()
         if stale is not None:
             stale.stop()
-        self._wake()
+        self.wake()
 
-    def _check_workers(self, now: float) -> None:
+    # ---- watching -----------------------------------------------------------------------------------------------
+    def check(self, now: float) -> None:
+        """Frame deadlines and heartbeats: a worker past either is killed (its frames run again elsewhere)."""
         sb = self.cfg.sandbox
         for slot in self.slots:
             h = slot.handle
@@ -169,50 +205,51 @@ class Supervision:
                 continue
             with self.cond:
                 oldest = min(h.inflight.values(), key=lambda f: f.t_dispatch, default=None)
-                if oldest is not None and now - oldest.t_dispatch > sb.frame_timeout_s:
-                    oldest.error_code = "timeout"
-            if oldest is not None and oldest.error_code == "timeout":
+            if oldest is not None and now - oldest.t_dispatch > sb.frame_timeout_s:
                 logger.error("worker %d (pid %s): frame %s exceeded %.1f s; killing the worker", h.index, h.pid,
                              oldest.frame_id, sb.frame_timeout_s)
-                h.kill()
+                h.kill_for("timeout", oldest.seq)
                 continue
             if now - h.last_pong > max(3 * sb.heartbeat_s, sb.frame_timeout_s + sb.heartbeat_s):
                 logger.error("worker %d (pid %s) missed its heartbeats; killing it", h.index, h.pid)
-                h.kill()
+                h.kill_for("heartbeat")
                 continue
             h.ping()
 
-    def _healthy(self, now: float) -> bool:
+    def healthy(self, now: float) -> bool:
         """True while at least one worker answered recently (what the watchdog vouches for)."""
         limit = max(2 * self.cfg.sandbox.heartbeat_s, 1.0) + 1.0
         return any(s.handle is not None and s.handle.state == "ready" and now - s.handle.last_pong < limit
                    for s in self.slots)
 
-    def reload(self) -> None:
-        """Load the new config and model in fresh workers, then retire the old ones: no frame lost."""
-        self.notifier.reloading()
+    # ---- reload and teardown ------------------------------------------------------------------------------------
+    def reload(self) -> config.Config | None:
+        """Load the config file anew in fresh workers, then retire the old ones: no frame lost.
+
+        Returns the new config, or None when the reload failed and the old workers keep serving.
+        """
         try:
             new_cfg = config.load(self.cfg.source)
+            text = read_config_text(new_cfg)
             if new_cfg.mqtt != self.cfg.mqtt or new_cfg.status != self.cfg.status:
                 logger.warning("reload: mqtt and status changes take effect at the next restart")
                 new_cfg = dataclasses.replace(new_cfg, mqtt=self.cfg.mqtt, status=self.cfg.status)
             self.generation += 1
-            fresh = [self._spawn(i, new_cfg) for i in range(new_cfg.worker_count)]
+            fresh = [self._spawn(i, new_cfg, text) for i in range(new_cfg.worker_count)]
         except EdgedError as exc:
             logger.error("reload failed, still serving the previous model: %s", exc)
-            self.notifier.ready(f"reload failed: {exc}")
-            return
+            return None
         with self.cond:
-            old = [s.handle for s in self.slots if s.handle is not None]
+            old = self.handles()
             for h in old:
                 h.retiring = True
-            self.cfg = new_cfg
+            self.cfg, self.config_text = new_cfg, text
             self.slots = [Slot(i, h) for i, h in enumerate(fresh)]
             self._adopt(fresh[0])
             self.cond.notify_all()
         logger.info("reload: now serving %s; retiring %d old worker(s)", fresh[0].model_name, len(old))
         threading.Thread(target=self._retire, args=(old,), name="retire", daemon=True).start()
-        self.notifier.ready(f"reloaded: {fresh[0].model_name}")
+        return new_cfg
 
     def _retire(self, handles: list[WorkerHandle]) -> None:
         end = time.monotonic() + self.cfg.sandbox.frame_timeout_s + 5
@@ -221,3 +258,16 @@ class Supervision:
                 self.cond.wait(0.1)
         for h in handles:
             h.stop()
+
+    def drop_segment(self, seg_id: int) -> None:
+        for s in list(self.slots):
+            if s.handle is not None:
+                s.handle.drop_segment(seg_id)
+
+    def stop_all(self, grace: float = 2.0) -> None:
+        with self.cond:
+            self.stopping = True
+            self.cond.notify_all()
+            handles = self.handles()
+        for h in handles:
+            h.stop(grace=grace)

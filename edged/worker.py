@@ -19,6 +19,7 @@ from typing import Any
 from edged import protocol
 
 logger = logging.getLogger("edged.worker")
+HOOK = b"EDGED-TEST-FAULT:"
 
 
 class ChannelLogHandler(logging.Handler):
@@ -30,7 +31,7 @@ class ChannelLogHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            protocol.send(self.sock, {"t": "log", "lvl": record.levelno, "msg": self.format(record)})
+            protocol.send(self.sock, protocol.Log(record.levelno, self.format(record)[:4000]))
         except OSError:
             pass
 
@@ -39,16 +40,19 @@ class Worker:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.reader = protocol.Reader(sock)
+        self.hooks = False  # EDGED_TEST_HOOKS=1: frames starting with HOOK act out a fault (tests only)
         self.segments: dict[int, mmap.mmap] = {}
 
-    def init(self, msg: dict[str, Any]) -> None:
+    def init(self, msg: protocol.Init) -> None:
+        from pathlib import Path
+
         from edged import accel, config, postprocess, preprocess
 
-        cfg = config.parse(msg["config_text"], msg["config_name"], __import__("pathlib").Path(msg["config_base"]))
-        if msg.get("model_path"):
-            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=msg["model_path"]))
+        cfg = config.parse(msg.config_text, msg.config_name, Path(msg.config_base))
+        if msg.model_path:
+            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=msg.model_path))
         self.cfg = cfg
-        choice = accel.choose(cfg, msg.get("coral_device"))
+        choice = accel.choose(cfg, msg.coral_device)
         self.model = choice.model
         self.labels = postprocess.load_labels(cfg.model.labels)
         self.task = cfg.model.task
@@ -62,35 +66,34 @@ class Worker:
         self.model.warm_up()
         self._warm_decoders()
         self.batch_max, self.batch_wait = 1, 0.0
-        want = int(msg.get("batch_max", 1))
+        want = msg.batch_max
         if want > 1:
             why = (f"models on the {choice.kind} accelerator run one frame per invoke" if choice.kind != "cpu"
                    else self.model.batch_refusal(want))
             if why:
                 logger.warning("model.batch_max %d: batching off for %s: %s", want, self.model.name, why)
             else:
-                self.batch_max, self.batch_wait = want, float(msg.get("batch_wait_ms", 0.0)) / 1e3
+                self.batch_max, self.batch_wait = want, msg.batch_wait_ms / 1e3
                 logger.info("batching up to %d frames, waiting at most %.1f ms", want, self.batch_wait * 1e3)
-        info = {"model": self.model.describe(), "accelerator": choice.report(), "task": self.task,
-                "batch": self.batch_max}
         sandboxed = False
-        if msg.get("sandbox"):
+        if msg.sandbox:
             from edged import sandbox
 
             # every mapped pool segment keeps one fd (mmap dups it): leave room for all of them
             keep = [self.sock.fileno()]
             if choice.kind in ("gpu", "coral"):
                 keep += sandbox.device_fds()  # the driver's open device nodes: closing them breaks it
-            sandbox.harden(memory_limit_bytes=int(msg["memory_limit"]) if msg.get("memory_limit") else None,
-                           max_open_files=int(msg.get("max_fds", 256)) + len(keep), keep_fds=keep)
+            sandbox.harden(memory_limit_bytes=msg.memory_limit or None, max_open_files=msg.max_fds + len(keep),
+                           keep_fds=keep)
             extra = sandbox.GPU_EXTRA if choice.kind == "gpu" else ()
             if self.batch_max > 1:
                 extra += sandbox.BATCH_EXTRA  # waiting for a batch to fill: poll on the control socket
-            sandbox.install_filter(msg.get("sandbox_mode", "kill"), extra=extra)
+            sandbox.install_filter(msg.sandbox_mode, extra=extra)
             sandboxed = True
-        info["sandboxed"] = sandboxed
-        info["sandbox_profile"] = ("gpu" if choice.kind == "gpu" else "default") if sandboxed else "off"
-        protocol.send(self.sock, {"t": "ready", **info})
+        profile = ("gpu" if choice.kind == "gpu" else "default") if sandboxed else "off"
+        protocol.send(self.sock, protocol.Ready(model=self.model.describe(), accelerator=choice.report(),
+                                                task=self.task, batch=self.batch_max, sandboxed=sandboxed,
+                                                sandbox_profile=profile))
 
     def _warm_decoders(self) -> None:
         """Decode one tiny image of each format so no decoder code loads lazily under seccomp."""
@@ -107,24 +110,30 @@ class Worker:
             Image.new("RGB", (17, 13), (10, 20, 30)).save(buf, fmt)
             self.pre.fill(dst, memoryview(buf.getvalue()))
 
+    def next(self, timeout: float | None = None) -> protocol.Message | None:
+        """The supervisor's next message (None: none began within timeout)."""
+        raw = self.reader.read() if timeout is None else self.reader.read_within(timeout)
+        return None if raw is None else protocol.decode(raw, protocol.TO_WORKER)
+
     def serve(self) -> None:
         while True:
-            msg = self.reader.read()
-            if msg["t"] == "f" and self.batch_max > 1:
+            msg = self.next()
+            assert msg is not None
+            if isinstance(msg, protocol.FrameJob) and self.batch_max > 1:
                 if not self.gather([msg]):
                     return
             elif not self.handle(msg):
                 return
 
-    def gather(self, batch: list[dict[str, Any]]) -> bool:
+    def gather(self, batch: list[protocol.FrameJob]) -> bool:
         """Collect frames already sent, or sent within batch_wait, up to batch_max; run them; False on stop."""
         deadline = time.monotonic() + self.batch_wait
         go_on = True
         while len(batch) < self.batch_max:
-            msg = self.reader.read_within(max(0.0, deadline - time.monotonic()))
+            msg = self.next(max(0.0, deadline - time.monotonic()))
             if msg is None:
                 break
-            if msg["t"] == "f":
+            if isinstance(msg, protocol.FrameJob):
                 batch.append(msg)
             elif not self.handle(msg):
                 go_on = False
@@ -135,27 +144,26 @@ class Worker:
             self.frames(batch)
         return go_on
 
-    def handle(self, msg: dict[str, Any]) -> bool:
+    def handle(self, msg: protocol.Message) -> bool:
         """One message; False when the supervisor said stop."""
-        t = msg["t"]
-        if t == "f":
+        if isinstance(msg, protocol.FrameJob):
             self.frame(msg)
-        elif t == "seg":
+        elif isinstance(msg, protocol.SegmentAdd):
             fd = self.reader.take_fd()
-            self.segments[int(msg["id"])] = mmap.mmap(fd, int(msg["size"]))
+            self.segments[msg.id] = mmap.mmap(fd, msg.size)
             os.close(fd)
-        elif t == "unseg":
-            seg = self.segments.pop(int(msg["id"]), None)
+        elif isinstance(msg, protocol.SegmentDrop):
+            seg = self.segments.pop(msg.id, None)
             if seg is not None:
                 seg.close()
-        elif t == "ping":
-            protocol.send(self.sock, {"t": "pong", "n": msg.get("n")})
-        elif t == "stop":
+        elif isinstance(msg, protocol.Ping):
+            protocol.send(self.sock, protocol.Pong(msg.n))
+        elif isinstance(msg, protocol.Stop):
             return False
         return True
 
-    def frame(self, msg: dict[str, Any]) -> None:
-        seq = msg["s"]
+    def frame(self, msg: protocol.FrameJob) -> None:
+        seq = msg.seq
         t0 = time.perf_counter()
         try:
             self.model.set_batch(1)
@@ -168,12 +176,11 @@ class Worker:
             self.model.invoke()
             t2 = time.perf_counter()
             body = self.postprocess(self.model)
-            protocol.send(self.sock, {"t": "r", "s": seq, "b": body, "p": round((t1 - t0) * 1e3, 3),
-                                      "i": round((t2 - t1) * 1e3, 3)})
+            protocol.send(self.sock, protocol.Result(seq, body, round((t1 - t0) * 1e3, 3), round((t2 - t1) * 1e3, 3)))
         except Exception as exc:  # top of the frame: answer it
             self.refuse(seq, exc)
 
-    def frames(self, batch: list[dict[str, Any]]) -> None:
+    def frames(self, batch: list[protocol.FrameJob]) -> None:
         """Several frames in one invoke; a bad frame is answered alone and its row left blank."""
         from edged.runtime import RowView
 
@@ -182,9 +189,9 @@ class Worker:
             self.model.set_batch(len(batch))
         except Exception as exc:
             for msg in batch:
-                self.refuse(msg["s"], exc)
+                self.refuse(msg.seq, exc)
             return
-        rows: list[tuple[int, dict[str, Any], float]] = []
+        rows: list[tuple[int, protocol.FrameJob, float]] = []
         dst = self.model.input_view()
         try:
             for row, msg in enumerate(batch):
@@ -194,7 +201,7 @@ class Worker:
                     rows.append((row, msg, time.perf_counter() - t))
                 except Exception as exc:
                     dst[row : row + 1] = 0
-                    self.refuse(msg["s"], exc)
+                    self.refuse(msg.seq, exc)
         finally:
             del dst
         if not rows:
@@ -204,7 +211,7 @@ class Worker:
             self.model.invoke()
         except Exception as exc:
             for _row, msg, _p in rows:
-                self.refuse(msg["s"], exc)
+                self.refuse(msg.seq, exc)
             return
         inv = round((time.perf_counter() - t1) * 1e3, 3)
         wait = (t1 - t0) - sum(p for _r, _m, p in rows)  # resize and the other rows' decoding
@@ -212,37 +219,35 @@ class Worker:
             try:
                 body = self.postprocess(RowView(self.model, row))
             except Exception as exc:
-                self.refuse(msg["s"], exc)
+                self.refuse(msg.seq, exc)
                 continue
-            protocol.send(self.sock, {"t": "r", "s": msg["s"], "b": body, "p": round((p + wait) * 1e3, 3),
-                                      "i": inv, "k": len(batch)})
+            protocol.send(self.sock, protocol.Result(msg.seq, body, round((p + wait) * 1e3, 3), inv, len(batch)))
 
-    def fill(self, dst: Any, msg: dict[str, Any]) -> None:
-        seg = self.segments[int(msg["g"])]
-        off, n = int(msg["o"]), int(msg["n"])
-        view = memoryview(seg)[off : off + n]
+    def fill(self, dst: Any, msg: protocol.FrameJob) -> None:
+        seg = self.segments[msg.segment]
+        view = memoryview(seg)[msg.offset : msg.offset + msg.length]
+        if self.hooks and bytes(view[: len(HOOK)]) == HOOK:
+            from edged import faults  # imported before the filter (run_channel): no file is opened here
+
+            faults.act(self.sock, msg.seq, bytes(view[len(HOOK) :]).decode("ascii", "replace"))
         try:
-            self.pre.fill(dst, view, msg.get("c"))
+            self.pre.fill(dst, view, msg.content_type)
         finally:
             view.release()
 
     def postprocess(self, model: Any) -> dict[str, Any]:
-        if self.task == "classify":
-            return self.post.classify(model, self.labels, self.cfg.model.top_k)
-        if self.task == "detect":
-            return self.post.detect(model, self.labels, self.cfg.model.score_threshold, self.det_layout)
-        return self.post.raw(model)
+        m = self.cfg.model
+        return self.post.body(model, self.task, self.labels, m.top_k, m.score_threshold, self.det_layout)
 
-    def refuse(self, seq: Any, exc: Exception) -> None:
+    def refuse(self, seq: int, exc: Exception) -> None:
         """Answer one frame with an error; never formats a traceback (it would read files: SIGSYS)."""
         from edged.errors import EdgedError, FrameError
 
         if isinstance(exc, FrameError):
-            err = {"code": exc.code, "message": exc.message}
+            code, text = exc.code, exc.message
         else:
-            text = f"{type(exc).__name__}: {exc}" if not isinstance(exc, EdgedError) else str(exc)
-            err = {"code": "inference_failed", "message": text[:300]}
-        protocol.send(self.sock, {"t": "r", "s": seq, "e": err})
+            code, text = "inference_failed", f"{type(exc).__name__}: {exc}" if not isinstance(exc, EdgedError) else str(exc)
+        protocol.send(self.sock, protocol.Result(seq, error_code=code, error_message=text[:300]))
 
 
 def run_channel(sock: socket.socket, in_process: bool = False) -> int:
@@ -259,17 +264,22 @@ def run_channel(sock: socket.socket, in_process: bool = False) -> int:
         handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
         root.addHandler(handler)
     w = Worker(sock)
+    w.hooks = os.environ.get("EDGED_TEST_HOOKS") == "1" and not in_process
+    if w.hooks:
+        from edged import faults  # noqa: F401  (loaded now: under the filter no module can be read)
     try:
-        init = w.reader.read()
+        init = w.next()
+        if not isinstance(init, protocol.Init):
+            return 2
         if not in_process:
-            root.setLevel(int(init.get("log_level", logging.INFO)))
+            root.setLevel(init.log_level)
         try:
             w.init(init)
         except Exception as exc:  # top of the worker: every load failure goes back as one line
             from edged.errors import ConfigError, ModelError
 
             kind = "model" if isinstance(exc, (ModelError, ConfigError)) else "internal"
-            protocol.send(sock, {"t": "fatal", "kind": kind, "message": str(exc) or type(exc).__name__})
+            protocol.send(sock, protocol.Fatal(kind, (str(exc) or type(exc).__name__)[:4000]))
             return 3
         w.serve()
     except (protocol.ProtocolError, OSError):

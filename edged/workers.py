@@ -26,11 +26,77 @@ from edged.notify import NOTIFY_ENV_VARS
 logger = logging.getLogger(__name__)
 wlog = logging.getLogger("edged.worker")
 
+SERVING = (protocol.Result, protocol.Pong, protocol.Log)  # what a ready worker may send
+READY_CAP = 1 << 20  # the biggest message before the model is known (its ready report)
+
+
+def reply_cap(model: dict[str, Any]) -> int:
+    """The biggest reply a worker may send for this model: a raw model's outputs as JSON floats, with room."""
+    elements = 0
+    for out in model.get("outputs") or ():
+        n = 1
+        for dim in out.get("shape") or () if isinstance(out, dict) else ():
+            n *= max(1, int(dim)) if isinstance(dim, int) else 1
+        elements += n
+    return min(protocol.MAX_MESSAGE, READY_CAP + 32 * elements)
+
+
+class LogGate:
+    """A worker's log lines into ours: attributed, stripped of control characters, rate-limited.
+
+    A worker runs untrusted model code: its lines must not pass for the
+    supervisor's (no newlines or escapes to forge a line) nor flood the journal
+    (a token bucket; what it drops is counted and said once it refills).
+    """
+
+    RATE, BURST = 20.0, 200.0  # lines per second, and the burst allowed before the rate applies
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.pid: int | None = None
+        self.tokens = self.BURST
+        self.stamp = time.monotonic()
+        self.dropped = 0
+        self._lock = threading.Lock()
+
+    def emit(self, level: int, text: str, source: str = "") -> None:
+        with self._lock:
+            self._emit(level, text, source)
+
+    def _emit(self, level: int, text: str, source: str) -> None:
+        now = time.monotonic()
+        self.tokens = min(self.BURST, self.tokens + (now - self.stamp) * self.RATE)
+        self.stamp = now
+        if self.tokens < 1:
+            if not self.dropped:
+                wlog.warning("[worker %d pid %s] logs over %d lines a second: dropping its lines until it slows",
+                             self.index, self.pid, self.RATE)
+            self.dropped += 1
+            return
+        self.tokens -= 1
+        if self.dropped:
+            wlog.warning("[worker %d pid %s] %d log line(s) dropped (over %d a second)", self.index, self.pid,
+                         self.dropped, self.RATE)
+            self.dropped = 0
+        clean = text[:2000].translate(_CONTROL)
+        wlog.log(level if level in _LEVELS else logging.INFO, "[worker %d pid %s%s] %s", self.index, self.pid,
+                 source, clean)
+
+
+_LEVELS = frozenset({logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR, logging.CRITICAL})
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(32), 127)}
+
 
 class WorkerHandle:
-    """One worker process; `on_message(handle, msg)` gets results and pongs, `on_exit(handle)` its death."""
+    """One worker process; `on_message(handle, msg)` gets its results and pongs, `on_exit(handle)` its death.
 
-    def __init__(self, index: int, init: dict[str, Any], on_message: Callable[[WorkerHandle, dict[str, Any]], None],
+    Everything the worker sends is decoded by edged.protocol and must be a
+    well-formed message of the serving phase (Result, Pong, Log); anything
+    else, a descriptor, or a message over the reply cap ends the worker.
+    """
+
+    def __init__(self, index: int, init: protocol.Init,
+                 on_message: Callable[[WorkerHandle, protocol.Result | protocol.Pong], None],
                  on_exit: Callable[[WorkerHandle], None], generation: int = 0, loop: IoLoop | None = None) -> None:
         self.index = index
         self.init_msg = init
@@ -45,9 +111,11 @@ class WorkerHandle:
         self.inflight: dict[int, Any] = {}  # seq -> Frame, guarded by the supervisor's lock
         self.last_pong = time.monotonic()
         self.retiring = False
+        self.kill_cause: tuple[str, int | None] | None = None  # why the supervisor killed it, and the frame
         self.served = 0  # results (and error results) this worker sent
         self.batched = 0  # of those, results of frames that shared an invoke with others
         self.window = 2  # frames handed to it ahead of time (the supervisor sets it once the worker is ready)
+        self.logs = LogGate(index)
         self._send_lock = threading.Lock()
         self._reader: threading.Thread | None = None
         self.loop = loop  # results are read on this I/O loop; without one, on a thread of the handle's own
@@ -62,34 +130,42 @@ class WorkerHandle:
         name = os.path.basename(path)
         return name[:-7] if name.endswith(".tflite") else name
 
+    @property
+    def accelerator(self) -> str | None:
+        chosen = self.info.get("accelerator", {}).get("chosen")
+        return chosen if isinstance(chosen, str) else None
+
     def start(self, timeout: float = 120.0) -> dict[str, Any]:
         """Spawn the worker and block until it has loaded the model; raise ModelError/WorkerError."""
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self._spawn_worker(child)
+        self.logs.pid = self.pid
         self.sock = parent
-        reader = protocol.Reader(parent)
+        reader = protocol.Reader(parent, max_message=READY_CAP, accept_fds=False)
         try:
             parent.settimeout(timeout)
             protocol.send(parent, self.init_msg)
             while True:
-                msg = reader.read()
-                if msg["t"] == "log":
-                    wlog.log(int(msg.get("lvl", logging.INFO)), "[%s] %s", self.pid, msg.get("msg"))
+                msg = protocol.decode(reader.read(), protocol.FROM_WORKER)
+                if isinstance(msg, protocol.Log):
+                    self.logs.emit(msg.level, msg.msg)
                     continue
                 break
             parent.settimeout(None)
         except (OSError, protocol.ProtocolError) as exc:
             self.kill()
             raise WorkerError(f"worker {self.index} did not start: {exc}; exit status {self._reap()}") from None
-        if msg["t"] == "fatal":
+        if isinstance(msg, protocol.Fatal):
             self.kill()
-            if msg.get("kind") == "model":
-                raise ModelError(str(msg.get("message")))
-            raise WorkerError(f"worker {self.index} failed to start: {msg.get('message')}")
-        if msg["t"] != "ready":
+            if msg.kind == "model":
+                raise ModelError(msg.message)
+            raise WorkerError(f"worker {self.index} failed to start: {msg.message}")
+        if not isinstance(msg, protocol.Ready):
             self.kill()
-            raise WorkerError(f"worker {self.index} sent {msg['t']!r} instead of ready")
-        self.info = {k: v for k, v in msg.items() if k != "t"}
+            raise WorkerError(f"worker {self.index} sent {msg.TAG!r} instead of ready")
+        self.info = protocol.as_dict(msg)
+        del self.info["t"]
+        reader.max_message = reply_cap(msg.model)
         self.state = "ready"
         self.last_pong = time.monotonic()
         if self.loop is not None:
@@ -107,16 +183,43 @@ class WorkerHandle:
         env = {k: v for k, v in os.environ.items() if k not in NOTIFY_ENV_VARS}
         env.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         try:
+            # its stderr is read by us, line by line, not shared with ours: a worker cannot write our log
             self.proc = subprocess.Popen([sys.executable, "-m", "edged.worker", str(child.fileno())],
-                                         pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, env=env)
+                                         pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, env=env,
+                                         stderr=subprocess.PIPE)
         finally:
             child.close()
+        threading.Thread(target=self._read_stderr, args=(self.proc.stderr,), name=f"worker-{self.index}-stderr",
+                         daemon=True).start()
 
-    def _handle(self, msg: dict[str, Any]) -> None:
-        if msg["t"] == "log":
-            wlog.log(int(msg.get("lvl", logging.INFO)), "[%s] %s", self.pid, msg.get("msg"))
+    def _read_stderr(self, pipe: Any) -> None:
+        """Until the worker's end closes: its stderr, as attributed, rate-limited lines (partial lines capped)."""
+        buf = b""
+        try:
+            while True:
+                chunk = os.read(pipe.fileno(), 1 << 16)
+                if not chunk:
+                    break
+                buf += chunk
+                *lines, buf = buf.split(b"\n")
+                if len(buf) > 4096:  # no newline for 4 KiB: a line of its own
+                    lines.append(buf)
+                    buf = b""
+                for line in lines:
+                    self.logs.emit(logging.WARNING, line.decode("utf-8", "replace"), " stderr")
+        except OSError:
+            pass
+        finally:
+            if buf:
+                self.logs.emit(logging.WARNING, buf.decode("utf-8", "replace"), " stderr")
+            pipe.close()
+
+    def _handle(self, raw: dict[str, Any]) -> None:
+        msg = protocol.decode(raw, SERVING)
+        if isinstance(msg, protocol.Log):
+            self.logs.emit(msg.level, msg.msg)
         else:
-            self.on_message(self, msg)
+            self.on_message(self, msg)  # type: ignore[arg-type]
 
     def _read_loop(self, reader: protocol.Reader) -> None:
         try:
@@ -152,7 +255,7 @@ class WorkerHandle:
         self.on_exit(self)
         self._close()  # the channel's fd, now rather than whenever the handle is collected
 
-    def send(self, msg: dict[str, Any], fds: tuple[int, ...] = ()) -> bool:
+    def send(self, msg: protocol.Message, fds: tuple[int, ...] = ()) -> bool:
         sock = self.sock
         if sock is None or self.state in ("dead", "stopped"):
             return False
@@ -166,7 +269,7 @@ class WorkerHandle:
     def ensure_segment(self, seg_id: int, fd: int, size: int) -> bool:
         if seg_id in self.segments:
             return True
-        if self.send({"t": "seg", "id": seg_id, "size": size}, (fd,)):
+        if self.send(protocol.SegmentAdd(seg_id, size), (fd,)):
             self.segments.add(seg_id)
             return True
         return False
@@ -174,15 +277,20 @@ class WorkerHandle:
     def drop_segment(self, seg_id: int) -> None:
         if seg_id in self.segments:
             self.segments.discard(seg_id)
-            self.send({"t": "unseg", "id": seg_id})
+            self.send(protocol.SegmentDrop(seg_id))
 
     def ping(self) -> None:
-        self.send({"t": "ping"})
+        self.send(protocol.Ping())
+
+    def kill_for(self, cause: str, seq: int | None = None) -> None:
+        """Kill it, remembering why (a frame's timeout, missed heartbeats) for whoever answers its frames."""
+        self.kill_cause = (cause, seq)
+        self.kill()
 
     def stop(self, grace: float = 3.0) -> None:
         """Ask the worker to exit; SIGTERM, then SIGKILL after the grace period."""
         self.state = "stopping"
-        self.send({"t": "stop"})
+        self.send(protocol.Stop())
         if self.proc is not None:
             try:
                 self.proc.wait(grace)
@@ -276,7 +384,7 @@ class InProcessWorkerHandle(WorkerHandle):
 
     def stop(self, grace: float = 3.0) -> None:
         self.state = "stopping"
-        self.send({"t": "stop"})
+        self.send(protocol.Stop())
         if self._thread is not None:
             self._thread.join(grace)
         self._close()

@@ -64,12 +64,13 @@ def test_worker_sigkill_mid_stream_every_frame_answered_and_new_worker_serves(da
     t_ready = time.monotonic() - t_kill
     got = c.wait(ids, 60)
     assert all(r is not None for r in got.values()), [k for k, v in got.items() if v is None][:5]
-    codes = {r["error"]["code"] for r in got.values() if "error" in r}
-    assert codes <= {"worker_crashed"}, codes
-    assert codes, "the killed worker had frames in flight; they must be answered worker_crashed"
-    n_crashed = sum(1 for r in got.values() if "error" in r)
-    print(f"SIGKILL mid-stream: {len(ids)} frames, {n_crashed} answered worker_crashed, "
-          f"the rest served; new worker ready {t_ready:.2f} s after the kill")
+    # INTERFACE "Poison frames": a frame in flight on a worker that died runs once more, on the new worker
+    errors = {k: r["error"] for k, r in got.items() if "error" in r}
+    assert not errors, errors
+    retried = d.status()["frames"].get("retried", 0)
+    assert retried >= 1, "the killed worker had frames in flight; they must have been run again"
+    print(f"SIGKILL mid-stream: {len(ids)} frames all served, {retried} of them run again after the kill; "
+          f"new worker ready {t_ready:.2f} s after the kill")
     assert new is not None and t_ready < 2.0, t_ready
     assert _proc_status(new)["Seccomp"] == "2"
     assert d.status()["workers"][0]["restarts"] == 1
@@ -85,8 +86,10 @@ def test_hung_worker_frame_times_out_and_worker_replaced(daemon_factory, client_
     old = _worker_pid(d)
     os.kill(old, signal.SIGSTOP)  # a stuck delegate, as far as the supervisor can tell
     c.send(RAW_DIGIT, "stuck")
-    res = c.wait(["stuck"], 15)["stuck"]
-    assert res is not None and res["error"]["code"] == "timeout", res
+    # the frame outlives its worker: killed past the deadline, the frame runs again on the replacement
+    res = c.wait(["stuck"], 20)["stuck"]
+    assert res is not None and "classes" in res, res
+    assert d.status()["frames"].get("retried", 0) == 1
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and d.status()["workers"][0]["pid"] == old:
         time.sleep(0.1)
