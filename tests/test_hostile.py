@@ -356,3 +356,93 @@ def test_worker_log_flood_rate_limited_and_cannot_forge_lines(daemon_factory, sp
     assert not any(ln.startswith("2026-12-01 00:00:00,000") for ln in log.splitlines())  # nothing forged
     assert "\x1b" not in log
     assert worker(d)["restarts"] == 0
+
+
+# ---- property-based: random publishers against one live daemon ------------------------------------------------------
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+# what Mosquitto passes on: no control characters (it drops a client that sends them; the door's unit test covers them)
+_levels = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x2FFF, blacklist_characters="+#/",
+                                blacklist_categories=("Cc", "Cs")), min_size=0, max_size=40) | st.sampled_from(["s" * 129, "ümlaut", "a b", "x" * 128])
+_reply = st.none() | st.sampled_from(["x/+/y", "#", "ok/reply", "$SYS/x", "STATUS", "IN", "homeassistant/x", ""]) | \
+    st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1, max_size=30)
+_frame = st.fixed_dictionaries({
+    "stream": _levels,
+    "frame_id": st.none() | st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=300),
+    "reply": _reply,
+    "correlation": st.none() | st.binary(max_size=16) | st.just(b"c" * 4097),
+    "content_type": st.none() | st.sampled_from(["image/png", "application/octet-stream", "text/plain", "x" * 300]),
+    "payload": st.sampled_from(["raw", "png", "junk", "empty", "big"]),
+    "qos": st.sampled_from([0, 1]),
+    "v311": st.booleans(),
+})
+_PAYLOADS = {"raw": RAW, "png": SAMPLE, "junk": b"\x00\xff" * 50, "empty": b"", "big": b"\x01" * 70_000}
+
+
+@pytest.fixture
+def fuzz_rig(daemon_factory, broker, spy):
+    d = daemon_factory({"queue": {"max_frame_bytes": 65536, "max_streams": 8}})
+    v3 = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="v3-" + uuid.uuid4().hex[:6], protocol=mqtt.MQTTv311)
+    v3.connect("127.0.0.1", broker.port)
+    v3.loop_start()
+    rig = {"d": d, "spy": spy, "v3": v3, "sent": 0, "pid": worker(d)["pid"], "rss0": d.status()["memory"]["rss_bytes"]}
+    yield rig
+    v3.loop_stop()
+    v3.disconnect()
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                   HealthCheck.too_slow])
+@given(batch=st.lists(_frame, min_size=1, max_size=12))
+def test_random_publishers_daemon_keeps_answering_each_qos1_frame_once(fuzz_rig, batch):
+    d, spy, v3 = fuzz_rig["d"], fuzz_rig["spy"], fuzz_rig["v3"]
+    before = len(spy.msgs)
+    sent = 0
+    for i, f in enumerate(batch):
+        stream = f["stream"]
+        topic = f"{d.prefix}/in/{stream}"
+        if len(topic.encode()) > 65535:
+            continue
+        payload = _PAYLOADS[f["payload"]]
+        if f["v311"]:
+            v3.publish(topic, payload, qos=f["qos"]).wait_for_publish(10)
+        else:
+            props: dict[str, Any] = {}
+            reply = {"STATUS": f"{d.prefix}/status", "IN": f"{d.prefix}/in/x"}.get(f["reply"] or "", f["reply"])
+            if reply is not None:
+                props["ResponseTopic"] = reply
+            if f["correlation"] is not None:
+                props["CorrelationData"] = f["correlation"]
+            if f["content_type"] is not None:
+                props["ContentType"] = f["content_type"]
+            user = [("frame_id", f["frame_id"])] if f["frame_id"] is not None else None
+            if reply == "":  # not a UTF-8 string MQTT can carry: Mosquitto would drop our connection
+                props.pop("ResponseTopic")
+            spy.publish(topic, payload, qos=f["qos"], user=user, **props)
+        fuzz_rig["sent"] += 1
+        sent += 1
+    name = f"fz-{uuid.uuid4().hex[:8]}"
+    sentinel(d, spy, name)
+    # every frame sent was received (none dropped by the broker: all under the Maximum Packet Size)
+    until(lambda: d.status()["frames"]["received"] == fuzz_rig["sent"] + _sentinels(spy), 20, "the count")
+    # each frame answered exactly once: as many answers as frames (and the sentinel), none more after a settle
+    until(lambda: len(spy.msgs) - before >= sent + 1, 20, "an answer per frame")
+    sentinel(d, spy, name + "-2")
+    new = spy.msgs[before:]
+    assert len(new) == sent + 2, [b for _t, b, _p in new]
+    # answers only on allowed topics: never the daemon's in/status/stats, never the discovery prefix
+    for topic, _b, _p in new:
+        assert not topic.startswith((f"{d.prefix}/in/", "homeassistant/", "$")), topic
+        assert topic not in (f"{d.prefix}/status", f"{d.prefix}/stats"), topic
+    # the daemon stays up, its worker untouched, memory bounded
+    w = worker(d)
+    assert d.proc.poll() is None and (w["pid"], w["restarts"]) == (fuzz_rig["pid"], 0)
+    assert d.status()["memory"]["rss_bytes"] - fuzz_rig["rss0"] < 64 << 20
+    st_ = d.status()["frames"]
+    assert st_["completed"] + st_["errors"] == st_["received"], st_  # answered, each exactly once
+
+
+def _sentinels(spy: Spy) -> int:
+    with spy.cv:
+        return sum(1 for _t, b, _p in spy.msgs if str(b.get("frame_id", "")).startswith("fz-"))
