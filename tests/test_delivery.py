@@ -34,7 +34,7 @@ from PIL import Image
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from conftest import BUNDLED, Broker, Daemon, FrameIO, free_port, shared
+from conftest import BUNDLED, Broker, Daemon, FrameIO, free_port, shared, until
 
 RAW = np.zeros((1, 8, 8, 1), np.uint8).tobytes()  # a raw frame of the bundled model: 64 bytes
 SAMPLE = (BUNDLED / "digits_sample.png").read_bytes()
@@ -118,31 +118,18 @@ def session_client() -> Iterator[Callable[..., SessionClient]]:
 
 @pytest.fixture
 def persistent_broker(tmp_path: Path) -> Iterator[Callable[..., Broker]]:
-    """Mosquitto with persistence on. Its store lives outside tmp_path: mosquitto started as root drops
-    to user `mosquitto`, which cannot enter pytest's 0700 folders."""
-    store = Path(tempfile.mkdtemp(prefix="edged-mqdb-"))
-    store.chmod(0o777)
+    """Mosquitto with persistence on (a store of its own, outside pytest's 0700 folders, which the user
+    mosquitto drops to cannot enter), restartable on the same port."""
     made: list[Broker] = []
 
     def make(port: int | None = None, start: bool = True) -> Broker:
-        b = Broker(tmp_path, ["persistence true", f"persistence_location {store}/", "autosave_interval 1"], port=port)
+        b = Broker(tmp_path, port=port, persistence=True, autosave_s=1)
         made.append(b)
         return b.start() if start else b
 
     yield make
     for b in made:
-        b.stop()
-    shutil.rmtree(store, ignore_errors=True)
-
-
-def until(pred: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        b.close()
 
 
 def frames(d: Daemon) -> dict[str, int]:
