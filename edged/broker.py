@@ -103,8 +103,11 @@ class Broker:
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
-    def pid(self) -> int | None:
-        return None if self.proc is None else self.proc.pid
+    def pid(self) -> int:
+        """The broker's process id; UnavailableError when it is not started."""
+        if self.proc is None:
+            raise UnavailableError(f"mosquitto on {self.host}:{self.port} is not started")
+        return self.proc.pid
 
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
