@@ -859,7 +859,7 @@ def test_share_two_daemons_split_frames_each_answered_once(daemon_factory, broke
     until(lambda: sum(frames(d)["completed"] for d in (d1, d2)) >= 400, 5, "the daemons' counts")
     served = [frames(d)["completed"] for d in (d1, d2)]
     sentinels: list[str] = []
-    while any(frames(d)["completed"] == n for d, n in zip((d1, d2), served)):
+    while any(frames(d)["completed"] == n for d, n in zip((d1, d2), served, strict=True)):
         assert len(sentinels) < 10, "the shared subscription never gave both daemons a sentinel"
         sentinels.append(f"sentinel{len(sentinels)}")
         assert served_ok(sentinel(c, sentinels[-1]))
