@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -31,7 +30,9 @@ from typing import Any, Callable
 import numpy as np
 import psutil
 
+from edged.broker import Broker
 from edged.config import Config
+from edged.errors import UnavailableError
 
 
 class Stats:
@@ -312,17 +313,9 @@ class E2EPath(Windowed):
         super().__init__(window)
         self.name = name
         self.payload = payload
-        mosq = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-        if not os.path.exists(mosq):
-            raise RuntimeError("mosquitto not installed")
         self.tmp = Path(tempfile.mkdtemp(prefix="edged-bench-"))
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        (self.tmp / "m.conf").write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\n"
-                                         "max_queued_messages 100000\n")
-        self.broker = subprocess.Popen([mosq, "-c", str(self.tmp / "m.conf")], stdout=subprocess.DEVNULL,
-                                       stderr=subprocess.DEVNULL)
+        self.broker = Broker(self.tmp).start()  # UnavailableError: the e2e paths are skipped, with the reason
+        port = self.broker.port
         raw_cfg = yaml.safe_load(Path(cfg.source).read_text()) or {}
         raw_cfg["device_id"] = "bench"
         raw_cfg.setdefault("mqtt", {}).update({"host": "127.0.0.1", "port": port, "topic_prefix": "bench/{device_id}",
@@ -332,12 +325,6 @@ class E2EPath(Windowed):
         raw_cfg.setdefault("status", {}).update({"socket": str(self.tmp / "s.sock"), "interval": 0,
                                                  "prometheus_file": None})
         (self.tmp / "c.yaml").write_text(yaml.safe_dump(raw_cfg))
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", port), 0.2).close()
-                break
-            except OSError:
-                time.sleep(0.05)
         t_launch = time.perf_counter()
         self.daemon = subprocess.Popen([sys.executable, "-m", "edged", "run", "-c", str(self.tmp / "c.yaml")],
                                        stdout=subprocess.DEVNULL, stderr=open(self.tmp / "daemon.log", "w"))
@@ -379,8 +366,7 @@ class E2EPath(Windowed):
             self.daemon.wait(20)
         except subprocess.TimeoutExpired:
             self.daemon.kill()
-        self.broker.terminate()
-        self.broker.wait(5)
+        self.broker.close()
 
 
 def run_bench(cfg: Config, frames: int = 200, with_e2e: bool = True, rounds: int = 5,
@@ -412,7 +398,7 @@ def run_bench(cfg: Config, frames: int = 200, with_e2e: bool = True, rounds: int
                 if batch > 1:
                     paths.append(E2EPath(cfg, payload, window=e2e_window, name="e2e_nobatch",
                                          model_overrides={"batch_max": 1}))
-            except RuntimeError as exc:
+            except (RuntimeError, UnavailableError) as exc:
                 notes["e2e"] = f"skipped: {exc}"
         stats = {p.name: Stats(p.name) for p in paths}
         for p in paths:  # warm-up

@@ -1,26 +1,30 @@
-"""Shared fixtures: a real Mosquitto on a free loopback port, a real `edged run`
-process, and an MQTT v5 client that sends frames and collects results."""
+"""Shared fixtures: a real Mosquitto on a free loopback port (edged.broker), a real `edged run`
+process, an MQTT v5 client that sends frames and collects results, and the one way tests wait
+(`until`: a condition with a deadline)."""
 from __future__ import annotations
 
 import contextlib
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, TypeVar
 
 import paho.mqtt.client as mqtt
 import pytest
 import yaml
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+
+from edged.broker import Broker, free_port
+
+__all__ = ["Broker", "free_port"]  # the tests' broker is the package's own (edged/broker.py)
 
 ROOT = Path(__file__).resolve().parents[1]
 # the lent GPU machine gets the models in a folder of its own: EDGED_SHARED_MODELS points there
@@ -37,48 +41,36 @@ def shared(name: str) -> Path:
     return p
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+T = TypeVar("T")
 
 
-def mosquitto_bin() -> str:
-    path = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    if not os.path.exists(path):
-        pytest.fail("mosquitto is not installed: `make test` installs it (tools/ensure_mosquitto.sh)")
-    return path
+def until(pred: Callable[[], T], timeout: float, what: str, interval: float = 0.05,
+          detail: Callable[[], str] | None = None) -> T:
+    """Wait until pred() returns something truthy and return it; past `timeout` seconds, an
+    AssertionError naming `what` (and detail(), e.g. a log tail). The one way tests wait: on a
+    condition with a deadline, never a fixed sleep. pred may raise to give up early."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}"
+                                 + (f": {detail()}" if detail is not None else ""))
+        time.sleep(interval)
 
 
-class Broker:
-    """A Mosquitto of our own on 127.0.0.1:<free port>."""
-
-    def __init__(self, tmp: Path, extra: list[str] | None = None, port: int | None = None) -> None:
-        self.port = port or free_port()
-        self.dir = tmp
-        self.extra = extra or []
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Broker:
-        conf = self.dir / f"mosquitto-{self.port}.conf"
-        lines = [f"listener {self.port} 127.0.0.1", "allow_anonymous true", "max_queued_messages 100000",
-                 "set_tcp_nodelay true", *self.extra]
-        conf.write_text("\n".join(lines) + "\n")
-        self.proc = subprocess.Popen([mosquitto_bin(), "-c", str(conf)], stdout=subprocess.DEVNULL,
-                                     stderr=open(self.dir / f"mosquitto-{self.port}.log", "ab"))
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError):
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return self
-            time.sleep(0.05)
-        raise RuntimeError("mosquitto did not start")
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
-        self.proc = None
+def throughout(check: Callable[[], object], seconds: float, what: str, interval: float = 0.2) -> int:
+    """Assert that check() stays truthy for `seconds`: an invariant over a window of time (still
+    starting, no restarts) where the window itself is what a test is about. Returns the checks made."""
+    end = time.monotonic() + seconds
+    n = 0
+    while True:
+        assert check(), f"{what} stopped holding after {n} checks"
+        n += 1
+        if time.monotonic() >= end:
+            return n
+        time.sleep(interval)
 
 
 def edged_cmd(*args: str) -> list[str]:
@@ -133,16 +125,14 @@ class Daemon:
             return None
 
     def wait_state(self, state: str, timeout: float = 30) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def reached() -> dict[str, Any] | None:
             assert self.proc is not None
             if self.proc.poll() is not None:
                 raise AssertionError(f"daemon exited {self.proc.returncode}: {self.log()[-1500:]}")
             st = self.status()
-            if st and st.get("state") == state:
-                return st
-            time.sleep(0.1)
-        raise AssertionError(f"daemon not {state} in {timeout}s: {self.log()[-1500:]}")
+            return st if st and st.get("state") == state else None
+
+        return until(reached, timeout, f"the daemon {state}", 0.1, detail=lambda: self.log()[-1500:])
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int | None:
         if self.proc is None:
@@ -228,9 +218,8 @@ class Client(FrameIO):
 
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[Broker]:
-    b = Broker(tmp_path).start()
-    yield b
-    b.stop()
+    with Broker(tmp_path) as b:
+        yield b
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -126,5 +125,5 @@ def test_batch_max_on_fixed_batch_model_is_logged_and_serves_one_by_one(daemon_f
     c.send((BUNDLED / "digits_sample.png").read_bytes(), "one")
     r = c.wait(["one"], 20)["one"]
     assert r and r["classes"][0]["label"] == "7"
-    time.sleep(0.1)
-    assert d.status()["workers"][0]["batched"] == 0
+    # the supervisor counts a result (batched or not) before it publishes it: with the answer here, the count is in
+    assert d.status()["workers"][0]["served"] >= 1 and d.status()["workers"][0]["batched"] == 0

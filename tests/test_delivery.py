@@ -34,7 +34,7 @@ from PIL import Image
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from conftest import BUNDLED, Broker, Daemon, FrameIO, free_port, shared
+from conftest import BUNDLED, Broker, Daemon, FrameIO, free_port, shared, throughout, until
 
 RAW = np.zeros((1, 8, 8, 1), np.uint8).tobytes()  # a raw frame of the bundled model: 64 bytes
 SAMPLE = (BUNDLED / "digits_sample.png").read_bytes()
@@ -118,31 +118,18 @@ def session_client() -> Iterator[Callable[..., SessionClient]]:
 
 @pytest.fixture
 def persistent_broker(tmp_path: Path) -> Iterator[Callable[..., Broker]]:
-    """Mosquitto with persistence on. Its store lives outside tmp_path: mosquitto started as root drops
-    to user `mosquitto`, which cannot enter pytest's 0700 folders."""
-    store = Path(tempfile.mkdtemp(prefix="edged-mqdb-"))
-    store.chmod(0o777)
+    """Mosquitto with persistence on (a store of its own, outside pytest's 0700 folders, which the user
+    mosquitto drops to cannot enter), restartable on the same port."""
     made: list[Broker] = []
 
     def make(port: int | None = None, start: bool = True) -> Broker:
-        b = Broker(tmp_path, ["persistence true", f"persistence_location {store}/", "autosave_interval 1"], port=port)
+        b = Broker(tmp_path, port=port, persistence=True, autosave_s=1)
         made.append(b)
         return b.start() if start else b
 
     yield make
     for b in made:
-        b.stop()
-    shutil.rmtree(store, ignore_errors=True)
-
-
-def until(pred: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        b.close()
 
 
 def frames(d: Daemon) -> dict[str, int]:
@@ -183,21 +170,32 @@ def served_ok(res: dict[str, Any] | None) -> bool:
     return res is not None and "error" not in res and bool(res.get("classes"))
 
 
+def sentinel(c: FrameIO, fid: str, payload: bytes = RAW, qos: int = 1, timeout: float = 20) -> dict[str, Any]:
+    """Send one more frame after the others and return its answer. The daemon publishes results in the
+    order it produces them, on one connection, and the broker keeps that order to our one subscription:
+    once the sentinel's answer is here, a late or second answer to an earlier frame would be here too.
+    That proves a negative ("no duplicate", "nothing redelivered") without waiting for time to pass."""
+    c.send(payload, fid, qos=qos)
+    res = c.wait([fid], timeout)[fid]
+    assert res is not None, f"sentinel {fid} unanswered"
+    return res
+
+
 # ---- 1. persistent session: daemon before broker, broker restart, daemon restart ---------------
 def test_daemon_started_before_broker_waits_starting_then_serves(tmp_path, daemon_factory, persistent_broker,
                                                                  session_client):
     pb = persistent_broker(port=free_port(), start=False)
     d = daemon_factory(start=False, broker=pb)
     d.start(wait=False)
-    st = until(d.status, 30, "the status socket")
-    seen = []
-    end = time.monotonic() + 3
-    while time.monotonic() < end:
+    until(d.status, 30, "the status socket")
+
+    def waiting() -> bool:
         assert d.proc.poll() is None, f"daemon exited {d.proc.returncode} without a broker: {d.log()[-1500:]}"
         st = d.status()
-        seen.append((st["state"], st["mqtt"]["connected"]))
-        time.sleep(0.2)
-    assert set(seen) == {("starting", False)}, seen
+        assert (st["state"], st["mqtt"]["connected"]) == ("starting", False), (st["state"], st["mqtt"])
+        return True
+
+    throughout(waiting, 3, "starting and disconnected without a broker")  # paho's first retries: 1 s, 2 s
     pb.start()
     d.wait_state("online", 40)  # paho's reconnect backoff: 1, 2, 4 ... s
     c = session_client(pb.port, d.prefix)
@@ -241,13 +239,15 @@ def test_broker_that_never_answers_the_handshake_does_not_stall_the_workers(daem
         d.start(wait=False)
         until(d.status, 30, "the status socket")
         until(lambda: all(w["state"] == "ready" for w in d.status()["workers"]), 30, "workers ready")
-        end = time.monotonic() + 6  # more than one paho connect timeout
-        while time.monotonic() < end:
+
+        def unstalled() -> bool:
             st = d.status()
             assert st["state"] == "starting" and st["mqtt"]["connected"] is False, st["state"]
             assert [w["restarts"] for w in st["workers"]] == [0] * len(st["workers"]), d.log()[-1500:]
             assert all(w["state"] == "ready" for w in st["workers"]), st["workers"]
-            time.sleep(0.2)
+            return True
+
+        throughout(unstalled, 6, "workers ready, none restarted")  # more than one paho connect timeout
         assert "missed its heartbeats" not in d.log()
         t0 = time.monotonic()
         assert d.stop(signal.SIGTERM, 15) == 0
@@ -303,7 +303,7 @@ def test_broker_restart_mid_stream_persistent_sessions_every_frame_answered(daem
             pb.stop()  # mosquitto saves its store on SIGTERM
             pb.start()
             restarted = True
-        time.sleep(0.002)
+        time.sleep(0.002)  # pacing, not a synchronisation: the stream spans the restart
     assert restarted
     got = c.wait(ids, 45)
     missing = [k for k, v in got.items() if v is None]
@@ -325,13 +325,16 @@ def test_daemon_stopped_qos1_frames_held_by_broker_answered_after_restart(daemon
     infos = [c.send(RAW, fid, qos=1) for fid in ids]
     for info in infos:
         info.wait_for_publish(10)  # the broker holds them for the daemon's session
-    time.sleep(0.5)
     assert c.answered() == 1
+    t_restart = time.time()
     d.start()  # same config: same device_id, so the same client id and session
     got = c.wait(ids, 30)
     missing = [k for k, v in got.items() if v is None]
     assert not missing, f"{len(missing)} unanswered, e.g. {missing[:5]}"
     assert all(served_ok(v) for v in got.values())
+    # none was answered while the daemon was down: each once, by the process started afterwards
+    early = [k for k in ids if c.counts[k] != 1 or got[k]["ts"] < t_restart]
+    assert not early, f"answered before the restart or twice: {early[:5]}"
     assert "session present: True" in d.log()
 
 
@@ -397,7 +400,10 @@ def test_broker_outage_result_buffer_full_qos1_frames_redelivered_and_answered(d
         assert all(served_ok(v) for v in held.values()), held  # the held results, out on reconnect
         # the broker redelivers every frame: acknowledgements sent while it was away were lost
         until(lambda: frames(d)["received"] == 28, 20, "the frames redelivered")
-        time.sleep(0.5)  # PUBACKs of the held results reach the daemon
+        # the broker acknowledged each held result before forwarding it to us, so a frame sent now reaches
+        # the daemon behind those PUBACKs: once it is admitted, the daemon has them (QoS 0: no Receive Maximum)
+        c.send(frame, "rb-after-pubacks", qos=0)
+        until(lambda: frames(d)["received"] == 29, 20, "a frame sent after the held results arrived")
     got = c.wait(ids, 30)
     missing = [k for k, v in got.items() if v is None]
     assert not missing, f"{len(missing)} unanswered, e.g. {missing[:5]}; daemon log: {d.log()[-1500:]}"
@@ -529,17 +535,18 @@ def test_queue_full_dropped_frames_answered_overloaded_policy_keeps_right_ones(d
         else:
             assert code(res) == "overloaded", (fid, res)
             assert "full" in res["error"]["message"] and policy in res["error"]["message"]
-    time.sleep(0.5)
+    assert served_ok(sentinel(c, "after"))
     assert set(c.counts.values()) == {1}, c.counts
     st = d.status()
     assert st["frames"]["dropped"] == 6 and st["errors_by_code"] == {"overloaded": 6}, st
-    assert st["frames"]["completed"] == 4 and st["queue_depth"] == 0
+    assert st["frames"]["completed"] == 4 + 1 and st["queue_depth"] == 0  # f0, f1, the two kept, the sentinel
     if qos_mode == "mixed":
         # every QoS 1 frame was acknowledged with its answer, overloaded or not: a restart brings none back
+        # (the broker would resend them at the reconnect, ahead of a frame sent afterwards)
         assert d.stop() == 0
         d.start()
-        time.sleep(1)
-        assert set(c.counts.values()) == {1} and frames(d)["received"] == 0, (c.counts, frames(d))
+        assert served_ok(sentinel(c, "after-restart"))
+        assert set(c.counts.values()) == {1} and frames(d)["received"] == 1, (c.counts, frames(d))
 
 
 @pytest.mark.parametrize("policy", ["reject", "drop_oldest"])
@@ -548,7 +555,7 @@ def test_queue_qos1_flood_receive_maximum_holds_rest_at_broker_all_answered(daem
     """QoS 1 only: Receive Maximum = max_per_stream (2) makes the broker hold what the queue could not
     take while the worker is frozen; afterwards every frame gets exactly one answer, and any drop
     (Mosquitto 2.0.11 stops enforcing the maximum once acknowledgements flow) is an `overloaded` answer."""
-    d = daemon_factory({"queue": {"max_per_stream": 2, "policy": policy}})
+    d = daemon_factory({"queue": {"max_per_stream": 2, "policy": policy, "max_frame_bytes": 1024}})
     c = session_client(broker.port, d.prefix)
     ids = [f"f{i}" for i in range(12)]
     with stopped(worker_pid(d)):
@@ -556,20 +563,23 @@ def test_queue_qos1_flood_receive_maximum_holds_rest_at_broker_all_answered(daem
         for fid in ids[2:]:
             c.send(RAW, fid, qos=1)
         until(lambda: frames(d)["received"] >= 4, 10, "the queue filled")
-        time.sleep(1)
+        # a sentinel the daemon answers at admission (over max_frame_bytes) with the worker still frozen; QoS 0,
+        # so Receive Maximum does not hold it back. Once it is answered the daemon has read all the broker sent
+        # before it, and f4.. would have come first had the broker not held them.
+        assert code(sentinel(c, "over", bytes(2048), qos=0, timeout=10)) == "too_large"
         st = d.status()
-        # f0..f3 taken, the rest wait at the broker
-        assert st["frames"]["received"] == 4 and st["frames"]["dropped"] == 0, st["frames"]
+        # f0..f3 taken (and the sentinel), the rest wait at the broker
+        assert st["frames"]["received"] == 4 + 1 and st["frames"]["dropped"] == 0, st["frames"]
         assert st["queue_depth"] == 2
     got = c.wait(ids, 20)
     assert all(r is not None for r in got.values()), [k for k, v in got.items() if v is None]
     overloaded = [k for k, r in got.items() if code(r) == "overloaded"]
     assert all(served_ok(r) for k, r in got.items() if k not in overloaded)
-    time.sleep(0.5)
+    assert served_ok(sentinel(c, "after"))
     assert set(c.counts.values()) == {1}, c.counts
     st = d.status()
     assert st["frames"]["dropped"] == len(overloaded) == st["errors_by_code"].get("overloaded", 0)
-    assert st["frames"]["completed"] == len(ids) - len(overloaded)
+    assert st["frames"]["completed"] == len(ids) - len(overloaded) + 1  # and the sentinel
 
 
 def _bmp(side: int) -> bytes:
@@ -596,8 +606,9 @@ def test_queue_pool_full_policy_drops_oldest_until_frame_fits_or_rejects_it(daem
         until(lambda: d.status()["queue_depth"] == 10, 10, "ten small frames queued")
         assert frames(d)["dropped"] == 0
         c.send(big, "big", qos=0)
-        until(lambda: frames(d)["received"] == 13 and frames(d)["dropped"] >= 1, 10, "the big frame admitted")
-        time.sleep(0.2)
+        # the admission is over once each frame it dropped is answered (counted, then answered, in turn)
+        until(lambda: frames(d)["received"] == 13 and 1 <= frames(d)["dropped"]
+              == sum(code(r) == "overloaded" for r in list(c.results.values())), 10, "the big frame admitted")
         depth = d.status()["queue_depth"]
     got = c.wait(["f0", "f1", "big", *ids], 20)
     assert all(r is not None for r in got.values()), [k for k, v in got.items() if v is None]
@@ -643,7 +654,7 @@ def test_queue_frame_past_message_expiry_answered_expired(daemon_factory, broker
         c.send(RAW, "long", expiry=60)
         c.send(RAW, "none")
         until(lambda: d.status()["queue_depth"] == 3, 10, "three frames queued")
-        time.sleep(2.5)
+        time.sleep(2.5)  # not a synchronisation: time passing the 1 s expiry is the scenario
     got = c.wait(["a", "b", "short", "long", "none"], 20)
     assert code(got["short"]) == "expired", got["short"]
     assert got["short"]["error"]["message"]
@@ -786,14 +797,18 @@ def test_tls_client_cert_and_password_daemon_serves(daemon_factory, tls_broker, 
     assert d.status()["mqtt"]["connected"] is True
     # the broker really wants TLS: plain MQTT on that port gets nowhere
     plain = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    ok = threading.Event()
+    ok, closed = threading.Event(), threading.Event()
     plain.on_connect = lambda cl, u, f, rc, p: ok.set() if not rc.is_failure else None
+    plain.on_disconnect = lambda *a: closed.set()
     plain.username_pw_set("edged", "s3cret-pw")
     try:
-        with contextlib.suppress(OSError):
+        try:
             plain.connect("127.0.0.1", tls_broker.port)
             plain.loop_start()
-        assert not ok.wait(2)
+        except OSError:
+            closed.set()
+        assert closed.wait(10), "the broker neither closed a plain-MQTT connection nor refused it"
+        assert not ok.is_set()
     finally:
         plain.loop_stop()
 
@@ -803,11 +818,14 @@ def test_tls_wrong_password_daemon_waits_disconnected_logs_refusal(daemon_factor
     d.start(wait=False)
     until(d.status, 30, "the status socket")
     until(lambda: "refused the connection" in d.log(), 20, "the refusal in the log")
-    for _ in range(10):
+
+    def refused_again() -> bool:
         assert d.proc.poll() is None, f"daemon exited {d.proc.returncode}: {d.log()[-1500:]}"
         st = d.status()
         assert st["mqtt"]["connected"] is False and st["state"] == "starting", (st["state"], st["mqtt"])
-        time.sleep(0.2)
+        return d.log().count("refused the connection") >= 2
+
+    until(refused_again, 20, "a second refused attempt, the daemon still up and waiting", 0.2)
     log = d.log()
     assert "Traceback" not in log
     refusal = next(line for line in log.splitlines() if "refused the connection" in line)
@@ -833,8 +851,18 @@ def test_share_two_daemons_split_frames_each_answered_once(daemon_factory, broke
     assert not missing, f"{len(missing)} unanswered, e.g. {missing[:5]}"
     assert all(served_ok(v) for v in got.values()), [v for v in got.values() if not served_ok(v)][:3]
     assert all(v["_topic"] == f"{fleet}/out/cam1" for v in got.values())
-    time.sleep(0.5)
+    # a sentinel through each daemon (the group hands them out in turn): a second answer from either would
+    # come before that daemon's answer to its sentinel
+    until(lambda: sum(frames(d)["completed"] for d in (d1, d2)) >= 400, 5, "the daemons' counts")
+    served = [frames(d)["completed"] for d in (d1, d2)]
+    sentinels: list[str] = []
+    while any(frames(d)["completed"] == n for d, n in zip((d1, d2), served, strict=True)):
+        assert len(sentinels) < 10, "the shared subscription never gave both daemons a sentinel"
+        sentinels.append(f"sentinel{len(sentinels)}")
+        assert served_ok(sentinel(c, sentinels[-1]))
+        until(lambda: sum(frames(d)["completed"] for d in (d1, d2)) == sum(served) + len(sentinels), 5,
+              "the sentinel counted by the daemon that answered it")
     dups = {k: n for k, n in c.counts.items() if n != 1}
     assert not dups, f"answered more than once: {dups}"
     done = [frames(d)["completed"] for d in (d1, d2)]
-    assert sum(done) == 400 and min(done) >= 50, done
+    assert sum(done) == 400 + len(sentinels) and min(done) >= 50, done

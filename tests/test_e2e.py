@@ -5,7 +5,6 @@ import io
 import json
 import subprocess
 import threading
-import time
 
 import numpy as np
 import paho.mqtt.client as mqtt
@@ -14,7 +13,7 @@ from PIL import Image
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from conftest import BUNDLED, ROOT, edged_cmd, shared
+from conftest import BUNDLED, ROOT, edged_cmd, shared, until
 
 SAMPLE_CLASS = "7"  # edged/models/MODEL.md: the held-out sample tools/build_model.py picked
 CAT_CLASSES = {"tabby", "tiger cat", "egyptian cat", "persian", "siamese"}
@@ -169,11 +168,8 @@ def test_status_json_names_model_input_and_workers(daemon_factory, client_factor
     assert st["model"]["task"] == "classify" and st["model"]["path"].endswith("mobilenet_v2_1.0_224_quant.tflite")
     assert st["workers"][0]["sandboxed"] is True and st["workers"][0]["pid"]
     c = client_factory(d.prefix)
-    assert c.wait([], 1) == {}
-    deadline = time.monotonic() + 10
-    while not c.status_msgs and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert c.status_msgs and c.status_msgs[-1]["state"] == "online"
+    until(lambda: c.status_msgs, 10, "the retained status message", 0.1)
+    assert c.status_msgs[-1]["state"] == "online"
 
 
 def test_send_cli_prints_result_of_bundled_sample(daemon_factory):
@@ -189,10 +185,8 @@ def test_sigterm_publishes_stopped_and_exits_zero(daemon_factory, client_factory
     d = daemon_factory()
     c = client_factory(d.prefix)
     assert d.stop() == 0
-    deadline = time.monotonic() + 10
-    while (not c.status_msgs or c.status_msgs[-1]["state"] != "stopped") and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert c.status_msgs[-1]["state"] == "stopped"
+    until(lambda: c.status_msgs and c.status_msgs[-1]["state"] == "stopped", 10, "the status `stopped`", 0.1,
+          detail=lambda: str(c.status_msgs[-3:]))
 
 
 @pytest.mark.parametrize("model,word", [("model_invoking_error.tflite", "fake-op-double")])

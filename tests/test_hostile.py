@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import threading
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -18,24 +17,12 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from conftest import BUNDLED
+from conftest import BUNDLED, until
 from edged.door import Door, filter_matches, valid_publish_topic
 
 RAW = np.zeros((1, 8, 8, 1), np.uint8).tobytes()
 SAMPLE = (BUNDLED / "digits_sample.png").read_bytes()
 HOOKS = {"EDGED_TEST_HOOKS": "1"}
-
-
-def until(pred: Any, timeout: float, what: str) -> Any:
-    """Wait on a condition with a deadline (polling; the condition is what synchronises)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        got = pred()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
 
 
 class Spy:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from conftest import shared
+from conftest import shared, until
 
 RAW_DIGIT = np.zeros((1, 8, 8, 1), np.uint8).tobytes()
 
@@ -51,16 +51,14 @@ def test_worker_sigkill_mid_stream_every_frame_answered_and_new_worker_serves(da
         if i == 40:
             os.kill(old, signal.SIGKILL)
             t_kill = time.monotonic()
-        time.sleep(0.005)
+        time.sleep(0.005)  # pacing, not a synchronisation: the stream spans the kill
+
+    def replaced() -> int | None:
+        w = d.status()["workers"][0]
+        return w["pid"] if w["pid"] != old and w["state"] == "ready" else None
+
     # a new sandboxed worker is serving within 2 s of the kill
-    new = None
-    while time.monotonic() - t_kill < 10:
-        st = d.status()
-        w = st["workers"][0]
-        if w["pid"] != old and w["state"] == "ready":
-            new = w["pid"]
-            break
-        time.sleep(0.05)
+    new = until(replaced, max(0.0, t_kill + 10 - time.monotonic()), "a new worker ready after the kill")
     t_ready = time.monotonic() - t_kill
     got = c.wait(ids, 60)
     assert all(r is not None for r in got.values()), [k for k, v in got.items() if v is None][:5]
@@ -90,10 +88,7 @@ def test_hung_worker_frame_times_out_and_worker_replaced(daemon_factory, client_
     res = c.wait(["stuck"], 20)["stuck"]
     assert res is not None and "classes" in res, res
     assert d.status()["frames"].get("retried", 0) == 1
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and d.status()["workers"][0]["pid"] == old:
-        time.sleep(0.1)
-    assert d.status()["workers"][0]["pid"] != old
+    until(lambda: d.status()["workers"][0]["pid"] != old, 10, "the hung worker replaced", 0.1)
     c.send(RAW_DIGIT, "next")
     nxt = c.wait(["next"], 15)["next"]
     assert nxt is not None and "classes" in nxt, nxt
@@ -104,12 +99,14 @@ def test_restart_budget_exhausted_daemon_exits_nonzero(daemon_factory):
     for _ in range(3):
         pid = _worker_pid(d)
         os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and d.proc.poll() is None:
+
+        def replaced_or_gone(pid: int = pid) -> bool:
+            if d.proc.poll() is not None:
+                return True
             st = d.status()
-            if st and st["workers"][0]["pid"] != pid and st["workers"][0]["state"] == "ready":
-                break
-            time.sleep(0.05)
+            return bool(st and st["workers"][0]["pid"] != pid and st["workers"][0]["state"] == "ready")
+
+        until(replaced_or_gone, 10, "the worker restarted, or the daemon gone")
     assert d.proc.wait(15) == 70
     assert "giving up" in d.log()
 
@@ -141,18 +138,17 @@ def test_in_process_mode_serves_from_daemon_threads_and_reloads_without_leaking(
         cfg["model"]["top_k"] = 2 + i
         d.cfg_path.write_text(yaml.safe_dump(cfg))
         d.proc.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
+
+        def reloaded(i: int = i) -> bool:
             c.send(sample, f"r{i}")
             got = c.wait([f"r{i}"], 10)[f"r{i}"]
             c.results.pop(f"r{i}", None)
-            if got and len(got.get("classes", [])) == 2 + i:
-                break
-            time.sleep(0.2)
-        else:
-            raise AssertionError(f"reload {i} never took effect: {d.log()[-1500:]}")
-    time.sleep(1.0)
-    assert _threads(d.proc.pid) <= threads0, (threads0, _threads(d.proc.pid))
+            return bool(got and len(got.get("classes", [])) == 2 + i)
+
+        until(reloaded, 20, f"reload {i} to take effect", 0.2, detail=lambda: d.log()[-1500:])
+    # the old workers' threads end after their last frame
+    until(lambda: _threads(d.proc.pid) <= threads0, 10, f"the daemon back to {threads0} threads",
+          detail=lambda: str(_threads(d.proc.pid)))
     st = d.status()
     assert len(st["workers"]) == 1 and st["workers"][0]["pid"] == d.proc.pid
     assert d.stop(signal.SIGTERM, 20) == 0

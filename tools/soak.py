@@ -92,7 +92,6 @@ import io
 import json
 import math
 import os
-import pwd
 import random
 import shutil
 import signal
@@ -118,6 +117,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from edged.broker import Broker  # noqa: E402
 from edged.errors import UnavailableError  # noqa: E402
 from edged.status import query  # noqa: E402
 
@@ -157,75 +157,16 @@ def _parent_death_signal() -> Callable[[], None]:
     return setup
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def port_open(host: str, port: int) -> bool:
-    try:
-        socket.create_connection((host, port), timeout=0.3).close()
-        return True
-    except OSError:
-        return False
-
-
-class OwnBroker:
-    """Mosquitto on a free loopback port with persistence in a temp dir; restartable on the same port."""
-
-    def __init__(self, out: Path, tmp: Path) -> None:
-        exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-        if not os.path.exists(exe):
-            raise UnavailableError("mosquitto is not installed (tools/ensure_mosquitto.sh installs it)")
-        self.exe = exe
-        self.host, self.port = "127.0.0.1", free_port()
-        self.persist = tmp / "mosquitto"
-        self.persist.mkdir()
-        if os.geteuid() == 0:  # as root Mosquitto drops to the user "mosquitto" (else "nobody"): it must write here
-            for name in ("mosquitto", "nobody"):
-                with contextlib.suppress(KeyError):
-                    pw = pwd.getpwnam(name)
-                    os.chown(self.persist, pw.pw_uid, pw.pw_gid)
-                    os.chmod(tmp, 0o711)
-                    break
-        self.conf = out / "mosquitto.conf"
-        self.conf.write_text("\n".join([
-            f"listener {self.port} 127.0.0.1", "allow_anonymous true", "max_queued_messages 100000",
-            "set_tcp_nodelay true", "persistence true", f"persistence_location {self.persist}/",
-            "autosave_interval 60"]) + "\n")
-        self.log = out / "mosquitto.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen([self.exe, "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=log,
-                                         start_new_session=True, preexec_fn=_parent_death_signal())
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise UnavailableError(f"mosquitto exited {self.proc.returncode}; see {self.log}")
-            if port_open(self.host, self.port):
-                return
-            time.sleep(0.05)
-        raise UnavailableError(f"mosquitto did not listen on {self.port} within 15 s; see {self.log}")
-
-    def stop(self) -> None:
-        """SIGTERM: Mosquitto writes its persistence file on the way out."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self.proc = None
+def own_broker(out: Path) -> Broker:
+    """Mosquitto on a free loopback port, persistence in a store of its own (removed by close()), its
+    config and log in OUT; restartable on the same port and store. Dies with us (parent-death signal)."""
+    return Broker(out, persistence=True, autosave_s=60, name="mosquitto", preexec_fn=_parent_death_signal())
 
 
 class OwnDaemon:
     """`python -m edged run -c OUT/edged.yaml` as a child process."""
 
-    def __init__(self, out: Path, tmp: Path, broker: OwnBroker, opts: argparse.Namespace, run_id: str) -> None:
+    def __init__(self, out: Path, tmp: Path, broker: Broker, opts: argparse.Namespace, run_id: str) -> None:
         self.device_id = f"soak-{run_id}"
         self.prefix = f"soak/{self.device_id}"
         self.socket = str(tmp / "edged.sock")  # a short path: sun_path holds 108 bytes
@@ -788,7 +729,7 @@ class Faults(threading.Thread):
     """Runs the fault plan: SIGHUP, worker SIGKILL, broker stop/start; waits for recovery from each."""
 
     def __init__(self, plan: list[tuple[float, str]], t0: float, pid: int, socket_path: str,
-                 broker: OwnBroker | None, link: Mqtt, sampler: Sampler, events_csv: Path, outage_s: float) -> None:
+                 broker: Broker | None, link: Mqtt, sampler: Sampler, events_csv: Path, outage_s: float) -> None:
         super().__init__(name="faults", daemon=True)
         self.plan, self.t0, self.pid, self.socket_path = plan, t0, pid, socket_path
         self.broker, self.link, self.sampler, self.outage_s = broker, link, sampler, outage_s
@@ -863,7 +804,7 @@ class Faults(threading.Thread):
     def _broker_restart(self) -> tuple[bool, str]:
         assert self.broker is not None
         self.broker.stop()
-        saved = (self.broker.persist / "mosquitto.db").exists()
+        saved = self.broker.store is not None and (self.broker.store / "mosquitto.db").exists()
         self.stop_ev.wait(self.outage_s)
         self.broker.start()
         ok = self._wait(lambda s: bool(s.get("mqtt", {}).get("connected")) and self.link.up, 90)
@@ -1250,7 +1191,7 @@ def run(opts: argparse.Namespace) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="edged-soak-"))
     run_id = f"{os.getpid():x}{int(time.time()) % 100000:05d}"
     stop = Stop()
-    broker: OwnBroker | None = None
+    broker: Broker | None = None
     daemon: OwnDaemon | None = None
     link: Mqtt | None = None
     sampler: Sampler | None = None
@@ -1258,7 +1199,7 @@ def run(opts: argparse.Namespace) -> int:
     extra: dict[str, Any] = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
     try:
         if opts.own:
-            broker = OwnBroker(out, tmp)
+            broker = own_broker(out)
             broker.start()
             daemon = OwnDaemon(out, tmp, broker, opts, run_id)
             pid, sock, prefix, host, port = daemon.start(), daemon.socket, daemon.prefix, broker.host, broker.port
@@ -1341,7 +1282,7 @@ def run(opts: argparse.Namespace) -> int:
         # restarted broker gets its parent-death signal when that thread ends), the broker
         closers: list[Callable[[], Any]] = [lambda: link and link.close(), lambda: sampler and sampler.close(),
                                             lambda: daemon and daemon.stop(), lambda: faults and faults.close(),
-                                            lambda: broker and broker.stop()]
+                                            lambda: broker and broker.close()]
         for closer in closers:
             with contextlib.suppress(Exception):
                 closer()
