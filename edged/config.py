@@ -108,6 +108,7 @@ class SandboxConfig:
     memory_limit_mb: int = _f(1024, lo=16)
     frame_timeout_s: float = _f(10.0, lo=0.1)
     heartbeat_s: float = _f(2.0, lo=0.1)
+    start_timeout_s: float = _f(120.0, lo=1)  # a worker not ready by then (start, restart, reload) is abandoned
     max_restarts: int = _f(10, lo=1)
     restart_window_s: float = _f(60.0, lo=1)
     backoff_max_s: float = _f(5.0, lo=0)

@@ -38,6 +38,7 @@ from edged.pool import FramePool
 from edged.results import Results
 from edged.status import StatusServer
 from edged.supervision import Workers
+from edged.watchdog import Progress
 from edged.workers import WorkerHandle
 
 logger = logging.getLogger(__name__)
@@ -72,6 +73,9 @@ class Supervisor:
         self.started = time.monotonic()
         self.stopping = False
         self._reload_requested = False
+        self._reloading: threading.Thread | None = None
+        self.progress = Progress()
+        self.stalled: list[str] = []
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         p = cfg.pool
         self.pool = FramePool(initial_bytes=int(p.initial_mb * (1 << 20)), max_bytes=int(p.max_mb * (1 << 20)),
@@ -213,7 +217,7 @@ class Supervisor:
                 "model": {k: model.get(k) for k in ("name", "path", "task", "input", "outputs", "backend")},
                 "accelerator": self.workers.accel_info, "frames": m["frames"], "errors_by_code": m["errors_by_code"],
                 "latency_ms": m["latency_ms"], "stages_ms": m["stages_ms"], "queue_depth": depth,
-                "streams_queued": streams, "pool": self.pool.stats(), "workers": workers, "memory": mem,
+                "streams_queued": streams, "watchdog": {"stalled": self.stalled}, "pool": self.pool.stats(), "workers": workers, "memory": mem,
                 "mqtt": {"connected": self.link.connected, "reconnects": self.link.reconnects,
                          "result_overflows": self.link.overflows, "results_waiting": len(self.results.waiting),
                          "unrouted": self.link.unrouted, "oversized_packets": self.link.oversized,
@@ -231,9 +235,17 @@ class Supervisor:
                 except OSError as exc:
                     logger.warning("status.prometheus_file: %s", exc)
         wd = self.notifier.watchdog_interval()
-        if wd and now - self._last_watchdog >= wd and self.workers.healthy(now):
-            self._last_watchdog = now
-            self.notifier.watchdog()
+        if wd and now - self._last_watchdog >= wd:
+            self.stalled = self.progress.stalled(now, max(2 * wd, 2.0)) + self.workers.stalled(now)
+            if not self.stalled:
+                self._last_watchdog = now
+                self.notifier.watchdog()
+
+    def _io_beat(self) -> None:
+        """On the I/O loop, twice a second: it turns, so it can serve (the watchdog checks this beat)."""
+        self.progress.beat("io loop")
+        if not self.stopping:
+            self.loop.call_later(0.5, self._io_beat)
 
     # ---- signals, reload, main loop -----------------------------------------------------------------------------
     def _wake(self) -> None:
@@ -254,8 +266,23 @@ class Supervisor:
             self.stopping = True
         self._wake()
 
+    def _start_reload(self) -> None:
+        """SIGHUP: reload on a thread of its own; the main loop keeps its timers whatever the reload waits for."""
+        if self._reloading is not None and self._reloading.is_alive():
+            logger.warning("SIGHUP: a reload is already under way; this one is ignored")
+            return
+        self._reloading = threading.Thread(target=self._reload_guarded, name="reload", daemon=True)
+        self._reloading.start()
+
+    def _reload_guarded(self) -> None:
+        try:
+            self.reload()
+        except Exception:  # top of the reload thread: the old workers keep serving
+            logger.exception("reload failed, still serving the previous model")
+            self.notifier.ready("reload failed: still serving the previous model")
+
     def reload(self) -> None:
-        """SIGHUP: the new config and model in fresh workers, then the old ones retire (edged.supervision)."""
+        """The new config and model in fresh workers, then the old ones retire (edged.supervision)."""
         self.notifier.reloading()
         new_cfg = self.workers.reload()
         if new_cfg is None:
@@ -283,15 +310,17 @@ class Supervisor:
             self.loop.stop()
             raise
         self.link.start()
+        self.loop.call_soon(self._io_beat)
         dispatcher = threading.Thread(target=self.admission.dispatch_loop, name="dispatcher", daemon=True)
         dispatcher.start()
         ready_sent = False
         try:
             while not self.stopping:
                 now = time.monotonic()
+                self.progress.beat("main loop")
                 if self._reload_requested:
                     self._reload_requested = False
-                    self.reload()
+                    self._start_reload()
                 self.workers.check(now)
                 self.workers.restart_due()
                 self._upkeep_memory(now)

@@ -107,7 +107,7 @@ class Workers:
         init = init_message(cfg, text, cfg.coral_device(index))
         kind = InProcessWorkerHandle if cfg.sandbox.in_process else WorkerHandle
         h = kind(index, init, self.on_message, self._on_exit, self.generation, loop=self.loop)
-        h.start()
+        h.start(timeout=cfg.sandbox.start_timeout_s)
         # a batching worker gets two batches' worth, so the next batch is waiting while one runs
         h.window = max(cfg.queue.inflight_per_worker, 2 * int(h.info.get("batch", 1)))
         logger.info("worker %d ready: pid %s, model %s on %s, sandboxed %s", index, h.pid, h.model_name,
@@ -216,11 +216,23 @@ class Workers:
                 continue
             h.ping()
 
-    def healthy(self, now: float) -> bool:
-        """True while at least one worker answered recently (what the watchdog vouches for)."""
-        limit = max(2 * self.cfg.sandbox.heartbeat_s, 1.0) + 1.0
-        return any(s.handle is not None and s.handle.state == "ready" and now - s.handle.last_pong < limit
-                   for s in self.slots)
+    def stalled(self, now: float) -> list[str]:
+        """The slots that show no progress (what the watchdog must not vouch for).
+
+        A ready worker progresses while it answers heartbeats; a slot being (re)started progresses
+        until twice its start timeout has passed since its worker went away.
+        """
+        sb = self.cfg.sandbox
+        limit = max(2 * sb.heartbeat_s, 1.0) + 1.0
+        out = []
+        for s in self.slots:
+            h = s.handle
+            if h is not None and h.state == "ready":
+                if now - h.last_pong >= limit:
+                    out.append(f"worker {s.index} (no heartbeat for {now - h.last_pong:.0f} s)")
+            elif s.restart_times and now - s.restart_times[-1] > 2 * sb.start_timeout_s:
+                out.append(f"worker {s.index} (down for {now - s.restart_times[-1]:.0f} s)")
+        return out
 
     # ---- reload and teardown ------------------------------------------------------------------------------------
     def reload(self) -> config.Config | None:

@@ -1,0 +1,89 @@
+"""The watchdog tells the truth and the main loop never blocks: a reload that hangs does not stop the pings,
+heartbeats or stats; a wedged part of the daemon stops them."""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import psutil
+import yaml
+
+from conftest import shared, until
+from edged.ioloop import IoLoop
+from edged.watchdog import Progress
+from test_ops import NotifySocket
+
+
+def test_reload_that_hangs_runs_off_the_main_loop_pings_go_on_old_model_serves(daemon_factory, client_factory,
+                                                                                tmp_path):
+    ns = NotifySocket(tmp_path / "notify.sock")
+    try:
+        d = daemon_factory({"sandbox": {"heartbeat_s": 0.3, "start_timeout_s": 4}},
+                           env={"NOTIFY_SOCKET": str(ns.path), "WATCHDOG_USEC": "1000000"})
+        c = client_factory(d.prefix)
+        until(lambda: ns.seen("WATCHDOG=1"), 5, "a first watchdog ping")
+        old = {p.pid for p in psutil.Process(d.proc.pid).children()}
+        cfg = d.config
+        cfg["model"] = {"path": str(shared("mobilenet_v2_1.0_224_quant.tflite")),
+                        "labels": str(shared("imagenet_labels.txt")), "task": "classify"}
+        d.cfg_path.write_text(yaml.safe_dump(cfg))
+        t0 = time.monotonic()
+        d.proc.send_signal(signal.SIGHUP)
+
+        def new_worker_stopped() -> bool:  # the new worker, frozen while it loads: a stuck delegate
+            for p in psutil.Process(d.proc.pid).children():
+                if p.pid not in old:
+                    os.kill(p.pid, signal.SIGSTOP)
+                    return True
+            return False
+
+        until(new_worker_stopped, 10, "the reload's new worker", 0.005)
+        until(lambda: "reload failed" in d.log(), 20, "the reload abandoned after sandbox.start_timeout_s")
+        t1 = time.monotonic()
+        pings = [t for t in ns.seen("WATCHDOG=1") if t0 <= t <= t1]
+        gaps = [b - a for a, b in zip([t0, *pings], [*pings, t1])]
+        print(f"reload hung for {t1 - t0:.1f} s: {len(pings)} watchdog pings, longest gap {max(gaps):.2f} s "
+              "(WatchdogSec here 1 s)")
+        assert max(gaps) < 0.5 + 0.5, gaps  # pinged every WATCHDOG_USEC/2 = 0.5 s throughout
+        c.send((shared("grace_hopper.bmp")).read_bytes(), "still-old")
+        res = c.wait(["still-old"], 20)["still-old"]
+        assert res is not None and res.get("model") == "digits", res
+        assert d.status()["state"] == "online"
+    finally:
+        ns.close()
+
+
+def test_progress_names_the_part_that_stopped_beating() -> None:
+    p = Progress()
+    now = time.monotonic()
+    assert p.stalled(now, 5) == []
+    p.beats["io loop"] = now - 10
+    assert [s.split(" (")[0] for s in p.stalled(now, 5)] == ["io loop"]
+
+
+def io_stalled(p: Progress) -> bool:
+    return any(s.startswith("io loop") for s in p.stalled(time.monotonic(), 0.5))
+
+
+def test_wedged_io_loop_stops_its_beat() -> None:
+    """A callback that blocks the I/O thread: its timer-driven beat stops, which is what the watchdog reads."""
+    loop, p, release = IoLoop(), Progress(), threading.Event()
+
+    def beat() -> None:
+        p.beat("io loop")
+        loop.call_later(0.05, beat)
+
+    loop.start()
+    try:
+        loop.call_soon(beat)
+        until(lambda: time.monotonic() - p.beats["io loop"] < 0.2, 5, "the loop beating")
+        loop.call_soon(release.wait, 5.0)  # wedge it
+        until(lambda: io_stalled(p), 5, "the beat to stop while the loop is wedged")
+        release.set()
+        until(lambda: not io_stalled(p), 5, "the beat back once the loop turns again")
+    finally:
+        release.set()
+        loop.stop()
+        loop.close()
