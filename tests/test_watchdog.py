@@ -7,6 +7,7 @@ import signal
 import threading
 import time
 
+import numpy as np
 import psutil
 import yaml
 
@@ -87,3 +88,23 @@ def test_wedged_io_loop_stops_its_beat() -> None:
         release.set()
         loop.stop()
         loop.close()
+
+
+def test_restart_uses_the_config_in_memory_not_the_file(daemon_factory, client_factory):
+    """An edit never reloaded must not take effect in a restarted worker; a missing file must not keep the
+    slot dead (on 0.1 the restart thread died of FileNotFoundError)."""
+    d = daemon_factory({"sandbox": {"backoff_max_s": 0.2}})
+    c = client_factory(d.prefix)
+    cfg = dict(d.config, model={"path": str(shared("mobilenet_v1_0.25_128_quant.tflite")),
+                                "labels": str(shared("imagenet_labels.txt")), "task": "classify"})
+    d.cfg_path.write_text(yaml.safe_dump(cfg))  # edited, never reloaded
+    for round_ in range(2):
+        pid = d.status()["workers"][0]["pid"]
+        os.kill(pid, signal.SIGKILL)
+        until(lambda: (w := d.status()["workers"][0])["pid"] != pid and w["state"] == "ready", 20,
+              "the worker restarted")
+        c.send(np.zeros((1, 8, 8, 1), np.uint8).tobytes(), f"r{round_}")
+        res = c.wait([f"r{round_}"], 20)[f"r{round_}"]
+        assert res is not None and res.get("model") == "digits", res
+        d.cfg_path.unlink(missing_ok=True)  # for the second round: the file is gone
+    assert d.status()["workers"][0]["restarts"] == 2
