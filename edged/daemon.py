@@ -24,6 +24,7 @@ from typing import Any
 
 from edged import __version__, config, heap
 from edged.errors import ConfigError, EdgedError, ModelError, WorkerError
+from edged.homeassistant import HomeAssistant
 from edged.ioloop import IoLoop
 from edged.metrics import Metrics, write_prometheus
 from edged.mqtt import Incoming, MqttLink
@@ -95,6 +96,8 @@ class Supervisor(Supervision):
         self.max_frame = min(cfg.queue.max_frame_bytes, int(p.max_mb * (1 << 20)))
         self.loop = IoLoop()
         self.link = MqttLink(cfg, self.admit, self._on_connection, loop=self.loop)
+        self.ha = HomeAssistant(cfg, self.link.publish_message)  # HA hook 1/6: discovery and entity states
+        self.link.add_route(self.ha.subscriptions(), self.ha.on_message)
         self.status_server = StatusServer(cfg.status.socket, self.snapshot)
         self.model_info: dict[str, Any] = {}
         self.accel_info: dict[str, Any] = {}
@@ -126,9 +129,14 @@ class Supervisor(Supervision):
             self.seq += 1
             seq = self.seq
         fid = inc.frame_id or (inc.correlation.hex() if inc.correlation else str(seq))
-        f = Frame(seq, stream, inc.response_topic or out_topic, len(inc.payload), fid, inc.correlation, inc.content_type,
-                  inc.mid, inc.qos, now, now + inc.expiry_s if inc.expiry_s else None)
+        refused = inc.response_topic is not None and self.ha.owns(inc.response_topic)  # HA hook 2/6
+        f = Frame(seq, stream, out_topic if refused else inc.response_topic or out_topic, len(inc.payload), fid,
+                  inc.correlation, inc.content_type, inc.mid, inc.qos, now, now + inc.expiry_s if inc.expiry_s else None)
         self.metrics.count("received")
+        if refused:
+            self._fail(f, "bad_request", "Response Topic is under the Home Assistant discovery prefix or P/ha/: "
+                       "not allowed")
+            return
         if len(inc.payload) > self.max_frame:
             self.metrics.count("too_large")
             self._fail(f, "too_large", f"payload of {len(inc.payload)} bytes exceeds {self.max_frame} "
@@ -284,6 +292,7 @@ class Supervisor(Supervision):
         if self._publish(frame, result):
             timing["publish"] = round((time.monotonic() - now) * 1e3, 3)
             self.metrics.observe(timing)
+            self.ha.on_result(result)  # HA hook 3/6: latest label of listed streams
         else:
             self.metrics.count("not_held")
 
@@ -385,6 +394,7 @@ class Supervisor(Supervision):
             self._last_stats = now
             st = self.snapshot()
             self.link.publish_stats(json.dumps(st).encode())
+            self.ha.on_stats(st)  # HA hook 4/6: the daemon's sensors
             if self.cfg.status.prometheus_file:
                 try:
                     write_prometheus(self.cfg.status.prometheus_file, st)
@@ -403,6 +413,8 @@ class Supervisor(Supervision):
             pass
 
     def _on_connection(self, up: bool) -> None:
+        if up:
+            self.ha.on_connect()  # HA hook 5/6: announce again after every (re)connect
         self._wake()
 
     def _signal(self, signum: int, _frame: object) -> None:
@@ -448,6 +460,7 @@ class Supervisor(Supervision):
                     ready_sent = True
                     self.notifier.ready(f"{self.state}: {self.model_info.get('name')}")
                 self._periodic(now)
+                self.ha.poll(now)  # HA hook 6/6: birth republish, rate-limited labels
                 if self.fatal:
                     logger.critical("%s", self.fatal)
                     return EX_SOFTWARE

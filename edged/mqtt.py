@@ -71,6 +71,10 @@ class MqttLink:
         self.connects = 0
         self.overflows = 0
         self.status_payload = b'{"state": "starting"}'
+        # other subscriptions (add_route): (filter, qos, handler); their messages never reach on_frame
+        self._routes: list[tuple[str, int, Callable[[str, bytes, bool], None]]] = []
+        share = cfg.mqtt.share
+        self._frame_prefixes = (f"{self.prefix}/in/",) + ((f"{share.prefix.rstrip('/')}/in/",) if share else ())
         self._lock = threading.RLock()
         m = cfg.mqtt
         self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=cfg.client_id,
@@ -214,7 +218,26 @@ class MqttLink:
         share = self.cfg.mqtt.share
         if share is not None:
             subs.append((f"$share/{share.group}/{share.prefix.rstrip('/')}/in/+", 1))
+        subs.extend((f, q) for f, q, _ in self._routes)
         return subs
+
+    def add_route(self, filters: list[tuple[str, int]], handler: Callable[[str, bytes, bool], None]) -> None:
+        """Subscribe to `filters` too (from the next connect on); their messages go to handler(topic, payload,
+        retained) on the loop thread, never to admission. Call before start()."""
+        self._routes.extend((f, q, handler) for f, q in filters)
+
+    def _on_other(self, msg: paho.MQTTMessage) -> None:
+        """A message that is not a frame: to the route whose filter matches, else dropped; never admitted."""
+        if msg.qos > 0:
+            self.client.ack(msg.mid, msg.qos)
+        for filt, _, handler in self._routes:
+            if paho.topic_matches_sub(filt, msg.topic):
+                try:
+                    handler(msg.topic, msg.payload, bool(msg.retain))
+                except Exception:  # a hostile message must not stop the I/O loop
+                    logger.exception("handling a message on %r failed", msg.topic)
+                return
+        logger.debug("message on %r matches no subscription of ours; dropped", msg.topic)
 
     def _on_connect(self, client: paho.Client, userdata: object, flags: object, rc: paho.ReasonCode,
                     props: object) -> None:
@@ -254,6 +277,9 @@ class MqttLink:
             self.on_connection(False)
 
     def _on_message(self, client: paho.Client, userdata: object, msg: paho.MQTTMessage) -> None:
+        if self._routes and not msg.topic.startswith(self._frame_prefixes):
+            self._on_other(msg)
+            return
         p = getattr(msg, "properties", None)
         frame_id = None
         for k, v in getattr(p, "UserProperty", None) or ():
@@ -307,6 +333,13 @@ class MqttLink:
         self.status_payload = payload
         if self.connected:
             self.client.publish(f"{self.prefix}/status", payload, qos=1, retain=True)
+
+    def publish_message(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> bool:
+        """A message that is not a result (discovery, entity states): now if connected, else False (not held)."""
+        if not self.connected:
+            return False
+        self.client.publish(topic, payload, qos=qos, retain=retain)
+        return True
 
     def publish_stats(self, payload: bytes) -> None:
         if self.connected:

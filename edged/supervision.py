@@ -25,6 +25,7 @@ from edged.workers import InProcessWorkerHandle, WorkerHandle
 
 if TYPE_CHECKING:
     from edged.daemon import Frame
+    from edged.homeassistant import HomeAssistant
     from edged.notify import Notifier
 
 logger = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ class Supervision:
     model_info: dict[str, Any]
     accel_info: dict[str, Any]
     loop: IoLoop
+    ha: HomeAssistant
 
     def _wake(self) -> None:
         raise NotImplementedError
@@ -210,6 +212,7 @@ class Supervision:
             self.slots = [Slot(i, h) for i, h in enumerate(fresh)]
             self._adopt(fresh[0])
             self.cond.notify_all()
+        self.ha.reconfigure(new_cfg)  # HA hook (reload): new entities announced, dropped ones emptied
         logger.info("reload: now serving %s; retiring %d old worker(s)", fresh[0].model_name, len(old))
         threading.Thread(target=self._retire, args=(old,), name="retire", daemon=True).start()
         self.notifier.ready(f"reloaded: {fresh[0].model_name}")
