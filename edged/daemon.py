@@ -62,7 +62,7 @@ class Frame:
 
 def cfg_needs_prometheus(cfg: config.Config) -> bool:
     """True when Prometheus output is configured but its library is missing."""
-    if not cfg.status.prometheus_file:
+    if not cfg.status.prometheus_file and not cfg.status.prometheus_port:
         return False
     import importlib.util
 
@@ -99,6 +99,7 @@ class Supervisor(Supervision):
         self.ha = HomeAssistant(cfg, self.link.publish_message)  # HA hook 1/6: discovery and entity states
         self.link.add_route(self.ha.subscriptions(), self.ha.on_message)
         self.status_server = StatusServer(cfg.status.socket, self.snapshot)
+        self.exporter: Any = None  # edged.prometheus.HttpExporter with status.prometheus_port
         self.model_info: dict[str, Any] = {}
         self.accel_info: dict[str, Any] = {}
         self._last_stats = 0.0
@@ -429,12 +430,22 @@ class Supervisor(Supervision):
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._signal)
         if cfg_needs_prometheus(self.cfg):
-            raise ConfigError(f"{self.cfg.source} status.prometheus_file: needs the prometheus-client package "
+            key = "prometheus_file" if self.cfg.status.prometheus_file else "prometheus_port"
+            raise ConfigError(f"{self.cfg.source} status.{key}: needs the prometheus-client package "
                               "(pip install 'edged[prometheus]')")
         try:
             self.status_server.start()
         except (OSError, EdgedError) as exc:
             raise ConfigError(f"{self.cfg.source} status.socket: cannot serve {self.cfg.status.socket}: {exc}") from None
+        if self.cfg.status.prometheus_port:  # Prometheus hook 1/2: the optional HTTP /metrics listener
+            from edged.prometheus import HttpExporter
+
+            try:
+                self.exporter = HttpExporter(self.cfg.source, self.cfg.status.prometheus_bind,
+                                             self.cfg.status.prometheus_port, self.snapshot)
+            except ConfigError:
+                self.status_server.close()
+                raise
         self.loop.start()
         try:
             self.start_workers()
@@ -507,4 +518,6 @@ class Supervisor(Supervision):
             logger.debug("mqtt stop failed", exc_info=True)
         self.loop.stop()
         self.status_server.close()
+        if self.exporter is not None:  # Prometheus hook 2/2
+            self.exporter.close()
         self.pool.close()

@@ -13,6 +13,10 @@ STAMP="$VENV/.ha-$HA_VERSION"
 [ -f "$STAMP" ] && exit 0
 echo "setting up $VENV with homeassistant==$HA_VERSION (once; cached by $STAMP)" >&2
 test -x "$VENV/bin/python" || "$PYTHON" -m venv "$VENV"
-"$VENV/bin/python" -m pip install -q "homeassistant==$HA_VERSION" "paho-mqtt==1.6.1"
+if ! "$VENV/bin/python" -m pip install -q "homeassistant==$HA_VERSION" "paho-mqtt==1.6.1" >"$VENV/pip.log" 2>&1; then
+  tail -n 30 "$VENV/pip.log" >&2
+  echo "tools/ha_venv.sh: pip could not install homeassistant==$HA_VERSION (log: $VENV/pip.log)" >&2
+  exit 1
+fi
 "$VENV/bin/python" -c "import homeassistant.components.mqtt.sensor"  # the import the validator needs
 touch "$STAMP"
