@@ -9,6 +9,7 @@ import time
 import urllib.request
 
 import pytest
+import yaml
 
 from conftest import BUNDLED, ROOT, edged_cmd, free_port
 from test_metrics import key, parse_prometheus
@@ -106,3 +107,30 @@ def test_prometheus_port_in_use_is_a_config_error(daemon_factory, tmp_path):
     assert r.returncode == 78, r.stderr[-2000:]
     last = r.stderr.strip().splitlines()[-1]
     assert "status.prometheus_port" in last and str(port) in last and d.cfg_path.name in last, last
+
+
+def test_readme_alert_on_the_degraded_state_is_valid_and_fires(promtool, tmp_path):
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("<!-- prometheus-rules -->", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "rules.yml").write_text(block)
+    annotations = yaml.safe_load(block)["groups"][0]["rules"][0]["annotations"]
+    r = subprocess.run([promtool, "check", "rules", str(tmp_path / "rules.yml")], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    (tmp_path / "test.yml").write_text(yaml.safe_dump({
+        "rule_files": ["rules.yml"], "evaluation_interval": "1m",
+        "tests": [{"interval": "1m",
+                   "input_series": [{"series": 'edged_state{state="degraded",instance="pi:9808"}',
+                                     "values": "0 0 1x10"},
+                                    {"series": 'edged_state{state="degraded",instance="pi2:9808"}',
+                                     "values": "0 1 0 1 0 1 0 1 0 1 0 1"}],
+                   "alert_rule_test": [
+                       {"eval_time": "6m", "alertname": "EdgedDegraded", "exp_alerts": []},
+                       {"eval_time": "8m", "alertname": "EdgedDegraded",
+                        "exp_alerts": [{"exp_labels": {"severity": "warning", "instance": "pi:9808",
+                                                       "state": "degraded"},
+                                        "exp_annotations": {"summary": "edged pi:9808 is degraded",
+                                                            "description": annotations["description"]}}]}]}]}))
+    r = subprocess.run([promtool, "test", "rules", "test.yml"], capture_output=True, text=True, timeout=60,
+                       cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
