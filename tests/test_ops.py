@@ -170,5 +170,5 @@ def test_stats_topic_and_prometheus_textfile_follow_interval(daemon_factory, cli
     time.sleep(1.6)
     assert len(stats) >= 2 and stats[-1]["frames"]["completed"] >= 5
     text = prom.read_text()
-    assert 'edged_frames{kind="completed"}' in text and "# TYPE edged_pool gauge" in text
-    assert 'edged_latency_ms{quantile="p99",stage="total"}' in text
+    assert "edged_frames_completed_total" in text and "# TYPE edged_pool_used_bytes gauge" in text
+    assert 'edged_stage_latency_seconds_bucket{le="+Inf",stage="total"}' in text
