@@ -19,7 +19,7 @@ import yaml
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from conftest import BUNDLED, ROOT, Broker
+from conftest import BUNDLED, ROOT, Broker, free_port
 from edged import config
 from edged.errors import ConfigError
 from edged.homeassistant import HomeAssistant, node_id, object_id
@@ -171,6 +171,71 @@ def test_discovery_accepted_by_home_assistant_and_entities_show_the_daemon(daemo
     ents = {t.split("/")[3]: e for t, e in res["entities"].items()}
     assert ents["state"]["state"] == "stopped"
     assert {k: e["available"] for k, e in ents.items() if k != "state"} == {k: False for k in ents if k != "state"}
+
+
+def test_real_home_assistant_sets_up_the_entities_and_follows_reload_and_stop(daemon_factory, broker, tmp_path,
+                                                                               ha_python):
+    """Home Assistant 2024.3.3 itself (its MQTT integration, its client, its entity code: tools/ha_consumer.py)
+    on the same broker: the entities appear on one device with the states edged publishes, a stream taken off
+    the list on SIGHUP disappears, and a clean stop leaves the state 'stopped' and the rest unavailable."""
+    d = daemon_factory(ha_cfg(["cam1", "cam2"]), device_id="ha-real")
+    w = Watcher(broker, [f"{d.prefix}/ha/#"])
+    try:
+        send(w.c, d.prefix, "cam1", "r1")
+        w.wait(lambda: b'"r1"' in w.last.get(f"{d.prefix}/ha/label/cam1", b""), "cam1's label")
+    finally:
+        w.close()
+    e = "sensor.edged_ha_real_"
+    ready = tmp_path / "ha-ready"
+    proc = subprocess.Popen([str(ha_python), str(ROOT / "tools" / "ha_consumer.py"), str(broker.port),
+                             str(free_port()), "edged_ha-real_", "90", f"{e}label_cam1=7", f"{e}state=online",
+                             f"{e}accelerator=cpu", "--then", str(ready), f"{e}label_cam2=absent",
+                             f"{e}state=stopped", f"{e}fps=unavailable", f"{e}label_cam1=unavailable"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not ready.exists():
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "Home Assistant did not get the entities in time"
+            time.sleep(0.1)
+        d.config["homeassistant"]["streams"] = ["cam1"]
+        d.cfg_path.write_text(yaml.safe_dump(d.config))
+        assert d.proc is not None
+        d.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while "reload: now serving" not in d.log():
+            assert time.monotonic() < deadline, d.log()[-2000:]
+            time.sleep(0.1)
+        assert d.stop() == 0
+        out, err = proc.communicate(timeout=150)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err[-3000:]
+    res = json.loads(out)
+    assert res["version"] == "2024.3.3"
+    assert res["waited_for"] == {f"{e}label_cam1": "7", f"{e}state": "online", f"{e}accelerator": "cpu"}, res
+    keys = {f"{e}{k}" for k in DAEMON_KEYS | {"label_cam1", "label_cam2"}}
+    assert set(res["states"]) == keys and set(res["registry"]) == keys
+    assert {r["unique_id"] for r in res["registry"].values()} == {k.replace(e, "edged_ha-real_") for k in keys}
+    assert len({r["device_id"] for r in res["registry"].values()}) == 1
+    assert res["devices"] == [{"identifiers": [["mqtt", "edged_ha-real"]], "name": "edged ha-real", "model": "edged",
+                               "manufacturer": "edged", "sw_version": res["devices"][0]["sw_version"]}]
+    st = res["states"]
+    assert st[f"{e}label_cam1"]["attributes"]["frame_id"] == "r1" and st[f"{e}label_cam1"]["attributes"]["score"] > 0.9
+    assert st[f"{e}label_cam2"]["state"] == "unknown"
+    assert float(st[f"{e}latency_p99"]["state"]) > 0 and st[f"{e}latency_p99"]["attributes"]["unit_of_measurement"] == "ms"
+    assert float(st[f"{e}pool"]["state"]) >= 0 and float(st[f"{e}errors"]["state"]) == 0
+    assert float(st[f"{e}fps"]["state"]) >= 0
+    assert res["registry"][f"{e}pool"]["entity_category"] == "diagnostic"
+    then = res["then"]
+    assert then["waited_for"] == {f"{e}label_cam2": "absent", f"{e}state": "stopped", f"{e}fps": "unavailable",
+                                  f"{e}label_cam1": "unavailable"}, then["waited_for"]
+    assert f"{e}label_cam2" not in then["registry"], "a stream taken off the list leaves no entity"
+    # Home Assistant logged no warning or error about edged's messages (templates, JSON, schema)
+    ours = [r for r in res["errors"] if "mqtt" in r or "edged" in r or "template" in r]
+    assert not ours, ours
 
 
 def test_validator_rejects_what_home_assistant_would_not_take(ha_python, tmp_path):
