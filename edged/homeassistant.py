@@ -63,6 +63,16 @@ def node_id(cfg: Config) -> str:
     return object_id(f"edged_{cfg.device_id}")
 
 
+def _value(key: str) -> str:
+    """A state template; an empty payload (the retained state cleared as its entity goes) renders None, quietly."""
+    return "{{ value_json.%s if value_json is defined else None }}" % key
+
+
+def _attrs(expr: str) -> str:
+    """An attributes template; an empty payload gives no attributes instead of a template error."""
+    return "{% if value_json is defined %}{{ " + expr + " | tojson }}{% else %}{}{% endif %}"
+
+
 def _label_of(result: dict[str, Any]) -> dict[str, Any] | None:
     """The top class (classify) or the most confident detection (detect); None for raw outputs."""
     if isinstance(result.get("classes"), list):
@@ -126,7 +136,8 @@ class HomeAssistant:
         status = f"{self.base}/status"
         state = f"{self.base}/ha/state"
         available = [{"topic": status, "value_template":
-                      "{{ 'online' if value_json.state in " + repr(list(RUNNING)) + " else 'offline' }}"}]
+                      "{{ 'online' if value_json is defined and value_json.state in " + repr(list(RUNNING))
+                      + " else 'offline' }}"}]
         common = {"device": self.device(), "origin": {"name": "edged", "sw_version": __version__}}
 
         def sensor(key: str, name: str, **extra: Any) -> tuple[str, dict[str, Any]]:
@@ -136,35 +147,35 @@ class HomeAssistant:
             return f"{self.prefix}/sensor/{self.node}/{obj}/config", cfg
 
         out = dict([
-            sensor("state", "State", state_topic=status, value_template="{{ value_json.state }}",
+            sensor("state", "State", state_topic=status, value_template=_value("state"),
                    icon="mdi:state-machine"),
-            sensor("fps", "Frames per second", state_topic=state, value_template="{{ value_json.fps }}",
+            sensor("fps", "Frames per second", state_topic=state, value_template=_value("fps"),
                    unit_of_measurement="frames/s", state_class="measurement", icon="mdi:speedometer",
                    suggested_display_precision=1, availability=available),
-            sensor("latency_p99", "Latency p99", state_topic=state, value_template="{{ value_json.p99_ms }}",
+            sensor("latency_p99", "Latency p99", state_topic=state, value_template=_value("p99_ms"),
                    unit_of_measurement="ms", device_class="duration", state_class="measurement",
                    suggested_display_precision=1, availability=available),
-            sensor("errors", "Errors", state_topic=state, value_template="{{ value_json.errors }}",
+            sensor("errors", "Errors", state_topic=state, value_template=_value("errors"),
                    state_class="total_increasing", icon="mdi:alert-circle-outline", entity_category="diagnostic",
-                   json_attributes_topic=state, json_attributes_template="{{ value_json.errors_by_code | tojson }}",
+                   json_attributes_topic=state, json_attributes_template=_attrs("value_json.errors_by_code"),
                    availability=available),
-            sensor("pool", "Frame pool use", state_topic=state, value_template="{{ value_json.pool_used_pct }}",
+            sensor("pool", "Frame pool use", state_topic=state, value_template=_value("pool_used_pct"),
                    unit_of_measurement="%", state_class="measurement", icon="mdi:memory",
                    entity_category="diagnostic", json_attributes_topic=state,
-                   json_attributes_template="{{ value_json.pool | tojson }}", availability=available),
-            sensor("accelerator", "Accelerator", state_topic=state, value_template="{{ value_json.accelerator }}",
+                   json_attributes_template=_attrs("value_json.pool"), availability=available),
+            sensor("accelerator", "Accelerator", state_topic=state, value_template=_value("accelerator"),
                    icon="mdi:chip", entity_category="diagnostic", json_attributes_topic=state,
-                   json_attributes_template="{{ {'reason': value_json.accelerator_reason, "
-                                            "'skipped': value_json.accelerator_skipped} | tojson }}",
+                   json_attributes_template=_attrs("{'reason': value_json.accelerator_reason, "
+                                                          "'skipped': value_json.accelerator_skipped}"),
                    availability=available),
         ])
         for stream in sorted(self.streams):
             topic = f"{self.base}/ha/label/{stream}"
             out.update([sensor(f"label_{stream}", f"Label {stream}", state_topic=topic,
-                               value_template="{{ value_json.label }}", json_attributes_topic=topic,
-                               json_attributes_template="{{ {'score': value_json.score, 'class_id': "
-                                                        "value_json.class_id, 'frame_id': value_json.frame_id, "
-                                                        "'model': value_json.model} | tojson }}",
+                               value_template=_value("label"), json_attributes_topic=topic,
+                               json_attributes_template=_attrs("{'score': value_json.score, 'class_id': "
+                                                               "value_json.class_id, 'frame_id': value_json.frame_id, "
+                                                               "'model': value_json.model}"),
                                icon="mdi:label-outline", availability=available)])
         return out
 

@@ -9,7 +9,9 @@ then the component's DISCOVERY_SCHEMA, as the entity setup does. A key the
 schema silently removes (extra=REMOVE_EXTRA) counts as an error: Home
 Assistant would ignore it. Then it renders the entity's templates with Home
 Assistant's MqttValueTemplate against the messages on its state, attribute
-and availability topics, as the entity would on receiving them.
+and availability topics, as the entity would on receiving them, and against an
+empty payload (what a subscribed entity gets when its retained state is
+cleared): anything Home Assistant logs then is an error.
 
 Output (stdout, JSON): {"version": HA's version, "entities": {topic: {"ok", "errors",
 "component", "config", "state", "attributes", "available"}}, "removed": [topics with
@@ -20,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import json
+import logging
 import sys
 import tempfile
 from typing import Any
@@ -55,10 +58,37 @@ def expand(payload: dict[str, Any]) -> dict[str, Any]:
     return payload
 
 
+class Logged(logging.Handler):
+    """What Home Assistant logs (template errors, among others) while a template renders."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record.getMessage()[:500])
+
+
+LOGGED = Logged()
+logging.getLogger("homeassistant").addHandler(LOGGED)
+
+
 def render(hass: HomeAssistant, tpl: Any, payload: str | None) -> Any:
     if payload is None:
         return None
     return MqttValueTemplate(tpl, hass=hass).async_render_with_possible_json_value(payload)
+
+
+def quiet_on_empty(hass: HomeAssistant, tpl: Any, what: str, errors: list[str]) -> None:
+    """An empty retained message (a state cleared as its entity is removed) must not make HA log an error."""
+    if tpl is None:
+        return
+    LOGGED.records.clear()
+    try:
+        render(hass, tpl, "")
+    except Exception as exc:  # noqa: BLE001 - reported, not raised
+        errors.append(f"{what} raises on an empty payload: {exc}")
+    errors.extend(f"{what} on an empty payload: {r}" for r in LOGGED.records)
 
 
 def check(hass: HomeAssistant, prefix: str, topic: str, text: str, messages: dict[str, str]) -> dict[str, Any]:
@@ -91,6 +121,8 @@ def check(hass: HomeAssistant, prefix: str, topic: str, text: str, messages: dic
     out["config"] = {k: (v.template if hasattr(v, "template") else v) for k, v in config.items()
                      if k not in ("device", "origin", "availability")}
     out["device"] = config.get("device")
+    quiet_on_empty(hass, config.get("value_template"), "value_template", errors)
+    quiet_on_empty(hass, config.get("json_attributes_template"), "json_attributes_template", errors)
     if "state_topic" in config:
         state = render(hass, config.get("value_template"), messages.get(config["state_topic"]))
         out["state"] = state
@@ -108,6 +140,7 @@ def check(hass: HomeAssistant, prefix: str, topic: str, text: str, messages: dic
             out["attributes"] = parsed
     avail = []
     for av in config.get("availability") or []:
+        quiet_on_empty(hass, av.get("value_template"), "availability value_template", errors)
         got = render(hass, av.get("value_template"), messages.get(av["topic"]))
         avail.append(None if got is None else got == av["payload_available"])
     out["available"] = all(avail) if avail and None not in avail else (None if avail else True)
