@@ -29,7 +29,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from edged.config import Config
-from edged.door import Door, Incoming
+from edged.door import Door, Incoming, filter_matches
 from edged.errors import ConfigError, MqttError
 from edged.ioloop import IoLoop
 
@@ -102,6 +102,10 @@ class MqttLink:
         self.door = door or Door(cfg)
         self.max_packet = min(MAX_PACKET, cfg.queue.max_frame_bytes + PACKET_HEADROOM)
         self.unrouted = 0
+        # other subscriptions (add_route): (filter, qos, handler); their messages never reach on_frame
+        self._routes: list[tuple[str, int, Callable[[str, bytes, bool], None]]] = []
+        share = cfg.mqtt.share
+        self._frame_prefixes = (f"{self.prefix}/in/",) + ((f"{share.prefix.rstrip('/')}/in/",) if share else ())
         self.oversized = 0
         self.connected = False
         self.reconnects = 0
@@ -259,7 +263,22 @@ class MqttLink:
         share = self.cfg.mqtt.share
         if share is not None:
             subs.append((f"$share/{share.group}/{share.prefix.rstrip('/')}/in/+", opts))
+        subs.extend((f, SubscribeOptions(qos=q)) for f, q, _h in self._routes)
         return subs
+
+    def add_route(self, filters: list[tuple[str, int]], handler: Callable[[str, bytes, bool], None]) -> None:
+        """Subscribe to `filters` too (from the next connect on); their messages go to handler(topic, payload,
+        retained) on the loop thread, never to admission. Call before start()."""
+        self._routes.extend((f, q, handler) for f, q in filters)
+
+    def _on_other(self, topic: str, msg: paho.MQTTMessage) -> None:
+        """A message that is not a frame: to the route whose filter matches, else dropped; never admitted."""
+        self.ack(msg.mid, msg.qos)
+        for filt, _q, handler in self._routes:
+            if filter_matches(filt, topic):
+                handler(topic, msg.payload, bool(msg.retain))
+                return
+        self.unrouted += 1
 
     def _on_connect(self, client: paho.Client, userdata: object, flags: object, rc: paho.ReasonCode,
                     props: object) -> None:
@@ -307,6 +326,9 @@ class MqttLink:
                 topic: str | None = msg.topic
             except UnicodeDecodeError:
                 topic = None  # the door refuses it as a stream name
+            if self._routes and topic is not None and not topic.startswith(self._frame_prefixes):
+                self._on_other(topic, msg)
+                return
             inc = self.door.inspect(topic, msg.payload, msg.qos, msg.mid, bool(msg.retain),
                                     getattr(msg, "properties", None))
             if inc is None:
@@ -385,6 +407,16 @@ class MqttLink:
         self.status_payload = payload
         if self.connected:
             self.client.publish(f"{self.prefix}/status", payload, qos=1, retain=True)
+
+    def publish_message(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> bool:
+        """A message that is not a result (discovery, entity states): now if connected, else False (not held)."""
+        if not self.connected:
+            return False
+        try:
+            self.client.publish(topic, payload, qos=qos, retain=retain)
+        except ValueError as exc:
+            raise MqttError(f"cannot publish to {topic[:100]!r}: {exc}") from None
+        return True
 
     def publish_stats(self, payload: bytes) -> None:
         if self.connected:

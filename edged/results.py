@@ -37,8 +37,10 @@ logger = logging.getLogger(__name__)
 
 class Results:
     def __init__(self, link: MqttLink, metrics: Metrics, result_buffer: int,
-                 model_name: Callable[[], str | None]) -> None:
+                 model_name: Callable[[], str | None],
+                 on_result: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.link = link
+        self.on_result = on_result  # sees each served result once it is out (Home Assistant's labels)
         self.metrics = metrics
         self.model_name = model_name
         self.waiting: collections.deque[_Item] = collections.deque()
@@ -64,6 +66,8 @@ class Results:
         if self._publish(frame, result):
             timing["publish"] = round((time.monotonic() - now) * 1e3, 3)
             self.metrics.observe(timing)
+            if self.on_result is not None:
+                self.on_result(result)
 
     def fail(self, frame: Frame, code: str, message: str, model: str | None = None) -> None:
         if frame.lease is not None:

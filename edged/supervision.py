@@ -86,6 +86,7 @@ class Workers:
         self.fatal: str | None = None
         self.model_info: dict[str, Any] = {}
         self.accel_info: dict[str, Any] = {}
+        self.on_reload: Callable[[config.Config], None] | None = None  # after a reload, outside the lock
 
     # ---- queries (under the lock) -------------------------------------------------------------------------------
     def handles(self) -> list[WorkerHandle]:
@@ -260,6 +261,8 @@ class Workers:
             self._adopt(fresh[0])
             self.cond.notify_all()
         logger.info("reload: now serving %s; retiring %d old worker(s)", fresh[0].model_name, len(old))
+        if self.on_reload is not None:
+            self.on_reload(new_cfg)
         threading.Thread(target=self._retire, args=(old,), name="retire", daemon=True).start()
         return new_cfg
 
