@@ -222,6 +222,7 @@ class Supervisor:
                 "streams_queued": streams, "watchdog": {"stalled": self.stalled}, "pool": self.pool.stats(), "workers": workers, "memory": mem,
                 "mqtt": {"connected": self.link.connected, "reconnects": self.link.reconnects,
                          "result_overflows": self.link.overflows, "results_waiting": len(self.results.waiting),
+                         "results_unacked": self.link.held(),
                          "unrouted": self.link.unrouted, "oversized_packets": self.link.oversized,
                          "broker": f"{self.cfg.mqtt.host}:{self.cfg.mqtt.port}"}}
 
