@@ -142,8 +142,10 @@ class Worker:
             self.frame(msg)
         elif t == "seg":
             fd = self.reader.take_fd()
-            self.segments[int(msg["id"])] = mmap.mmap(fd, int(msg["size"]))
-            os.close(fd)
+            try:  # read-only: the pool hands out sealed, read-only fds (edged.pool._seal)
+                self.segments[int(msg["id"])] = mmap.mmap(fd, int(msg["size"]), access=mmap.ACCESS_READ)
+            finally:
+                os.close(fd)
         elif t == "unseg":
             seg = self.segments.pop(int(msg["id"]), None)
             if seg is not None:
