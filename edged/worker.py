@@ -57,7 +57,9 @@ class Worker:
                                                            cfg.model.mean, cfg.model.std)
         if self.model.input.dtype.startswith("float"):
             logger.info("float input: (pixel - %s) / %s, from %s", mean, std, source)
-        self.pre = preprocess.Preprocessor(self.model.input, mean, std)
+        # decoding one frame may take a tenth of the frame timeout: a costly frame is refused, not timed out
+        self.pre = preprocess.Preprocessor(self.model.input, mean, std,
+                                           decode_cpu_s=cfg.sandbox.frame_timeout_s / 10)
         self.post = postprocess
         self.model.warm_up()
         self._warm_decoders()

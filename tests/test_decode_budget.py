@@ -1,0 +1,200 @@
+"""Decode budgets (issue 17, point 3): decoder bombs are refused from their own headers before Pillow
+decodes a pixel, a costly frame is cut off by the per-frame CPU budget, and real images of every
+format decode exactly as before. The last test sends the bombs through a real sandboxed worker."""
+from __future__ import annotations
+
+import io
+import queue
+import struct
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+import bombs
+from conftest import BUNDLED, shared
+from edged import imagelimits
+from edged.errors import FrameError
+from edged.pool import FramePool
+from edged.preprocess import Preprocessor
+from edged.runtime import TensorInfo
+from edged.workers import WorkerHandle
+
+RGB224 = TensorInfo(0, "input", (1, 224, 224, 3), "uint8", 0.0, 0)
+# loose on purpose: a refusal from the header takes well under 1 ms (tools/bench_bombs.py); on 5f9c339 these
+# frames took 4-100 s, or were served
+FAST_S = 0.25
+
+
+def encode(img: Image.Image, fmt: str, **kw: Any) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def refusal(payload: bytes, tinfo: TensorInfo = RGB224, **kw: Any) -> tuple[FrameError, float]:
+    dst = np.zeros(tinfo.shape, tinfo.dtype)
+    t0 = time.thread_time()
+    with pytest.raises(FrameError) as exc:
+        Preprocessor(tinfo, **kw).fill(dst, memoryview(payload))
+    return exc.value, time.thread_time() - t0
+
+
+def sof_patched(jpeg: bytes, width: int, height: int) -> bytes:
+    """The same JPEG with other dimensions in its frame header."""
+    i = next(i for i in range(2, len(jpeg)) if jpeg[i] == 0xFF and jpeg[i + 1] in (0xC0, 0xC2))
+    return jpeg[:i + 5] + struct.pack(">HH", height, width) + jpeg[i + 9:]
+
+
+def uncompressed(bmp: bytes) -> bytes:
+    """The same BMP header saying BI_RGB: 12 MB of rows declared, 6 bytes there."""
+    head = bytearray(bmp)
+    struct.pack_into("<I", head, 30, 0)  # biCompression
+    return bytes(head)
+
+
+ISSUE_BOMBS = {  # the three of the issue, at the sizes it reported
+    "bmp_rle8_40000000x1_1kb": (bombs.rle8_bmp, "too_large"),
+    "jpeg_progressive_3000_scans": (bombs.progressive_jpeg, None),
+    "png_40mp_115kb": (bombs.png_zeros, "too_large"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ISSUE_BOMBS))
+def test_fill_issue_bomb_refused_from_header_at_once(name):
+    build, code = ISSUE_BOMBS[name]
+    payload = build()
+    assert len(payload) < 400_000
+    err, cpu = refusal(payload)
+    assert err.code in ((code,) if code else ("bad_payload", "too_large")), err.message
+    assert cpu < FAST_S, f"{name} took {cpu:.3f} s of CPU to refuse"
+
+
+def structural_bombs() -> dict[str, tuple[bytes, str, str]]:
+    grey = Image.new("L", (64, 48), 100)
+    small_444 = encode(Image.new("RGB", (64, 48), (9, 9, 9)), "JPEG", progressive=True, subsampling=0)
+    return {
+        # scans: cheap on a small image, yet over the scan limit
+        "jpeg_3000_scans_64x64": (bombs.progressive_jpeg(3000, (64, 64)), "bad_payload", "scans"),
+        # a 36 MP 4:4:4 progressive frame header: 108 M coefficients held in memory
+        "jpeg_progressive_444_36mp": (sof_patched(small_444, 6000, 6000), "too_large", "coefficients"),
+        "jpeg_junk_in_header": (bombs.jpeg_junk_before_sos(1 << 20), "bad_payload", "junk"),
+        "jpeg_fill_in_header": (encode(grey, "JPEG")[:2] + b"\xff" * 100_000 + encode(grey, "JPEG")[2:],
+                                "bad_payload", "fill"),
+        "png_200000_chunks": (bombs.png_many_chunks(200_000), "bad_payload", "chunks"),
+        "png_ztxt_64x1mib": (bombs.png_text_bomb(64), "bad_payload", "MAX_TEXT_CHUNK"),
+        # 16-bit RGBA: 5000x4000 inflates to 160 MB (and is 20 MP, under the pixel limit)
+        "png_rgba16_inflated": (bombs.png_zeros(5000, 4000, colour_type=6, bit_depth=16), "too_large", "inflates"),
+        # grey 6300x6300 is 39.7 MP, inside the pixel limit, but 119 M samples once it is RGB for the model
+        "png_grey_into_rgb_model": (bombs.png_zeros(6300, 6300, colour_type=0), "too_large", "samples"),
+        # RLE8 inside the side and pixel limits: 20.8 MP from 6 bytes of RLE data
+        "bmp_rle8_8000x2600_1kb": (bombs.rle8_bmp(8000, 2600), "too_large", "pixels a byte"),
+        "bmp_raw_rows_missing": (uncompressed(bombs.rle8_bmp(4000, 3000)), "bad_payload", "needs"),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(structural_bombs()))
+def test_fill_structural_bomb_refused_before_decoding(name):
+    payload, code, why = structural_bombs()[name]
+    err, cpu = refusal(payload)
+    assert err.code == code and why in err.message, err.message
+    assert cpu < FAST_S, f"{name} took {cpu:.3f} s of CPU to refuse"
+
+
+def test_fill_decode_cpu_budget_cuts_off_costly_frame_that_passes_the_headers():
+    payload = bombs.png_zeros(4000, 4000)         # 16 MP: inside every header limit, ~100 ms to decode here
+    imagelimits.inspect(payload, "png")
+    dst = np.zeros(RGB224.shape, np.uint8)
+    Preprocessor(RGB224).fill(dst, memoryview(payload))  # the default budget (1 s) serves it
+    err, cpu = refusal(payload, decode_cpu_s=0.01)
+    assert err.code == "too_large" and "decode budget of 0.01 s" in err.message, err.message
+    assert cpu < 0.01 + 0.1  # checked every 16 KiB of input: stops soon after the budget
+
+
+def test_inspect_counts_every_scan_of_real_progressive_jpegs():
+    for mode, scans in (("RGB", 10), ("L", 6)):
+        data = encode(Image.new(mode, (640, 480), 50), "JPEG", progressive=True)
+        assert sum(1 for s in bombs._segments(data) if s[1] == 0xDA) == scans
+        assert imagelimits.inspect(data, "jpeg").detail.startswith(f"{scans} scans")
+
+
+def _reference(data: bytes, size: tuple[int, int]) -> np.ndarray:
+    """The 0.1 pipeline (5f9c339): Pillow open, JPEG draft, convert, bilinear resize."""
+    img = Image.open(io.BytesIO(data))
+    if img.format == "JPEG":
+        img.draft("RGB", size)
+    img = img.convert("RGBA").convert("RGB") if img.mode == "P" and "transparency" in img.info else img.convert("RGB")
+    return np.asarray(img.resize(size, Image.Resampling.BILINEAR) if img.size != size else img, np.uint8)
+
+
+@pytest.mark.parametrize("image", ["cat.bmp", "grace_hopper.bmp", "kite_and_cold.jpg"])
+def test_fill_real_images_every_encoding_within_budgets_and_as_before(image):
+    src = Image.open(shared(image)).convert("RGB")
+    big = src.resize((4000, 3000), Image.Resampling.BILINEAR)  # a 12 MP camera frame
+    payloads = {
+        "as_shipped": shared(image).read_bytes(),
+        "jpeg": encode(src, "JPEG", quality=90), "jpeg_progressive": encode(src, "JPEG", progressive=True),
+        "jpeg_444": encode(src, "JPEG", subsampling=0), "jpeg_grey": encode(src.convert("L"), "JPEG"),
+        "png": encode(src, "PNG"), "png_interlaced": encode(src, "PNG", interlace=1),
+        "png_palette": encode(src.convert("P"), "PNG"), "png_rgba": encode(src.convert("RGBA"), "PNG"),
+        "bmp": encode(src, "BMP"), "bmp_palette": encode(src.convert("P"), "BMP"),
+        "jpeg_12mp": encode(big, "JPEG", quality=85), "jpeg_12mp_progressive": encode(big, "JPEG", progressive=True),
+        "png_12mp": encode(big, "PNG", compress_level=1),
+    }
+    for name, data in payloads.items():
+        dst = np.zeros(RGB224.shape, np.uint8)
+        Preprocessor(RGB224).fill(dst, memoryview(data))
+        assert np.array_equal(dst[0], _reference(data, (224, 224))), f"{image} as {name}"
+
+
+# -- through a real sandboxed worker --------------------------------------------------------------
+
+def _init(tmp: Path, model: Path, labels: Path) -> dict[str, Any]:
+    cfg = {"device_id": "bombs", "model": {"path": str(model), "labels": str(labels), "task": "classify"}}
+    path = tmp / "edged.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return {"t": "init", "config_text": path.read_text(), "config_name": str(path), "config_base": str(tmp),
+            "sandbox": True, "sandbox_mode": "kill", "memory_limit": 1 << 30, "max_fds": 64, "log_level": 30}
+
+
+def test_worker_sandboxed_answers_each_bomb_at_once_and_keeps_serving(tmp_path):
+    results: queue.Queue[dict[str, Any]] = queue.Queue()
+    frames = {name: build() for name, (build, _code) in ISSUE_BOMBS.items()}
+    frames.update({name: p for name, (p, _c, _w) in structural_bombs().items()})
+    cat = shared("cat.bmp").read_bytes()
+    model, labels = shared("mobilenet_v2_1.0_224_quant.tflite"), shared("imagenet_labels.txt")
+    with FramePool(initial_bytes=8 << 20, segment_bytes=8 << 20, max_bytes=64 << 20) as pool:
+        h = WorkerHandle(0, _init(tmp_path, model, labels), lambda _h, m: results.put(m), lambda _h: None)
+        h.start(timeout=120)
+        pid = h.pid
+        try:
+            def ask(seq: int, payload: bytes) -> tuple[dict[str, Any], float]:
+                block = pool.write(payload)
+                assert block is not None
+                for sid, fd, size in pool.segments():
+                    h.ensure_segment(sid, fd, size)
+                t0 = time.monotonic()
+                h.send({"t": "f", "s": seq, "g": block.segment, "o": block.offset, "n": block.length, "c": None})
+                msg = results.get(timeout=120)
+                took = time.monotonic() - t0
+                pool.free(block)
+                assert msg["s"] == seq
+                return msg, took
+
+            first, _ = ask(0, cat)
+            assert first["b"]["classes"][0]["id"] == 286, first  # Egyptian cat
+            slow = {}
+            for seq, (name, payload) in enumerate(sorted(frames.items()), 1):
+                msg, took = ask(seq, payload)
+                assert msg.get("e", {}).get("code") in ("bad_payload", "too_large"), (name, msg)
+                if took > 1.0:  # wall time, on a shared 2-core machine: generous
+                    slow[name] = took
+            assert not slow, slow
+            last, _ = ask(999, cat)
+            assert last["b"] == first["b"] and h.pid == pid and h.proc is not None and h.proc.poll() is None
+        finally:
+            h.stop()
