@@ -206,15 +206,15 @@ def test_pool_segment_fds_are_sealed_read_only_and_pool_still_writes():
             seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
             # F_SEAL_SEAL, SHRINK, GROW, FUTURE_WRITE (0x10, Linux >= 5.1; this kernel is newer)
             assert seals & 0x17 == 0x17, hex(seals)
-            for call in (lambda: os.write(fd, b"x"), lambda: os.ftruncate(fd, 2 * size),
-                         lambda: mmap.mmap(fd, size)):
+            for call in (lambda fd=fd: os.write(fd, b"x"), lambda fd=fd, size=size: os.ftruncate(fd, 2 * size),
+                         lambda fd=fd, size=size: mmap.mmap(fd, size)):
                 with pytest.raises(OSError) as exc:
                     call()
                 assert exc.value.errno in (errno.EBADF, errno.EINVAL, errno.EACCES, errno.EPERM)
             rw = os.open(f"/proc/self/fd/{fd}", os.O_RDWR)  # what a worker allowed to open files could do
             try:
-                for call in (lambda: os.write(rw, b"x"), lambda: os.ftruncate(rw, 2 * size),
-                             lambda: mmap.mmap(rw, size)):
+                for call in (lambda rw=rw: os.write(rw, b"x"), lambda rw=rw, n=2 * size: os.ftruncate(rw, n),
+                             lambda rw=rw, size=size: mmap.mmap(rw, size)):
                     with pytest.raises(PermissionError):
                         call()
             finally:
