@@ -22,8 +22,12 @@ screenshot produces, and what a 40 MP frame needs):
   at a time in Python).
 - PNG (IHDR and the chunk list): at most 4096 + one per 4 KiB of payload
   chunks (Pillow handles each in Python; encoders write 8-64 KiB IDATs); the
-  inflated image data, height x (1 + row bytes), at most MAX_SAMPLES bytes;
-  text and ICC chunks are capped through Pillow's own limits (preprocess).
+  inflated image data, height x (1 + row bytes), at most MAX_SAMPLES bytes,
+  and past PNG_FREE_INFLATE at most PNG_MAX_RATIO times the payload (a
+  photo inflates 2-3x, a screenshot 10-100x: only a nearly blank image of
+  more than 8 MiB is refused, and it would cost up to 0.2 s here to
+  decode); text and ICC chunks are capped through Pillow's own limits
+  (preprocess).
 - BMP (file and info header): uncompressed pixel data must be in the
   payload (Pillow would allocate the image first); RLE4/RLE8 may declare at
   most RLE_MAX_PIXELS_PER_BYTE pixels per byte of RLE data (a run codes at
@@ -61,6 +65,8 @@ MAX_JPEG_BLOCK_VISITS = 8_000_000  # a 40 MP 4:2:0 JPEG in the standard 10 scans
 MAX_MARKERS = 1024             # markers before the first scan: tables, APPn, COM
 MAX_JPEG_JUNK = 4096           # bytes between header markers that are none (Pillow skips them one at a time)
 RLE_MAX_PIXELS_PER_BYTE = 256
+PNG_FREE_INFLATE = 8 << 20     # image data any PNG may inflate to (1080p RGBA), whatever its size
+PNG_MAX_RATIO = 128            # past that, inflated bytes per payload byte (zlib reaches 1032)
 READ_BLOCK = 16 << 10          # how much Pillow decodes between two budget checks
 
 
@@ -212,6 +218,9 @@ def _png(buf: memoryview) -> Declared:
     inflated = h * (1 + (w * channels * depth + 7) // 8)
     if inflated > MAX_SAMPLES:
         raise FrameError("too_large", f"png of {w}x{h} pixels inflates to {inflated} bytes (limit {MAX_SAMPLES})")
+    if inflated > max(PNG_FREE_INFLATE, PNG_MAX_RATIO * n):
+        raise FrameError("too_large", f"png of {n} bytes inflates to {inflated} bytes: over {PNG_MAX_RATIO} times "
+                         f"its size (allowed up to {PNG_FREE_INFLATE} bytes)")
     limit = 4096 + n // 4096
     pos, chunks = 8, 0
     while pos + 8 <= n:

@@ -3,6 +3,7 @@ a decoder spend seconds or hundreds of MiB (issue 17). Each builder is determini
 from __future__ import annotations
 
 import io
+import random
 import struct
 import zlib
 
@@ -67,12 +68,16 @@ def progressive_jpeg(scans: int = 3000, size: tuple[int, int] = (6000, 6000)) ->
 
 
 def png_zeros(width: int = 8000, height: int = 5000, colour_type: int = 2, bit_depth: int = 8,
-              idat_chunk: int = 1 << 16) -> bytes:
-    """A PNG of all-zero rows (filter 0): 8000x5000 RGB is 40 MP in ~115 KB (900 MiB in a worker on 5f9c339)."""
+              idat_chunk: int = 1 << 16, noise: bool = False) -> bytes:
+    """A PNG of all-zero rows (filter 0): 8000x5000 RGB is 40 MP in ~115 KB (900 MiB in a worker on 5f9c339).
+
+    noise: one row of random bytes every 64 rows, so the payload is ~1/64 of the image data."""
     channels = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}[colour_type]
-    row = b"\x00" * (1 + (width * channels * bit_depth + 7) // 8)
+    size = (width * channels * bit_depth + 7) // 8
+    row = b"\x00" * (1 + size)
+    rng = random.Random(17)
     z = zlib.compressobj(9)
-    parts = [z.compress(row) for _ in range(height)]
+    parts = [z.compress(b"\x00" + rng.randbytes(size) if noise and y % 64 == 0 else row) for y in range(height)]
     data = b"".join(parts) + z.flush()
     out = [PNG_MAGIC, chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0))]
     if colour_type == 3:

@@ -90,7 +90,10 @@ def structural_bombs() -> dict[str, tuple[bytes, str, str]]:
         # 16-bit RGBA: 5000x4000 inflates to 160 MB (and is 20 MP, under the pixel limit)
         "png_rgba16_inflated": (bombs.png_zeros(5000, 4000, colour_type=6, bit_depth=16), "too_large", "inflates"),
         # grey 6300x6300 is 39.7 MP, inside the pixel limit, but 119 M samples once it is RGB for the model
-        "png_grey_into_rgb_model": (bombs.png_zeros(6300, 6300, colour_type=0), "too_large", "samples"),
+        # (random rows: the payload is large enough for the inflate ratio rule)
+        "png_grey_into_rgb_model": (bombs.png_zeros(6300, 6300, colour_type=0, noise=True), "too_large", "samples"),
+        # 22 MP RGB (66 MB of image data, inside every other limit) from a 64 KB payload
+        "png_1000x_ratio_22mp": (bombs.png_zeros(4700, 4700), "too_large", "times its size"),
         # RLE8 inside the side and pixel limits: 20.8 MP from 6 bytes of RLE data
         "bmp_rle8_8000x2600_1kb": (bombs.rle8_bmp(8000, 2600), "too_large", "pixels a byte"),
         "bmp_raw_rows_missing": (uncompressed(bombs.rle8_bmp(4000, 3000)), "bad_payload", "needs"),
@@ -106,7 +109,7 @@ def test_fill_structural_bomb_refused_before_decoding(name):
 
 
 def test_fill_decode_cpu_budget_cuts_off_costly_frame_that_passes_the_headers():
-    payload = bombs.png_zeros(4000, 4000)         # 16 MP: inside every header limit, ~100 ms to decode here
+    payload = bombs.png_zeros(2400, 2400, noise=True)  # 5.8 MP: inside every header limit, ~40 ms to decode here
     imagelimits.inspect(payload, "png")
     dst = np.zeros(RGB224.shape, np.uint8)
     Preprocessor(RGB224).fill(dst, memoryview(payload))  # the default budget (1 s) serves it
