@@ -190,6 +190,10 @@ def test_worker_sandboxed_answers_each_bomb_at_once_and_keeps_serving(tmp_path):
 
             first, _ = ask(0, cat)
             assert first["b"]["classes"][0]["id"] == 286, first  # Egyptian cat
+            # a real RLE8 frame decodes under seccomp (edged's RLE decoder is pure Python)
+            rle = b"".join(bytes((224, y)) + b"\x00\x00" for y in range(224)) + b"\x00\x01"
+            striped, _ = ask(1000, _rle_bmp(224, 224, rle, False, 0, False))
+            assert "e" not in striped and striped["b"]["classes"], striped
             slow = {}
             for seq, (name, payload) in enumerate(sorted(frames.items()), 1):
                 msg, took = ask(seq, payload)
