@@ -162,11 +162,17 @@ class Admission:
         """Under the lock: the next frame (streams in turn) and the least busy ready worker. O(1) in streams."""
         if not self.turns:
             return None
-        ready = self.ready_workers()
+        # a frame that outlived a worker's death runs alone: so does the poison among them, and it alone dies again
+        ready = [h for h in self.ready_workers() if not any(f.deaths for f in h.inflight.values())]
         if not ready:
             return None
-        stream = self.turns.popleft()
+        stream = self.turns[0]
         q = self.queues[stream]
+        if q[0].deaths:
+            ready = [h for h in ready if not h.inflight]
+            if not ready:
+                return None  # it waits at the head of its stream for an idle worker
+        self.turns.popleft()
         frame = q.popleft()
         if q:
             self.turns.append(stream)

@@ -20,6 +20,7 @@ from edged import protocol
 
 logger = logging.getLogger("edged.worker")
 HOOK = b"EDGED-TEST-FAULT:"
+LOAD_HANG = "EDGED-TEST-HANG-ON-LOAD"  # with the hooks on, a model file named so never finishes loading
 
 
 class ChannelLogHandler(logging.Handler):
@@ -52,6 +53,10 @@ class Worker:
         if msg.model_path:
             cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=msg.model_path))
         self.cfg = cfg
+        if self.hooks and LOAD_HANG in Path(cfg.model.path).name:
+            from edged import faults
+
+            faults.act(self.sock, 0, "hang")  # a model load that never ends (a hung mount, a stuck delegate)
         choice = accel.choose(cfg, msg.coral_device)
         self.model = choice.model
         self.labels = postprocess.load_labels(cfg.model.labels)
