@@ -4,12 +4,22 @@ Every section of INTERFACE.md is a dataclass; unknown keys and wrong types are
 errors that name the file, the line and the dotted key, all reported at once:
 ``edged.yaml:12 mqtt.port: must be an integer``. Relative paths are relative
 to the config file's folder.
+
+The file is hostile input like any other: it is read up to 1 MiB, YAML
+anchors and aliases are refused (an alias bomb of 1 KiB expands to GiBs),
+nesting deeper than 32 levels and more than 20,000 nodes are refused, all
+before any of it is turned into values. Topic parts are checked as MQTT
+topic levels (edged.topics); paths the daemon reads must not name something
+other than a regular file (edged.userfiles). Warnings (a password file any
+user can read) go into ``Config.warnings``, for the CLI to print.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
+import pwd
 import socket
+import stat
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,15 +28,21 @@ from typing import Any
 
 import yaml
 
+from edged import topics, userfiles
 from edged.errors import ConfigError
 
 DEFAULT_CONFIG = "/etc/edged/edged.yaml"
 BUNDLED_MODEL = Path(__file__).resolve().parent / "models" / "digits.tflite"
 
 
+MAX_DEPTH = 32       # the schema is 4 levels deep (accelerator.coral.options.KEY)
+MAX_NODES = 20_000   # the shipped config has ~100
+
+
 def _f(default: Any = dataclasses.MISSING, *, choices: tuple[Any, ...] = (), lo: float | None = None,
-       path: bool = False, factory: Any = dataclasses.MISSING) -> Any:
-    meta = {"choices": choices, "lo": lo, "path": path}
+       path: bool = False, regular: bool = False, factory: Any = dataclasses.MISSING) -> Any:
+    # regular: a file the daemon reads or replaces; naming an existing non-regular file is an error
+    meta = {"choices": choices, "lo": lo, "path": path or regular, "regular": regular}
     if factory is not dataclasses.MISSING:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -34,9 +50,9 @@ def _f(default: Any = dataclasses.MISSING, *, choices: tuple[Any, ...] = (), lo:
 
 @dataclass(frozen=True)
 class TlsConfig:
-    ca: str | None = _f(None, path=True)
-    cert: str | None = _f(None, path=True)
-    key: str | None = _f(None, path=True)
+    ca: str | None = _f(None, regular=True)
+    cert: str | None = _f(None, regular=True)
+    key: str | None = _f(None, regular=True)
     insecure: bool = False
 
 
@@ -56,7 +72,7 @@ class MqttConfig:
     session_expiry: int = _f(3600, lo=0)
     qos: int = _f(1, choices=(0, 1, 2))
     username: str | None = None
-    password_file: str | None = _f(None, path=True)
+    password_file: str | None = _f(None, regular=True)
     tls: TlsConfig | None = None
     share: ShareConfig | None = None
     result_buffer: int = _f(1000, lo=1)
@@ -65,15 +81,15 @@ class MqttConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    path: str = _f(str(BUNDLED_MODEL), path=True)
-    labels: str | None = _f(str(BUNDLED_MODEL.with_name("digits_labels.txt")), path=True)
+    path: str = _f(str(BUNDLED_MODEL), regular=True)
+    labels: str | None = _f(str(BUNDLED_MODEL.with_name("digits_labels.txt")), regular=True)
     task: str = _f("classify", choices=("classify", "detect", "raw"))
     threads: int = _f(1, lo=1)
     top_k: int = _f(5, lo=1)
     score_threshold: float = _f(0.5, lo=0)
     mean: float = 127.5
     std: float = _f(127.5, lo=1e-9)
-    cpu_fallback: str | None = _f(None, path=True)
+    cpu_fallback: str | None = _f(None, regular=True)
     batch_max: int = _f(1, lo=1)  # >1: up to this many waiting frames in one invoke (resizable-batch CPU models)
     batch_wait_ms: float = _f(0.0, lo=0)  # how long a worker waits for a batch to fill (0: only frames already there)
 
@@ -110,6 +126,7 @@ class SandboxConfig:
     max_restarts: int = _f(10, lo=1)
     restart_window_s: float = _f(60.0, lo=1)
     backoff_max_s: float = _f(5.0, lo=0)
+    user: str | None = None  # a daemon started as root runs its workers as this user (None: nobody)
 
 
 @dataclass(frozen=True)
@@ -134,7 +151,7 @@ class QueueConfig:
 class StatusConfig:
     socket: str = _f("/run/edged/edged.sock", path=True)
     interval: float = _f(10.0, lo=0)
-    prometheus_file: str | None = _f(None, path=True)
+    prometheus_file: str | None = _f(None, regular=True)
 
 
 @dataclass(frozen=True)
@@ -153,7 +170,8 @@ class Config:
     queue: QueueConfig = _f(factory=QueueConfig)
     status: StatusConfig = _f(factory=StatusConfig)
     logging: LoggingConfig = _f(factory=LoggingConfig)
-    source: str = field(default="", compare=False)
+    source: str = field(default="", compare=False, metadata={"internal": True})
+    warnings: tuple[str, ...] = field(default=(), compare=False, metadata={"internal": True})
 
     @property
     def prefix(self) -> str:
@@ -186,6 +204,48 @@ def default_path(env: typing.Mapping[str, str]) -> str:
     return env.get("EDGED_CONFIG") or DEFAULT_CONFIG
 
 
+class _Refused(yaml.YAMLError):
+    """YAML that is well-formed but not accepted in a config (aliases, too deep, too many nodes)."""
+
+    def __init__(self, mark: yaml.Mark, problem: str) -> None:
+        super().__init__(problem)
+        self.problem_mark = mark
+        self.problem = problem
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's composer, refusing anchors and aliases and capping depth and node count.
+
+    Composing recurses once per nesting level (2,000 levels were a RecursionError) and an
+    alias makes one node appear many times in the tree (a 1 KiB alias bomb took the
+    supervisor to 979 MiB): both are refused at the first event that would go too far.
+    """
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self._depth = 0
+        self._nodes = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            raise _Refused(event.start_mark, f"YAML aliases (*{event.anchor}) are not allowed in an edged config")
+        anchor = getattr(event, "anchor", None)
+        if anchor is not None:
+            raise _Refused(event.start_mark, f"YAML anchors (&{anchor}) are not allowed in an edged config")
+        self._nodes += 1
+        if self._nodes > MAX_NODES:
+            raise _Refused(event.start_mark, f"more than {MAX_NODES} values in one config")
+        if self._depth >= MAX_DEPTH:
+            raise _Refused(event.start_mark, f"nested deeper than {MAX_DEPTH} levels")
+        self._depth += 1
+        try:
+            node: yaml.Node = super().compose_node(parent, index)  # type: ignore[no-untyped-call]
+            return node
+        finally:
+            self._depth -= 1
+
+
 class _Loader:
     """Turns a YAML node tree into dataclasses, collecting every error."""
 
@@ -193,11 +253,19 @@ class _Loader:
         self.fname = fname
         self.base = base
         self.errors: list[str] = []
+        self.lines: dict[str, int] = {}  # dotted key -> line of its value, for checks across keys
 
     def err(self, node: yaml.Node | None, key: str, msg: str) -> None:
         line = f":{node.start_mark.line + 1}" if node is not None else ""
+        self.err_at(line, key, msg)
+
+    def err_at(self, line: str, key: str, msg: str) -> None:
         shown = key if key.isprintable() else repr(key)
         self.errors.append(" ".join(f"{self.fname}{line} {shown}: {msg}".split()))
+
+    def where(self, key: str) -> str:
+        """':LINE' of a key's value, '' when the key is not in the file (a default)."""
+        return f":{self.lines[key]}" if key in self.lines else ""
 
     def build(self, cls: type, node: yaml.Node | None, key: str) -> Any:
         if node is None or (isinstance(node, yaml.ScalarNode) and node.tag.endswith(":null")):
@@ -206,7 +274,7 @@ class _Loader:
             self.err(node, key or "(top level)", "must be a mapping")
             return cls()
         hints = typing.get_type_hints(cls)
-        fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
+        fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
         values: dict[str, Any] = {}
         for knode, vnode in node.value:
             name = str(knode.value)
@@ -222,6 +290,7 @@ class _Loader:
             return cls()
 
     def value(self, hint: Any, f: dataclasses.Field, node: yaml.Node, key: str) -> Any:
+        self.lines[key] = node.start_mark.line + 1
         optional = False
         if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
             args = [a for a in typing.get_args(hint) if a is not type(None)]
@@ -235,7 +304,7 @@ class _Loader:
             return _BAD
         if dataclasses.is_dataclass(hint):
             return self.build(hint, node, key)
-        meta = {"choices": (), "lo": None, "path": False, **f.metadata}
+        meta = {"choices": (), "lo": None, "path": False, "regular": False, **f.metadata}
         origin = typing.get_origin(hint)
         if origin is tuple:
             if not isinstance(node, yaml.SequenceNode):
@@ -246,6 +315,10 @@ class _Loader:
         if origin is dict:
             if not isinstance(node, yaml.MappingNode):
                 self.err(node, key, "must be a mapping")
+                return _BAD
+            nested = [n for pair in node.value for n in pair if not isinstance(n, yaml.ScalarNode)]
+            if nested:
+                self.err(nested[0], key, "keys and values must be plain scalars (they are passed on as strings)")
                 return _BAD
             return {str(k.value): str(v.value) for k, v in node.value}
         return self.scalar(hint, meta, node, key)
@@ -275,8 +348,12 @@ class _Loader:
         if meta["path"] and raw:
             try:
                 raw = str((self.base / os.path.expanduser(raw)).resolve())
-            except (ValueError, OSError) as exc:
+            except (ValueError, OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop (Python < 3.13)
                 self.err(node, key, f"not a usable path ({exc})")
+                return _BAD
+            why = userfiles.not_regular(raw) if meta["regular"] else None
+            if why:
+                self.err(node, key, why)
                 return _BAD
         return raw
 
@@ -288,38 +365,103 @@ _NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or 
 def parse(text: str, fname: str = "<config>", base: Path | None = None) -> Config:
     """Parse and validate config text; raise ConfigError listing every problem."""
     short = Path(fname).name
+    if len(text) > userfiles.CONFIG_MAX_BYTES:
+        raise ConfigError(f"{short}: {len(text)} characters, more than the {userfiles.CONFIG_MAX_BYTES} allowed")
+    composer: _BoundedLoader | None = None
     try:
-        node = yaml.compose(text)
+        composer = _BoundedLoader(text)  # the reader checks the characters here
+        node = composer.get_single_node()
+    except _Refused as exc:
+        raise ConfigError(f"{short}:{exc.problem_mark.line + 1}: {exc.problem}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}" if mark else ""
         problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
         raise ConfigError(f"{short}{where}: not valid YAML: {problem}") from None
+    finally:
+        if composer is not None:
+            composer.dispose()
     loader = _Loader(short, base or Path.cwd())
-    cfg = loader.build(Config, node, "")
-    if loader.errors:
-        raise ConfigError("; ".join(loader.errors))
+    cfg = loader.build(Config, node, "")  # a value in error is left at its default: the checks below still run
     if not cfg.device_id:
         cfg = dataclasses.replace(cfg, device_id=socket.gethostname().split(".")[0] or "edged")
-    if "{device_id}" not in cfg.mqtt.topic_prefix and not cfg.mqtt.topic_prefix.strip("/"):
-        raise ConfigError(f"{short} mqtt.topic_prefix: must not be empty")
+    _check_across_keys(cfg, loader)
+    if loader.errors:
+        raise ConfigError("; ".join(loader.errors))
+    return dataclasses.replace(cfg, source=str(fname), warnings=tuple(_warnings(cfg, loader)))
+
+
+def _check_across_keys(cfg: Config, loader: _Loader) -> None:
+    """Checks that need more than one key or the host (topics, users, paths): errors into loader."""
+    err, at = loader.err_at, loader.where
+    why = topics.level_problem(cfg.device_id)
+    if why:
+        origin = "" if "device_id" in loader.lines else f" (from the hostname {socket.gethostname()!r}; set device_id)"
+        err(at("device_id"), "device_id", why + origin)
+    elif "{device_id}" not in cfg.mqtt.topic_prefix and not cfg.mqtt.topic_prefix.strip("/"):
+        err(at("mqtt.topic_prefix"), "mqtt.topic_prefix", "must not be empty")
+    else:
+        why = topics.prefix_problem(cfg.prefix)
+        if why:
+            err(at("mqtt.topic_prefix"), "mqtt.topic_prefix", why)
+    if cfg.mqtt.client_id is not None:
+        why = topics.text_problem(cfg.mqtt.client_id)
+        if why:
+            err(at("mqtt.client_id"), "mqtt.client_id", why)
+    if cfg.mqtt.share is not None:
+        why = topics.level_problem(cfg.mqtt.share.group)
+        if why:
+            err(at("mqtt.share.group"), "mqtt.share.group", why)
+        why = topics.prefix_problem(cfg.mqtt.share.prefix)
+        if why:
+            err(at("mqtt.share.prefix"), "mqtt.share.prefix", why)
     if cfg.mqtt.tls is not None and bool(cfg.mqtt.tls.cert) != bool(cfg.mqtt.tls.key):
-        raise ConfigError(f"{short} mqtt.tls: cert and key go together")
+        err(at("mqtt.tls"), "mqtt.tls", "cert and key go together")
     if cfg.sandbox.in_process and cfg.sandbox.enabled:
-        raise ConfigError(f"{short} sandbox.in_process: needs sandbox.enabled: false (the daemon itself cannot be "
-                          "filtered)")
-    if cfg.model.task != "raw" and cfg.model.task == "detect" and cfg.model.score_threshold > 1:
-        raise ConfigError(f"{short} model.score_threshold: must be <= 1")
-    return dataclasses.replace(cfg, source=str(fname))
+        err(at("sandbox.in_process"), "sandbox.in_process",
+            "needs sandbox.enabled: false (the daemon itself cannot be filtered)")
+    if cfg.model.task == "detect" and cfg.model.score_threshold > 1:
+        err(at("model.score_threshold"), "model.score_threshold", "must be <= 1")
+    if cfg.sandbox.user is not None:
+        try:
+            if pwd.getpwnam(cfg.sandbox.user).pw_uid == 0:
+                err(at("sandbox.user"), "sandbox.user", f"{cfg.sandbox.user!r} is uid 0: workers must not run as root")
+        except (KeyError, ValueError):
+            err(at("sandbox.user"), "sandbox.user", f"no such user {cfg.sandbox.user!r} on this host")
+    sock = cfg.status.socket
+    try:
+        mode = os.lstat(sock).st_mode
+    except (OSError, ValueError):
+        mode = None
+    if mode is not None and not stat.S_ISSOCK(mode):
+        err(at("status.socket"), "status.socket",
+            f"{sock} is {userfiles.kind(mode)}, not a socket: edged replaces only a socket there")
+
+
+# Files whose content is a secret: anyone who reads them can act as this daemon on the broker.
+_SECRETS = (("mqtt.password_file", lambda c: c.mqtt.password_file),
+            ("mqtt.tls.key", lambda c: c.mqtt.tls.key if c.mqtt.tls else None))
+
+
+def _warnings(cfg: Config, loader: _Loader) -> list[str]:
+    out = []
+    for key, get in _SECRETS:
+        path = get(cfg)
+        why = userfiles.exposure(path) if path else None
+        if why:
+            out.append(f"{loader.fname}{loader.where(key)} {key}: {why}; chmod o-rwx it")
+    return out
 
 
 def load(path: str | os.PathLike[str]) -> Config:
-    """Read and validate a config file."""
+    """Read and validate a config file: a regular file of at most CONFIG_MAX_BYTES."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{p}: cannot read config: {exc.strerror}") from None
+        data = userfiles.read_bytes(p, userfiles.CONFIG_MAX_BYTES)
+    except userfiles.FileRefused as exc:
+        raise ConfigError(f"{exc.path}: cannot read config: {exc.why}") from None
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{p}: not UTF-8 text (byte {exc.start})") from None
     return parse(text, str(p), p.resolve().parent)
