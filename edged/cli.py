@@ -98,14 +98,14 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_send(args: argparse.Namespace) -> int:
+    from edged import userfiles
     from edged.mqtt import send_frame
 
     cfg = _load(args)
-    try:
-        with open(args.file, "rb") as fh:
-            payload = fh.read()
-    except OSError as exc:
-        print(f"edged send: {args.file}: {exc.strerror}", file=sys.stderr)
+    try:  # /dev/zero or a huge file must not fill memory: the daemon answers too_large past this anyway
+        payload = userfiles.read_bytes(args.file, cfg.queue.max_frame_bytes, regular=False)
+    except userfiles.FileRefused as exc:
+        print(f"edged send: {exc}", file=sys.stderr)
         return 66
     result = send_frame(cfg, payload, args.stream, args.timeout)
     print(json.dumps(result, indent=2))

@@ -16,6 +16,7 @@ user can read) go into ``Config.warnings``, for the CLI to print.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import pwd
 import socket
@@ -40,9 +41,10 @@ MAX_NODES = 20_000   # the shipped config has ~100
 
 
 def _f(default: Any = dataclasses.MISSING, *, choices: tuple[Any, ...] = (), lo: float | None = None,
-       path: bool = False, regular: bool = False, factory: Any = dataclasses.MISSING) -> Any:
+       hi: float | None = None, path: bool = False, regular: bool = False, factory: Any = dataclasses.MISSING) -> Any:
     # regular: a file the daemon reads or replaces; naming an existing non-regular file is an error
-    meta = {"choices": choices, "lo": lo, "path": path or regular, "regular": regular}
+    # hi: the largest value (default _HI: what deque sizes, sleeps and mmap lengths take without overflowing)
+    meta = {"choices": choices, "lo": lo, "hi": hi, "path": path or regular, "regular": regular}
     if factory is not dataclasses.MISSING:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -65,11 +67,11 @@ class ShareConfig:
 @dataclass(frozen=True)
 class MqttConfig:
     host: str = "127.0.0.1"
-    port: int = _f(1883, lo=1)
+    port: int = _f(1883, lo=1, hi=65535)
     topic_prefix: str = "edged/{device_id}"
     client_id: str | None = None
-    keepalive: int = _f(30, lo=5)
-    session_expiry: int = _f(3600, lo=0)
+    keepalive: int = _f(30, lo=5, hi=65535)  # MQTT: two bytes
+    session_expiry: int = _f(3600, lo=0, hi=0xFFFFFFFF)  # MQTT: four bytes
     qos: int = _f(1, choices=(0, 1, 2))
     username: str | None = None
     password_file: str | None = _f(None, regular=True)
@@ -142,7 +144,7 @@ class PoolConfig:
 class QueueConfig:
     max_per_stream: int = _f(256, lo=1)
     policy: str = _f("drop_oldest", choices=("drop_oldest", "reject"))
-    max_frame_bytes: int = _f(32 << 20, lo=1)
+    max_frame_bytes: int = _f(32 << 20, lo=1, hi=268435455)  # MQTT's largest packet
     inflight_per_worker: int = _f(2, lo=1)
     drain_timeout_s: float = _f(10.0, lo=0)
 
@@ -304,7 +306,7 @@ class _Loader:
             return _BAD
         if dataclasses.is_dataclass(hint):
             return self.build(hint, node, key)
-        meta = {"choices": (), "lo": None, "path": False, "regular": False, **f.metadata}
+        meta = {"choices": (), "lo": None, "hi": None, "path": False, "regular": False, **f.metadata}
         origin = typing.get_origin(hint)
         if origin is tuple:
             if not isinstance(node, yaml.SequenceNode):
@@ -342,8 +344,15 @@ class _Loader:
         if meta["choices"] and raw not in meta["choices"]:
             self.err(node, key, f"must be one of {', '.join(map(str, meta['choices']))}, got {raw!r}")
             return _BAD
+        if hint is float and not math.isfinite(raw):  # NaN passes every comparison; inf overflows sleeps
+            self.err(node, key, f"must be a finite number, got {node.value!r}")
+            return _BAD
         if meta["lo"] is not None and raw < meta["lo"]:
             self.err(node, key, f"must be >= {meta['lo']}, got {raw!r}")
+            return _BAD
+        hi = meta["hi"] if meta["hi"] is not None else _HI.get(hint)
+        if hi is not None and raw > hi:
+            self.err(node, key, f"must be <= {hi:g}, got {raw!r}" if hint is float else f"must be <= {hi}, got {raw!r}")
             return _BAD
         if meta["path"] and raw:
             try:
@@ -360,6 +369,7 @@ class _Loader:
 
 _BAD = object()
 _NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+_HI: dict[type, float] = {int: 2**31 - 1, float: 1e9}
 
 
 def parse(text: str, fname: str = "<config>", base: Path | None = None) -> Config:
@@ -404,10 +414,13 @@ def _check_across_keys(cfg: Config, loader: _Loader) -> None:
         why = topics.prefix_problem(cfg.prefix)
         if why:
             err(at("mqtt.topic_prefix"), "mqtt.topic_prefix", why)
-    if cfg.mqtt.client_id is not None:
-        why = topics.text_problem(cfg.mqtt.client_id)
-        if why:
-            err(at("mqtt.client_id"), "mqtt.client_id", why)
+    for key, text in (("mqtt.host", cfg.mqtt.host), ("mqtt.client_id", cfg.mqtt.client_id),
+                      ("mqtt.username", cfg.mqtt.username)):
+        why = topics.text_problem(text) if text is not None else None
+        if key == "mqtt.host" and not why and not cfg.mqtt.host.strip():
+            why = "must not be empty"
+        if why:  # a NUL makes the broker drop the connection, and edged would retry for ever
+            err(at(key), key, why)
     if cfg.mqtt.share is not None:
         why = topics.level_problem(cfg.mqtt.share.group)
         if why:

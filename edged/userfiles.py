@@ -76,12 +76,25 @@ def open_regular(path: str | os.PathLike[str]) -> int:
     return fd
 
 
-def read_bytes(path: str | os.PathLike[str], limit: int) -> bytes:
-    """The whole content of the regular file at path, refused past `limit` bytes (raises FileRefused)."""
+def read_bytes(path: str | os.PathLike[str], limit: int, *, regular: bool = True) -> bytes:
+    """The whole content of the regular file at path, refused past `limit` bytes (raises FileRefused).
+
+    regular=False: any file that can be read (a pipe: ``edged send /dev/stdin``), opened
+    as open() would (a FIFO waits for its writer), still refused past `limit`.
+    """
     p = os.fspath(path)
-    fd = open_regular(p)
+    if regular:
+        fd = open_regular(p)
+    else:
+        try:
+            fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
+        except (OSError, ValueError) as exc:
+            raise FileRefused(p, getattr(exc, "strerror", None) or str(exc)) from None
     try:
-        size = os.fstat(fd).st_size
+        st = os.fstat(fd)
+        size = st.st_size if stat.S_ISREG(st.st_mode) else 0
+        if stat.S_ISDIR(st.st_mode):
+            raise FileRefused(p, "a directory")
         if size > limit:
             raise FileRefused(p, f"{size} bytes, more than the {limit} allowed")
         chunks, got = [], 0
@@ -97,8 +110,8 @@ def read_bytes(path: str | os.PathLike[str], limit: int) -> bytes:
         raise FileRefused(p, exc.strerror or str(exc)) from None
     finally:
         os.close(fd)
-    if got > limit:
-        raise FileRefused(p, f"grew past the {limit} bytes allowed while being read")
+    if got > limit:  # a regular file that grew after fstat, or a device or pipe that kept giving
+        raise FileRefused(p, f"more than the {limit} bytes allowed")
     return b"".join(chunks)
 
 

@@ -248,6 +248,43 @@ def test_parse_every_error_reported_at_once():
         assert fragment in msg, msg
 
 
+# -- numbers a thread would choke on ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, key, words", [
+    ("sandbox:\n  heartbeat_s: .nan\n", "sandbox.heartbeat_s", "finite"),   # NaN passes every `>= lo` check
+    ("sandbox:\n  frame_timeout_s: .inf\n", "sandbox.frame_timeout_s", "finite"),
+    ("model:\n  mean: -.inf\n", "model.mean", "finite"),
+    ("status:\n  interval: 1.0e+300\n", "status.interval", "must be <= 1e+09"),  # Event.wait(1e300): OverflowError
+    ("mqtt:\n  port: 70000\n", "mqtt.port", "must be <= 65535"),
+    ("mqtt:\n  keepalive: 65536\n", "mqtt.keepalive", "must be <= 65535"),
+    ("mqtt:\n  session_expiry: 4294967296\n", "mqtt.session_expiry", "must be <= 4294967295"),
+    ("mqtt:\n  result_buffer: 100000000000000000000\n", "mqtt.result_buffer", "must be <= 2147483647"),
+    ("queue:\n  max_frame_bytes: 268435456\n", "queue.max_frame_bytes", "must be <= 268435455"),
+    ('mqtt:\n  host: "broker\\0.lan"\n', "mqtt.host", "NUL"),
+    ("mqtt:\n  host: ' '\n", "mqtt.host", "must not be empty"),
+    ('mqtt:\n  username: "a\\0b"\n', "mqtt.username", "NUL"),
+    ('mqtt:\n  client_id: "c\\x1b[2J"\n', "mqtt.client_id", "control character"),
+])
+def test_parse_number_or_string_out_of_range_names_key(text, key, words):
+    with pytest.raises(ConfigError) as info:
+        config.parse(text, "/srv/edged.yaml", Path("/srv"))
+    assert str(info.value).startswith(f"edged.yaml:2 {key}: ") and words in str(info.value), info.value
+
+
+def test_parse_edge_values_still_accepted():
+    cfg = config.parse("mqtt:\n  port: 65535\n  session_expiry: 4294967295\n  username: 'a+b#c'\n"
+                       "  client_id: 'dev/1+'\nmodel:\n  mean: -1000.0\n", "/srv/edged.yaml", Path("/srv"))
+    assert cfg.mqtt.port == 65535 and cfg.mqtt.session_expiry == 0xFFFFFFFF and cfg.model.mean == -1000.0
+
+
+def test_send_dev_zero_refused_at_frame_cap_without_reading_on(tmp_path, baseline):
+    cfg = write(tmp_path, "mqtt:\n  port: 9\nqueue:\n  max_frame_bytes: 1048576\n")
+    r = run("send", "-c", str(cfg), "/dev/zero", timeout=30)
+    line = one_line_error(r, 66)
+    assert line == "edged send: /dev/zero: more than the 1048576 bytes allowed", line
+    assert (r.maxrss_kib - baseline.maxrss_kib) / 1024 < 48  # paho imported, plus 1 MiB read
+
+
 # -- files the daemon reads -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("key", ["path", "labels", "cpu_fallback"])
