@@ -75,3 +75,43 @@ def prefix_problem(prefix: str) -> str | None:
     if len(body.encode("utf-8")) > MAX_PREFIX_BYTES:
         return f"must be at most {MAX_PREFIX_BYTES} bytes in UTF-8"
     return None
+
+
+def name_problem(name: str) -> str | None:
+    """Why `name` is not a topic a client may publish to (a Response Topic), or None.
+
+    MQTT 5 4.7: not empty, no wildcard, no NUL, at most 65,535 bytes of UTF-8.
+    Empty levels and a leading '$' are valid here: the peer chose them.
+    """
+    if not name:
+        return "must not be empty"
+    for ch in name:
+        if ch in "+#":
+            return f"must not contain the MQTT wildcard {ch!r}"
+        if ch == "\0":
+            return "must not contain a NUL character"
+        if 0xD800 <= ord(ch) <= 0xDFFF:
+            return "must be valid UTF-8 (holds a lone surrogate)"
+    if len(name.encode("utf-8")) > 65535:
+        return "must be at most 65535 bytes in UTF-8"
+    return None
+
+
+def filter_problem(topic_filter: str) -> str | None:
+    """Why `topic_filter` is not a valid subscription filter (MQTT 5 4.7.1), or None.
+
+    '+' must fill a whole level; '#' must fill the last level.
+    """
+    if not topic_filter:
+        return "must not be empty"
+    if "\0" in topic_filter:
+        return "must not contain a NUL character"
+    if len(topic_filter.encode("utf-8", "surrogatepass")) > 65535:
+        return "must be at most 65535 bytes in UTF-8"
+    levels = topic_filter.split("/")
+    for i, level in enumerate(levels):
+        if "+" in level and level != "+":
+            return f"'+' must fill a whole topic level (got {level!r})"
+        if "#" in level and (level != "#" or i != len(levels) - 1):
+            return f"'#' must fill the last topic level (got {topic_filter!r})"
+    return None
