@@ -330,7 +330,7 @@ class _Loader:
             self.err(node, key, f"must be {_NAMES[hint]}")
             return _BAD
         try:
-            raw = yaml.constructor.SafeConstructor().construct_object(node)
+            raw: Any = yaml.constructor.SafeConstructor().construct_object(node)
         except (yaml.YAMLError, ValueError, TypeError, KeyError, AttributeError):
             self.err(node, key, f"cannot read {node.value!r} (tag {node.tag})")
             return _BAD
@@ -344,6 +344,10 @@ class _Loader:
         if meta["choices"] and raw not in meta["choices"]:
             self.err(node, key, f"must be one of {', '.join(map(str, meta['choices']))}, got {raw!r}")
             return _BAD
+        return self.checked(typing.cast(Any, raw), hint, meta, node, key)
+
+    def checked(self, raw: Any, hint: type, meta: typing.Mapping[str, Any], node: yaml.Node, key: str) -> Any:
+        """A value of the right type, checked against its field's range and, for paths, resolved."""
         if hint is float and not math.isfinite(raw):  # NaN passes every comparison; inf overflows sleeps
             self.err(node, key, f"must be a finite number, got {node.value!r}")
             return _BAD
