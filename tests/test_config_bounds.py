@@ -444,3 +444,16 @@ def test_reload_deep_yaml_and_alias_bomb_refused_daemon_serves_on(daemon_factory
     res = c.wait(["after"], 30)["after"]
     assert res is not None and res["classes"][0]["label"] == "7", res
     assert d.wait_state("online")["state"] == "online"
+
+
+def test_run_logs_world_readable_password_file_warning_and_serves(tmp_path, daemon_factory, client_factory):
+    pw = tmp_path / "mqtt.pw"
+    pw.write_text("secret\n")
+    pw.chmod(0o644)
+    d = daemon_factory({"mqtt": {"username": "edged", "password_file": str(pw)}})  # our broker lets anyone in
+    log = _wait_log(d, "mqtt.password_file: ")
+    warning = next(ln for ln in log.splitlines() if "mqtt.password_file: " in ln)
+    assert "WARNING" in warning and f"{pw} is readable by every user (mode 0644)" in warning, warning
+    c = client_factory(d.prefix)
+    c.send((BUNDLED / "digits_sample.png").read_bytes(), "pw1")
+    assert (c.wait(["pw1"], 30)["pw1"] or {}).get("classes"), d.log()[-2000:]
