@@ -149,3 +149,34 @@ def test_root_daemon_workers_run_as_sandbox_user(daemon_factory, client_factory)
     st = _serve_one(d, client_factory)
     for w in st["workers"]:
         _assert_unprivileged(int(w["pid"]), pw)
+
+
+KEEPCAPS_CHILD = """
+import ctypes, json, os
+from edged import sandbox
+libc = ctypes.CDLL(None, use_errno=True)
+assert libc.prctl(8, 1, 0, 0, 0) == 0  # PR_SET_KEEPCAPS: the permitted set survives leaving uid 0
+os.setresgid({gid}, {gid}, {gid})
+os.setresuid({uid}, {uid}, {uid})
+hdr = sandbox._CapHeader(sandbox._CAP_VERSION_3, 0)
+data = (sandbox._CapData * 2)()
+assert libc.capget(ctypes.byref(hdr), data) == 0
+for d in data:
+    d.effective = d.permitted  # a non-root process that holds capabilities (as with AmbientCapabilities=)
+assert libc.capset(ctypes.byref(hdr), data) == 0
+before = sandbox.capabilities()["CapEff"]
+became = sandbox.drop_privileges()
+after = sandbox.capabilities()
+print(json.dumps({{"before": before, "became": became, "eff": after["CapEff"], "prm": after["CapPrm"]}}))
+"""
+
+
+@needs_root
+def test_drop_privileges_non_root_with_capabilities_clears_them():
+    code = KEEPCAPS_CHILD.format(uid=NOBODY.pw_uid, gid=NOBODY.pw_gid)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)), cwd="/", check=False)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["before"] != 0, report  # the setup did leave capabilities to drop
+    assert report == {"before": report["before"], "became": None, "eff": 0, "prm": 0}, report
