@@ -8,19 +8,16 @@ to the config file's folder.
 The file is hostile input like any other: it is read up to 1 MiB, YAML
 anchors and aliases are refused (an alias bomb of 1 KiB expands to GiBs),
 nesting deeper than 32 levels and more than 20,000 nodes are refused, all
-before any of it is turned into values. Topic parts are checked as MQTT
-topic levels (edged.topics); paths the daemon reads must not name something
-other than a regular file (edged.userfiles). Warnings (a password file any
-user can read) go into ``Config.warnings``, for the CLI to print.
+before any of it is turned into values. Checks across keys and against this
+host (topics, users, the status socket, secrets' modes) are in
+edged.configchecks; warnings go into ``Config.warnings``, for the CLI to print.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 import os
-import pwd
 import socket
-import stat
 import types
 import typing
 from dataclasses import dataclass, field
@@ -29,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from edged import topics, userfiles
+from edged import configchecks, userfiles
 from edged.errors import ConfigError
 
 DEFAULT_CONFIG = "/etc/edged/edged.yaml"
@@ -199,7 +196,7 @@ class Config:
     @property
     def model_name(self) -> str:
         name = Path(self.model.path).name
-        return name[: -len(".tflite")] if name.endswith(".tflite") else name
+        return name.removesuffix(".tflite")
 
 
 def default_path(env: typing.Mapping[str, str]) -> str:
@@ -399,75 +396,10 @@ def parse(text: str, fname: str = "<config>", base: Path | None = None) -> Confi
     cfg = loader.build(Config, node, "")  # a value in error is left at its default: the checks below still run
     if not cfg.device_id:
         cfg = dataclasses.replace(cfg, device_id=socket.gethostname().split(".")[0] or "edged")
-    _check_across_keys(cfg, loader)
+    configchecks.check(cfg, loader)
     if loader.errors:
         raise ConfigError("; ".join(loader.errors))
-    return dataclasses.replace(cfg, source=str(fname), warnings=tuple(_warnings(cfg, loader)))
-
-
-def _check_across_keys(cfg: Config, loader: _Loader) -> None:
-    """Checks that need more than one key or the host (topics, users, paths): errors into loader."""
-    err, at = loader.err_at, loader.where
-    why = topics.level_problem(cfg.device_id)
-    if why:
-        origin = "" if "device_id" in loader.lines else f" (from the hostname {socket.gethostname()!r}; set device_id)"
-        err(at("device_id"), "device_id", why + origin)
-    elif "{device_id}" not in cfg.mqtt.topic_prefix and not cfg.mqtt.topic_prefix.strip("/"):
-        err(at("mqtt.topic_prefix"), "mqtt.topic_prefix", "must not be empty")
-    else:
-        why = topics.prefix_problem(cfg.prefix)
-        if why:
-            err(at("mqtt.topic_prefix"), "mqtt.topic_prefix", why)
-    for key, text in (("mqtt.host", cfg.mqtt.host), ("mqtt.client_id", cfg.mqtt.client_id),
-                      ("mqtt.username", cfg.mqtt.username)):
-        why = topics.text_problem(text) if text is not None else None
-        if key == "mqtt.host" and not why and not cfg.mqtt.host.strip():
-            why = "must not be empty"
-        if why:  # a NUL makes the broker drop the connection, and edged would retry for ever
-            err(at(key), key, why)
-    if cfg.mqtt.share is not None:
-        why = topics.level_problem(cfg.mqtt.share.group)
-        if why:
-            err(at("mqtt.share.group"), "mqtt.share.group", why)
-        why = topics.prefix_problem(cfg.mqtt.share.prefix)
-        if why:
-            err(at("mqtt.share.prefix"), "mqtt.share.prefix", why)
-    if cfg.mqtt.tls is not None and bool(cfg.mqtt.tls.cert) != bool(cfg.mqtt.tls.key):
-        err(at("mqtt.tls"), "mqtt.tls", "cert and key go together")
-    if cfg.sandbox.in_process and cfg.sandbox.enabled:
-        err(at("sandbox.in_process"), "sandbox.in_process",
-            "needs sandbox.enabled: false (the daemon itself cannot be filtered)")
-    if cfg.model.task == "detect" and cfg.model.score_threshold > 1:
-        err(at("model.score_threshold"), "model.score_threshold", "must be <= 1")
-    if cfg.sandbox.user is not None:
-        try:
-            if pwd.getpwnam(cfg.sandbox.user).pw_uid == 0:
-                err(at("sandbox.user"), "sandbox.user", f"{cfg.sandbox.user!r} is uid 0: workers must not run as root")
-        except (KeyError, ValueError):
-            err(at("sandbox.user"), "sandbox.user", f"no such user {cfg.sandbox.user!r} on this host")
-    sock = cfg.status.socket
-    try:
-        mode = os.lstat(sock).st_mode
-    except (OSError, ValueError):
-        mode = None
-    if mode is not None and not stat.S_ISSOCK(mode):
-        err(at("status.socket"), "status.socket",
-            f"{sock} is {userfiles.kind(mode)}, not a socket: edged replaces only a socket there")
-
-
-# Files whose content is a secret: anyone who reads them can act as this daemon on the broker.
-_SECRETS = (("mqtt.password_file", lambda c: c.mqtt.password_file),
-            ("mqtt.tls.key", lambda c: c.mqtt.tls.key if c.mqtt.tls else None))
-
-
-def _warnings(cfg: Config, loader: _Loader) -> list[str]:
-    out = []
-    for key, get in _SECRETS:
-        path = get(cfg)
-        why = userfiles.exposure(path) if path else None
-        if why:
-            out.append(f"{loader.fname}{loader.where(key)} {key}: {why}; chmod o-rwx it")
-    return out
+    return dataclasses.replace(cfg, source=str(fname), warnings=tuple(configchecks.warnings(cfg, loader)))
 
 
 def load(path: str | os.PathLike[str]) -> Config:

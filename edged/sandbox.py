@@ -7,11 +7,9 @@ called ``Image.init()`` and decoded one tiny JPEG, PNG and BMP:
     harden(memory_limit_bytes=..., keep_fds=(control_socket_fd,), user=cfg.sandbox.user)
     install_filter("kill")
 
-harden() ends with drop_privileges(): a worker of a daemon started as root
-runs on as an unprivileged user (``sandbox.user``, else ``nobody``) with no
-capabilities, in every thread; one started by a user with capabilities
-drops them. It can be called earlier too (before the model loads, so the
-model's code never runs privileged); a second call finds nothing to drop.
+harden() ends with edged.privileges.drop_privileges(): a worker of a daemon
+started as root runs on as an unprivileged user (``sandbox.user``, else
+``nobody``) with no capabilities, in every thread.
 
 Afterwards it can read/write/recvmsg/sendmsg on fds it holds, receive fds
 (SCM_RIGHTS), mmap them without PROT_EXEC, close fds, allocate memory, wait
@@ -64,14 +62,13 @@ import errno
 import functools
 import logging
 import os
-import pwd
 import resource
 import threading
 from collections.abc import Collection
 from types import ModuleType
-from typing import Any
 
 from edged.errors import EdgedError
+from edged.privileges import PrivilegeError, capabilities, drop_privileges
 
 logger = logging.getLogger(__name__)
 
@@ -168,10 +165,6 @@ _CLONE_THREAD = 0x00010000
 _AT_EMPTY_PATH = 0x1000
 _SAFE_FCNTL = (0, 1, 2, 3, 4, 1030)  # F_DUPFD, F_GETFD, F_SETFD, F_GETFL, F_SETFL, F_DUPFD_CLOEXEC
 _PR_SET_NO_NEW_PRIVS = 38
-_PR_CAPBSET_DROP = 24
-_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
-_CAP_VERSION_3 = 0x20080522  # _LINUX_CAPABILITY_VERSION_3: two 32-bit words per set
-DEFAULT_USER = "nobody"
 
 _ARCH_ALIASES = {
     "x86_64": "x86_64", "amd64": "x86_64",
@@ -261,111 +254,12 @@ def harden(*, memory_limit_bytes: int | None, max_open_files: int = 64, keep_fds
     except SandboxError:
         pass  # install_filter() says so
     # last: a process whose uid changed is no longer dumpable, and /proc/self/fd (used above) turns root-only
-    became = drop_privileges(user)
+    try:
+        became = drop_privileges(user)
+    except PrivilegeError as exc:
+        raise SandboxError(str(exc)) from exc
     logger.debug("hardened: no_new_privs, core 0, nofile %d, memory %s, fds kept %s, user %s",
                  max_open_files, memory_limit_bytes, sorted(keep), became or "unchanged")
-
-
-class _CapHeader(ctypes.Structure):
-    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
-
-
-class _CapData(ctypes.Structure):
-    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
-
-
-def capabilities(task: str = "self") -> dict[str, Any]:
-    """Credentials in /proc/<task>/status ("self", a pid, "self/task/TID").
-
-    CapInh/CapPrm/CapEff/CapBnd/CapAmb as integers, Uid/Gid as (real, effective, saved, fs) tuples.
-    """
-    caps: dict[str, Any] = {}
-    try:
-        with open(f"/proc/{task}/status", encoding="ascii", errors="replace") as f:
-            for line in f:
-                name, _, value = line.partition(":")
-                if name.startswith("Cap"):
-                    caps[name] = int(value, 16)
-                elif name in ("Uid", "Gid"):
-                    caps[name] = tuple(int(v) for v in value.split())
-    except (OSError, ValueError) as exc:
-        raise SandboxError(f"cannot read capabilities from /proc/{task}/status: {exc}") from exc
-    return caps
-
-
-def drop_privileges(user: str | None = None) -> str | None:
-    """Run on without root and without capabilities; return the user switched to (None: uid unchanged).
-
-    Started as root (any of real, effective, saved uid 0): the bounding and
-    ambient capability sets are emptied (that needs CAP_SETPCAP, so first), then
-    the groups, gid and uid become those of `user` (default ``nobody``). glibc's
-    setresuid applies to every thread of the process, and a uid leaving 0
-    clears each thread's permitted and effective sets. Not root but holding
-    capabilities: they are cleared (capset acts on one thread: call it before
-    other threads start). Checks every thread afterwards; SandboxError if any
-    still holds a capability or uid 0.
-    """
-    libc = ctypes.CDLL(None, use_errno=True)
-    became = None
-    if 0 in os.getresuid() or 0 in os.getresgid():
-        name = user or DEFAULT_USER
-        try:
-            pw = pwd.getpwnam(name)
-        except KeyError:
-            raise SandboxError(f"cannot run the worker as {name!r}: no such user (sandbox.user)") from None
-        if pw.pw_uid == 0:
-            raise SandboxError(f"cannot run the worker as {name!r}: it is uid 0")
-        _drop_bounding_set(libc)
-        try:
-            os.initgroups(name, pw.pw_gid)  # the user's groups only: e.g. the device groups of an `edged` user
-            os.setresgid(pw.pw_gid, pw.pw_gid, pw.pw_gid)
-            os.setresuid(pw.pw_uid, pw.pw_uid, pw.pw_uid)
-        except OSError as exc:
-            raise SandboxError(f"cannot switch the worker to user {name!r}: {exc}") from exc
-        became = name
-    if libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) != 0 and ctypes.get_errno() != errno.EINVAL:
-        raise SandboxError(f"prctl(PR_CAP_AMBIENT_CLEAR_ALL): {os.strerror(ctypes.get_errno())}")
-    if any(capabilities()[k] for k in ("CapPrm", "CapEff", "CapInh")):  # left only when not started as root
-        header = _CapHeader(_CAP_VERSION_3, 0)
-        data = (_CapData * 2)()  # all zero: no capability in any set
-        if libc.capset(ctypes.byref(header), data) != 0:
-            raise SandboxError(f"capset: {os.strerror(ctypes.get_errno())}")
-    _check_unprivileged()
-    return became
-
-
-def _drop_bounding_set(libc: ctypes.CDLL) -> None:
-    try:
-        with open("/proc/sys/kernel/cap_last_cap", encoding="ascii") as f:
-            last = int(f.read())
-    except (OSError, ValueError):
-        last = 63
-    for cap in range(last + 1):
-        if libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
-            err = ctypes.get_errno()
-            if err == errno.EINVAL:  # past the kernel's last capability
-                break
-            raise SandboxError(f"prctl(PR_CAPBSET_DROP, {cap}): {os.strerror(err)}")
-
-
-def _check_unprivileged() -> None:
-    try:
-        tasks = os.listdir("/proc/self/task")
-    except OSError as exc:
-        raise SandboxError(f"cannot list this process's threads: {exc}") from exc
-    for tid in tasks:
-        task = f"self/task/{tid}"
-        try:
-            caps = capabilities(task)
-        except SandboxError:
-            continue  # the thread ended meanwhile
-        # the bounding set only limits what execve could grant: no_new_privs and the filter rule that out
-        held = {k: hex(v) for k, v in caps.items() if k.startswith("Cap") and k != "CapBnd" and v}
-        if held:
-            raise SandboxError(f"thread {tid} still holds capabilities {held} after dropping them "
-                               "(drop_privileges must run before other threads start)")
-        if 0 in caps.get("Uid", ()) or 0 in caps.get("Gid", ()):
-            raise SandboxError(f"thread {tid} still runs as uid/gid 0 after dropping privileges")
 
 
 #: A worker that batches waits for the next frame with a timeout (poll on its control socket).

@@ -153,20 +153,20 @@ def test_root_daemon_workers_run_as_sandbox_user(daemon_factory, client_factory)
 
 KEEPCAPS_CHILD = """
 import ctypes, json, os
-from edged import sandbox
+from edged import privileges
 libc = ctypes.CDLL(None, use_errno=True)
 assert libc.prctl(8, 1, 0, 0, 0) == 0  # PR_SET_KEEPCAPS: the permitted set survives leaving uid 0
 os.setresgid({gid}, {gid}, {gid})
 os.setresuid({uid}, {uid}, {uid})
-hdr = sandbox._CapHeader(sandbox._CAP_VERSION_3, 0)
-data = (sandbox._CapData * 2)()
+hdr = privileges._CapHeader(privileges._CAP_VERSION_3, 0)
+data = (privileges._CapData * 2)()
 assert libc.capget(ctypes.byref(hdr), data) == 0
 for d in data:
     d.effective = d.permitted  # a non-root process that holds capabilities (as with AmbientCapabilities=)
 assert libc.capset(ctypes.byref(hdr), data) == 0
-before = sandbox.capabilities()["CapEff"]
-became = sandbox.drop_privileges()
-after = sandbox.capabilities()
+before = privileges.capabilities()["CapEff"]
+became = privileges.drop_privileges()
+after = privileges.capabilities()
 print(json.dumps({{"before": before, "became": became, "eff": after["CapEff"], "prm": after["CapPrm"]}}))
 """
 
