@@ -28,6 +28,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from edged import userfiles
 from edged.config import Config
 from edged.door import Door, Incoming, filter_matches
 from edged.errors import ConfigError, MqttError
@@ -44,10 +45,9 @@ def _password(cfg: Config) -> str | None:
     if not pf:
         return None
     try:
-        with open(pf, encoding="utf-8") as fh:
-            return fh.readline().rstrip("\r\n")
-    except OSError as exc:
-        raise ConfigError(f"{cfg.source} mqtt.password_file: cannot read {pf}: {exc.strerror}") from None
+        return userfiles.first_line(pf)
+    except userfiles.FileRefused as exc:
+        raise ConfigError(f"{cfg.source} mqtt.password_file: {exc}") from None
 
 
 def new_client(cfg: Config, client_id: str, *, manual_ack: bool = False) -> paho.Client:
@@ -102,6 +102,7 @@ class MqttLink:
         self.door = door or Door(cfg)
         self.max_packet = min(MAX_PACKET, cfg.queue.max_frame_bytes + PACKET_HEADROOM)
         self.unrouted = 0
+        self._last_failure: str | None = None  # the last connect failure said at WARNING
         # other subscriptions (add_route): (filter, qos, handler); their messages never reach on_frame
         self._routes: list[tuple[str, int, Callable[[str, bytes, bool], None]]] = []
         share = cfg.mqtt.share
@@ -157,8 +158,11 @@ class MqttLink:
         try:
             ok = self.client.reconnect() == paho.MQTT_ERR_SUCCESS
         except (OSError, ssl.SSLError, ValueError) as exc:
-            level = logging.WARNING if self.connects == 0 or self.connected else logging.DEBUG
-            logger.log(level, "connecting to %s:%s failed: %s", self.cfg.mqtt.host, self.cfg.mqtt.port, exc)
+            # said at WARNING the first time and whenever the reason changes; the retries in between quietly
+            why = f"{type(exc).__name__}: {exc}"
+            level = logging.WARNING if why != self._last_failure else logging.DEBUG
+            self._last_failure = why
+            logger.log(level, "connecting to %s:%s failed: %s; retrying", self.cfg.mqtt.host, self.cfg.mqtt.port, why)
             ok = False
         self.loop.call_soon(self._connect_done, ok)
 
@@ -292,6 +296,7 @@ class MqttLink:
         except OSError:
             pass
         self._delay = 1.0  # the next loss starts its back-off afresh
+        self._last_failure = None
         self.connects += 1
         if self.connects > 1:
             self.reconnects += 1

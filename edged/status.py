@@ -1,7 +1,11 @@
 """The local status socket: the daemon answers each connection with its status JSON.
 
 Server: a Unix stream socket (mode 0660) in the runtime directory; each client
-gets one JSON document and the connection is closed. Client: `edged status`.
+gets one JSON document and the connection is closed. Only a socket is ever
+replaced at that path: a stale one nobody answers on is removed, anything
+else there (a regular file, a folder) is refused and left alone.
+Client: `edged status`, with one deadline for the whole exchange and a cap
+on the answer, so a server that trickles bytes cannot hold it.
 """
 from __future__ import annotations
 
@@ -9,12 +13,16 @@ import json
 import logging
 import os
 import socket
+import stat
 import threading
+import time
 from typing import Any, Callable
 
-from edged.errors import UnavailableError
+from edged.errors import ConfigError, UnavailableError
 
 logger = logging.getLogger(__name__)
+
+MAX_STATUS_BYTES = 16 << 20  # a status with 64 workers is ~40 KiB
 
 
 class StatusServer:
@@ -26,7 +34,13 @@ class StatusServer:
 
     def start(self) -> None:
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        if os.path.exists(self.path):
+        try:
+            mode: int | None = os.lstat(self.path).st_mode
+        except FileNotFoundError:
+            mode = None
+        if mode is not None:
+            if not stat.S_ISSOCK(mode):
+                raise ConfigError(f"{self.path} exists and is not a socket (edged replaces only a stale socket)")
             if _alive(self.path):
                 raise UnavailableError(f"status.socket {self.path}: another edged already answers there")
             os.unlink(self.path)
@@ -80,18 +94,34 @@ def _alive(path: str) -> bool:
         return False
 
 
-def query(path: str, timeout: float = 5.0) -> dict[str, Any]:
-    """Ask a running daemon for its status; UnavailableError when nothing answers."""
+def query(path: str, timeout: float = 5.0, limit: int = MAX_STATUS_BYTES) -> dict[str, Any]:
+    """Ask a running daemon for its status; UnavailableError when nothing answers in `timeout` seconds.
+
+    `timeout` bounds the whole exchange (connect and every read), not each read.
+    """
+    deadline = time.monotonic() + timeout
+    chunks: list[bytes] = []
+    got = 0
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(timeout)
             s.connect(path)
-            chunks = []
             while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise UnavailableError(f"edged on {path} sent no complete status within {timeout:g} s "
+                                           f"({got} bytes)")
+                s.settimeout(left)
                 data = s.recv(65536)
                 if not data:
                     break
+                got += len(data)
+                if got > limit:
+                    raise UnavailableError(f"edged on {path} sent more than {limit} bytes of status")
                 chunks.append(data)
+    except TimeoutError:
+        raise UnavailableError(f"edged on {path} sent no complete status within {timeout:g} s ({got} bytes)") \
+            from None
     except OSError as exc:
         raise UnavailableError(f"no edged answers on {path}: {exc.strerror or exc}") from None
     try:

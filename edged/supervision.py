@@ -243,6 +243,8 @@ class Workers:
         """
         try:
             new_cfg = config.load(self.cfg.source)
+            for warning in new_cfg.warnings:
+                logger.warning("%s", warning)
             text = read_config_text(new_cfg)
             if new_cfg.mqtt != self.cfg.mqtt or new_cfg.status != self.cfg.status:
                 logger.warning("reload: mqtt and status changes take effect at the next restart")
