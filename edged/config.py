@@ -216,8 +216,9 @@ def default_path(env: typing.Mapping[str, str]) -> str:
     return env.get("EDGED_CONFIG") or DEFAULT_CONFIG
 
 
-class _Refused(yaml.YAMLError):
-    """YAML that is well-formed but not accepted in a config (aliases, too deep, too many nodes)."""
+class _Refused(yaml.YAMLError, ConfigError):
+    """YAML that is well-formed but not accepted in a config (aliases, too deep, too many nodes); it is
+    raised inside PyYAML's composer, so it is a YAMLError to it, and a ConfigError to us."""
 
     def __init__(self, mark: yaml.Mark, problem: str) -> None:
         super().__init__(problem)

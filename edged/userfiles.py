@@ -16,6 +16,8 @@ import mmap
 import os
 import stat
 
+from edged.errors import EdgedError
+
 CONFIG_MAX_BYTES = 1 << 20    # the shipped config with all its comments is 7 KiB
 LABELS_MAX_BYTES = 16 << 20   # 1,000 ImageNet labels are 10 KiB
 SECRET_MAX_BYTES = 64 << 10   # a password file, a PEM key or certificate chain
@@ -24,8 +26,8 @@ _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"), (
           (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"))
 
 
-class FileRefused(OSError):
-    """The path cannot be used: it is missing, unreadable, not a regular file or too large."""
+class FileRefused(EdgedError, OSError):
+    """The path cannot be used: it is missing, unreadable, not a regular file or too large (an OSError too)."""
 
     def __init__(self, path: str, why: str) -> None:
         super().__init__(why)
