@@ -274,6 +274,13 @@ class WorkerHandle:
             return True
         return False
 
+    def send_frame(self, seq: int, pool: Any, block: Any, length: int, content_type: str | None = None) -> bool:
+        """Hand the worker a frame that sits in `block` of `pool`: its segment first (once), then the job."""
+        seg = pool.segment(block.segment)
+        if seg is None or not self.ensure_segment(block.segment, *seg):
+            return False
+        return self.send(protocol.FrameJob(seq, block.segment, block.offset, length, content_type))
+
     def drop_segment(self, seg_id: int) -> None:
         if seg_id in self.segments:
             self.segments.discard(seg_id)
