@@ -112,6 +112,10 @@ class WorkerHandle:
         self.last_pong = time.monotonic()
         self.retiring = False
         self.kill_cause: tuple[str, int | None] | None = None  # why the supervisor killed it, and the frame
+        self.invoke_timeout_s: float | None = None  # after Loaded: each warm-up/self-test invoke within this
+        self.loaded_kind: str | None = None  # the accelerator the worker said it loaded the model on
+        self.selftest: Any = None  # the supervisor's edged.selftest.Verdict on this worker's self-test
+        self.inference_ms = 0.0  # summed inference time of the results it sent (per-accelerator telemetry)
         self.served = 0  # results (and error results) this worker sent
         self.batched = 0  # of those, results of frames that shared an invoke with others
         self.window = 2  # frames handed to it ahead of time (the supervisor sets it once the worker is ready)
@@ -150,11 +154,23 @@ class WorkerHandle:
                 if isinstance(msg, protocol.Log):
                     self.logs.emit(msg.level, msg.msg)
                     continue
+                if isinstance(msg, protocol.Loaded) and self.loaded_kind is None:
+                    # loading may take long (a firmware upload); warm-up and self-test are invokes: bounded
+                    self.loaded_kind = msg.accelerator
+                    if self.invoke_timeout_s is not None:
+                        parent.settimeout(self.invoke_timeout_s * (msg.invokes + 1))
+                    continue
                 break
             parent.settimeout(None)
+        except TimeoutError:
+            self.kill()
+            what = (f"hung in warm-up or self-test on {self.loaded_kind}" if self.loaded_kind
+                    else f"did not load the model within {timeout:.0f} s")
+            raise WorkerError(f"worker {self.index} {what}; exit status {self._reap()}") from None
         except (OSError, protocol.ProtocolError) as exc:
             self.kill()
-            raise WorkerError(f"worker {self.index} did not start: {exc}; exit status {self._reap()}") from None
+            where = f" (after loading the model on {self.loaded_kind})" if self.loaded_kind else ""
+            raise WorkerError(f"worker {self.index} did not start{where}: {exc}; exit status {self._reap()}") from None
         if isinstance(msg, protocol.Fatal):
             self.kill()
             if msg.kind == "model":

@@ -91,6 +91,7 @@ class Daemon:
             "model": {"path": str(BUNDLED / "digits.tflite"), "labels": str(BUNDLED / "digits_labels.txt"),
                       "task": "classify", "top_k": 3},
             "status": {"socket": str(tmp / f"{self.device_id}.sock"), "interval": 1},
+            "state_dir": str(tmp / "state"),
         }
         for key, val in (overrides or {}).items():
             if isinstance(val, dict) and isinstance(cfg.get(key), dict):
