@@ -71,6 +71,7 @@ class SelftestConfig:
     frames: tuple[str, ...] = _f((), path=True)  # files (images or raw tensors); empty: one built from the input
     expect: str | None = _f(None, path=True)  # a JSON file of expected outputs; null: recorded from the CPU
     tolerance: float = _f(2.0, lo=0)  # quantization steps (float outputs: steps of 1e-3 of the output's range)
+    interval_s: float = _f(600.0, lo=0)  # serving workers run it again this often, between frames (0: never)
 
 
 @dataclass(frozen=True)
@@ -384,6 +385,8 @@ def _check_accelerators(cfg: Config, short: str) -> None:
         raise ConfigError(f"{short} accelerator.prefer: must name at least one accelerator")
     if len(set(acc.prefer)) != len(acc.prefer):
         raise ConfigError(f"{short} accelerator.prefer: names an accelerator twice")
+    if len(cfg.model.selftest.frames) > 16:
+        raise ConfigError(f"{short} model.selftest.frames: at most 16 frames")
     if acc.health.probe_max_s < acc.health.probe_s:
         raise ConfigError(f"{short} accelerator.health.probe_max_s: must be >= probe_s")
 

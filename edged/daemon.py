@@ -37,7 +37,7 @@ from edged.notify import Notifier
 from edged.pool import FramePool
 from edged.results import Results
 from edged.status import StatusServer
-from edged.supervision import SET_ASIDE, Workers
+from edged.supervision import UNBLAMED, Workers
 from edged.workers import WorkerHandle
 
 logger = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ class Supervisor:
     def _on_orphans(self, h: WorkerHandle, frames: list[Frame]) -> None:
         """The frames a dead worker held: each runs once more; at its second death it is answered."""
         cause, cause_seq = h.kill_cause or ("crash", None)
-        if cause == SET_ASIDE:  # its accelerator was set aside under it: the frames are not to blame
+        if cause in UNBLAMED:  # its accelerator was set aside, or answered its self-test wrong: not the frames' fault
             for f in sorted(frames, key=lambda f: f.seq, reverse=True):
                 self.admission.requeue(f)
             self.metrics.count("retried", len(frames))

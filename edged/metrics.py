@@ -99,4 +99,22 @@ def write_prometheus(path: str, status: dict[str, Any]) -> None:
     rss.labels("supervisor").set(status.get("memory", {}).get("rss_bytes", 0))
     for w in status.get("workers", []):
         rss.labels(f"worker{w.get('index')}").set(w.get("rss_bytes") or 0)
+    acc = status.get("accelerator", {})
+    kinds = acc.get("kinds") or {}
+    fails = Gauge("edged_accelerator_failures", "failures of each accelerator since start, by cause",
+                  ["accelerator", "cause"], registry=reg)
+    served = Gauge("edged_accelerator_frames", "frames served on each accelerator", ["accelerator"], registry=reg)
+    inf = Gauge("edged_accelerator_inference_ms", "mean inference time on each accelerator", ["accelerator"],
+                registry=reg)
+    aside = Gauge("edged_accelerator_set_aside", "1 while the accelerator is set aside", ["accelerator"], registry=reg)
+    for kind, k in kinds.items():
+        for cause, n in (k.get("failures") or {}).items():
+            fails.labels(kind, cause).set(n)
+        served.labels(kind).set(k.get("frames") or 0)
+        if k.get("inference_ms_mean") is not None:
+            inf.labels(kind).set(k["inference_ms_mean"])
+        aside.labels(kind).set(1 if k.get("state") == "set_aside" else 0)
+    if acc.get("temperature_c") is not None:
+        Gauge("edged_accelerator_temperature_celsius", "the Edge TPU's (else the SoC's hottest zone's) temperature",
+              registry=reg).set(acc["temperature_c"])
     write_to_textfile(path, reg)

@@ -14,8 +14,8 @@ owns (frame id, topic, timing...) is a ProtocolError, and the supervisor ends
 a worker that sends one (INTERFACE.md: "whatever it sends back that is not a
 well-formed reply for a frame it holds ends that worker").
 
-  supervisor -> worker: Init, SegmentAdd (+fd), SegmentDrop, FrameJob, Ping, Stop
-  worker -> supervisor: Loaded, Ready, Fatal, Result, Pong, Log
+  supervisor -> worker: Init, SegmentAdd (+fd), SegmentDrop, FrameJob, Ping, SelfTest, Stop
+  worker -> supervisor: Loaded, Ready, Fatal, Result, Pong, SelfTestReport, Log
 """
 from __future__ import annotations
 
@@ -122,6 +122,14 @@ class Ping(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class SelfTest(Message):
+    """Run the self-test frames again now, between frames (the in-service check, model.selftest.interval_s)."""
+
+    TAG = "selftest"
+    FIELDS = {}
+
+
+@dataclass(frozen=True, slots=True)
 class Stop(Message):
     TAG = "stop"
     FIELDS = {}
@@ -187,6 +195,15 @@ class Loaded(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class SelfTestReport(Message):
+    """The answers to a SelfTest: the same report as Ready.selftest."""
+
+    TAG = "selftested"
+    report: dict[str, Any]
+    FIELDS = {"report": ((dict,), _selftest)}
+
+
+@dataclass(frozen=True, slots=True)
 class Fatal(Message):
     TAG = "fatal"
     kind: str
@@ -243,8 +260,8 @@ class Log(Message):
     FIELDS = {"level": ((int,), lambda v: 0 <= v <= 50), "msg": ((str,), _short(4096))}
 
 
-TO_WORKER: tuple[type[Message], ...] = (Init, SegmentAdd, SegmentDrop, FrameJob, Ping, Stop)
-FROM_WORKER: tuple[type[Message], ...] = (Loaded, Ready, Fatal, Result, Pong, Log)
+TO_WORKER: tuple[type[Message], ...] = (Init, SegmentAdd, SegmentDrop, FrameJob, Ping, SelfTest, Stop)
+FROM_WORKER: tuple[type[Message], ...] = (Loaded, Ready, Fatal, Result, Pong, SelfTestReport, Log)
 _BY_TAG: dict[str, type[Message]] = {c.TAG: c for c in (*TO_WORKER, *FROM_WORKER)}
 _NAMES: dict[type[Message], tuple[str, ...]] = {c: tuple(f.name for f in dataclasses.fields(c))  # type: ignore[arg-type]
                                                 for c in _BY_TAG.values()}

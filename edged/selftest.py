@@ -198,9 +198,13 @@ def _valid_outputs(v: Any) -> bool:
             isinstance(x, (int, float)) and not isinstance(x, bool) for x in d) for d in o) for o in v))
 
 
-def check(handle: Any, expected: Expected, tolerance: float = 2.0, score_threshold: float = 0.5) -> Verdict:
-    """Did this started worker answer the self-test as expected? Never raises on what the worker sent."""
-    rep = handle.info.get("selftest")
+def check(handle: Any, expected: Expected, tolerance: float = 2.0, score_threshold: float = 0.5,
+          report: dict[str, Any] | None = None) -> Verdict:
+    """Did this started worker answer the self-test as expected? Never raises on what the worker sent.
+
+    `report`: answers of an in-service self-test (protocol.SelfTestReport); default: those of its start.
+    """
+    rep = handle.info.get("selftest") if report is None else report
     now = time.time()
     if not isinstance(rep, dict):
         return Verdict(False, math.inf, "the worker sent no self-test answers", now)

@@ -79,6 +79,8 @@ OnOrphans = Callable[[WorkerHandle, list[Any]], None]
 OnEvent = Callable[[dict[str, Any]], None]
 PROBE_INDEX = 99  # the index a probe worker logs under (it holds no slot)
 SET_ASIDE = "set_aside"  # kill cause: its accelerator was set aside under it (its frames are not to blame)
+SELFTEST = "selftest"  # kill cause: its in-service self-test answered wrong
+UNBLAMED = (SET_ASIDE, SELFTEST)  # kills whose frames run again without counting as their death
 
 
 class Workers:
@@ -126,7 +128,9 @@ class Workers:
         kind = InProcessWorkerHandle if cfg.sandbox.in_process else WorkerHandle
         h = kind(index, init, self.on_message, self._on_exit, self.generation, loop=self.loop)
         h.invoke_timeout_s = cfg.sandbox.frame_timeout_s
+        h.on_selftest = self._on_selftest_report
         h.start()
+        h.last_selftest = time.monotonic()
         # a batching worker gets two batches' worth, so the next batch is waiting while one runs
         h.window = max(cfg.queue.inflight_per_worker, 2 * int(h.info.get("batch", 1)))
         logger.info("worker %d ready: pid %s, model %s on %s, sandboxed %s", index, h.pid, h.model_name,
@@ -161,8 +165,9 @@ class Workers:
         finally:
             ref.stop()
 
-    def _verdict(self, h: WorkerHandle, cfg: config.Config, expected: selftest.Expected) -> selftest.Verdict:
-        v = selftest.check(h, expected, cfg.model.selftest.tolerance, cfg.model.score_threshold)
+    def _verdict(self, h: WorkerHandle, cfg: config.Config, expected: selftest.Expected,
+                 report: dict[str, Any] | None = None) -> selftest.Verdict:
+        v = selftest.check(h, expected, cfg.model.selftest.tolerance, cfg.model.score_threshold, report)
         h.selftest = v
         if v.passed:
             logger.info("worker %d self-test passed on %s: max diff %.1f step(s), %.1f ms", h.index, h.accelerator,
@@ -218,9 +223,10 @@ class Workers:
             h.state = "dead" if not expected else "stopped"
             self.health.served(h.accelerator, h.served, h.inference_ms)
             slot = next((s for s in self.slots if s.handle is h), None)
-            moved = h.kill_cause is not None and h.kill_cause[0] == SET_ASIDE
+            moved = h.kill_cause is not None and h.kill_cause[0] in UNBLAMED
             if slot is not None and not self.stopping and moved:
-                slot.last_exit = f"moved off {h.accelerator} (set aside)"
+                slot.last_exit = (f"moved off {h.accelerator} (set aside)" if h.kill_cause[0] == SET_ASIDE  # type: ignore[index]
+                                  else f"stopped: its self-test on {h.accelerator} answered wrong")
                 slot.next_start = time.monotonic()
             elif slot is not None and not self.stopping:
                 slot.last_exit = h.exit_description()
@@ -271,7 +277,7 @@ class Workers:
                 logger.exception("worker %d restart failed", slot.index)
             else:
                 logger.error("worker %d restart on %s failed: %s", slot.index, kind, exc)
-            moved = self._failed(kind, "selftest" if why else "load", str(exc))
+            moved = self._failed(kind, "selftest" if why else getattr(exc, "cause", "load"), str(exc))
             with self.cond:
                 now = time.monotonic()
                 while slot.restart_times and now - slot.restart_times[0] > cfg.sandbox.restart_window_s:
@@ -291,6 +297,8 @@ class Workers:
                 stale = None
                 slot.handle = h
                 slot.restarts += 1
+                if slot is self.slots[0]:
+                    self._adopt(h)  # what status shows: the accelerator may be another one now
                 self.cond.notify_all()
         if stale is not None:
             stale.stop()
@@ -426,6 +434,20 @@ class Workers:
                 h.kill_for("heartbeat")
                 continue
             h.ping()
+            interval = self.cfg.model.selftest.interval_s
+            if interval and h.selftest_sent is None and now - h.last_selftest >= interval and self.expected:
+                h.selftest_sent = h.last_selftest = now
+                h.send(protocol.SelfTest())
+
+    def _on_selftest_report(self, h: WorkerHandle, report: dict[str, Any]) -> None:
+        """On the I/O thread: an in-service self-test's answers. Wrong: the worker's results stop here and now."""
+        expected = self.expected
+        if expected is None or h.retiring:
+            return
+        v = self._verdict(h, self.cfg, expected, report)
+        if not v.passed:
+            h.kill_for(SELFTEST)  # its later replies are dropped; its frames run again elsewhere
+            self._failed(h.accelerator, "selftest", v.reason)
 
     def healthy(self, now: float) -> bool:
         """True while at least one worker answered recently (what the watchdog vouches for)."""

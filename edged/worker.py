@@ -80,6 +80,7 @@ class Worker:
             else:
                 self.batch_max, self.batch_wait = want, msg.batch_wait_ms / 1e3
                 logger.info("batching up to %d frames, waiting at most %.1f ms", want, self.batch_wait * 1e3)
+        self.selftest_frames = st_frames  # kept for the in-service self-test (protocol.SelfTest)
         report = selftest.run(self.model, self.pre, st_frames)  # the supervisor compares (edged.selftest.check)
         sandboxed = False
         if msg.sandbox:
@@ -164,6 +165,10 @@ class Worker:
                 seg.close()
         elif isinstance(msg, protocol.Ping):
             protocol.send(self.sock, protocol.Pong(msg.n))
+        elif isinstance(msg, protocol.SelfTest):
+            from edged import selftest  # loaded at init, before the filter
+
+            protocol.send(self.sock, protocol.SelfTestReport(selftest.run(self.model, self.pre, self.selftest_frames)))
         elif isinstance(msg, protocol.Stop):
             return False
         return True
