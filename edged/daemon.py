@@ -69,6 +69,7 @@ class Supervisor:
         self.metrics = Metrics()
         self.cond = threading.Condition()
         self.state = "starting"
+        self.state_reason: str | None = None  # why the state is degraded (an accelerator set aside)
         self.started = time.monotonic()
         self.stopping = False
         self._reload_requested = False
@@ -186,7 +187,7 @@ class Supervisor:
         else:
             new = "degraded"
         reason = self.workers.degraded_reason() if new == "degraded" else None
-        if new != self.state or reason != getattr(self, "state_reason", None):
+        if new != self.state or reason != self.state_reason:
             logger.info("state %s -> %s%s", self.state, new, f" ({reason})" if reason else "")
             self.state, self.state_reason = new, reason
             name = self.workers.model_info.get("name")
@@ -223,7 +224,7 @@ class Supervisor:
             mem["workers"][str(w["pid"])] = w["rss_bytes"]
         m = self.metrics.snapshot()
         model = self.workers.model_info
-        return {"state": self.state, "state_reason": getattr(self, "state_reason", None),
+        return {"state": self.state, "state_reason": self.state_reason,
                 "version": __version__, "device_id": self.cfg.device_id,
                 "uptime_s": round(time.monotonic() - self.started, 1),
                 "model": {k: model.get(k) for k in ("name", "path", "task", "input", "outputs", "backend")},

@@ -36,6 +36,7 @@ from edged import config, protocol, selftest
 from edged.errors import ConfigError, EdgedError, ModelError
 from edged.health import Health
 from edged.ioloop import IoLoop
+from edged.probes import Prober
 from edged.workers import InProcessWorkerHandle, WorkerHandle
 
 logger = logging.getLogger(__name__)
@@ -77,7 +78,6 @@ class Slot:
 OnMessage = Callable[[WorkerHandle, "protocol.Result | protocol.Pong"], None]
 OnOrphans = Callable[[WorkerHandle, list[Any]], None]
 OnEvent = Callable[[dict[str, Any]], None]
-PROBE_INDEX = 99  # the index a probe worker logs under (it holds no slot)
 SET_ASIDE = "set_aside"  # kill cause: its accelerator was set aside under it (its frames are not to blame)
 SELFTEST = "selftest"  # kill cause: its in-service self-test answered wrong
 UNBLAMED = (SET_ASIDE, SELFTEST)  # kills whose frames run again without counting as their death
@@ -105,7 +105,7 @@ class Workers:
         self.health = Health(cfg.accelerator.prefer, cfg.accelerator.health)
         self.expected: selftest.Expected | None = None
         self.model_sha = ""
-        self._probe: threading.Thread | None = None
+        self.prober = Prober(self)
 
     # ---- queries (under the lock) -------------------------------------------------------------------------------
     def handles(self) -> list[WorkerHandle]:
@@ -259,7 +259,7 @@ class Workers:
                 continue
             slot.next_start = None
             threading.Thread(target=self._restart, args=(slot,), name=f"restart-{slot.index}", daemon=True).start()
-        self._probe_due(now)
+        self.prober.due(now)
 
     def _restart(self, slot: Slot) -> None:
         kind = self.health.current()
@@ -336,83 +336,6 @@ class Workers:
             n, ms = live.get(h.accelerator or "", (0, 0.0))
             live[h.accelerator or ""] = (n + h.served, ms + h.inference_ms)
         return self.health.report(live)
-
-    def _probe_due(self, now: float) -> None:
-        """Start a probe of the best set-aside kind that is due (one at a time, on a thread of its own)."""
-        if self.stopping or (self._probe is not None and self._probe.is_alive()):
-            return
-        serving = self.health.current()
-        due = [a.kind for a in self.health.due(now) if a.kind in self.health.preferred_over(serving)]
-        if due:
-            self._probe = threading.Thread(target=self._run_probe, args=(due[0],), name=f"probe-{due[0]}",
-                                           daemon=True)
-            self._probe.start()
-
-    def _run_probe(self, kind: str) -> None:
-        """A fresh sandboxed worker loads the model on `kind` and self-tests, in no slot; on a pass, fail back."""
-        cfg, text, expected, gen = self.cfg, self.config_text, self.expected, self.generation
-        logger.info("probing accelerator %s", kind)
-        ok, why = False, ""
-        try:
-            h = self._spawn(PROBE_INDEX, cfg, text, [kind])
-            try:
-                v = self._verdict(h, cfg, expected) if expected is not None else None
-                ok, why = v is None or v.passed, v.reason if v is not None else ""
-            finally:
-                h.stop()
-            if ok:
-                ok, why = self._fail_back(kind, cfg, text, expected, gen)
-        except EdgedError as exc:
-            why = str(exc)
-        except Exception as exc:  # top of the probe thread: a bug here must not stop later probes
-            logger.exception("probe of %s failed", kind)
-            why = f"{type(exc).__name__}: {exc}"
-        if not ok:
-            with self.cond:
-                a = self.health.probe_failed(kind)
-            if a is not None:
-                logger.warning("probe of %s failed (%s); next probe in %.0f s", kind, why, a.interval)
-        self.wake()
-
-    def _fail_back(self, kind: str, cfg: config.Config, text: str, expected: selftest.Expected | None,
-                   gen: int) -> tuple[bool, str]:
-        """Fresh workers on `kind`, each self-tested, replace the serving ones as a reload does (no frame lost)."""
-        fresh: list[WorkerHandle] = []
-        try:
-            for i in range(cfg.worker_count):
-                h = self._spawn(i, cfg, text, [kind])
-                fresh.append(h)
-                v = self._verdict(h, cfg, expected) if expected is not None else None
-                if v is not None and not v.passed:
-                    raise ModelError(f"self-test failed: {v.reason}")
-        except EdgedError as exc:
-            for h in fresh:
-                h.stop()
-            return False, f"moving back failed: {exc}"
-        with self.cond:
-            if self.stopping or gen != self.generation or self.cfg is not cfg:
-                stale, old = fresh, []
-            else:
-                stale = []
-                a = self.health.restore(kind)
-                old = [s.handle for s in self.slots if s.handle is not None]
-                for h in old:
-                    h.retiring = True
-                for slot, h in zip(self.slots, fresh):
-                    slot.handle, slot.next_start = h, None
-                self._adopt(fresh[0])
-                self.cond.notify_all()
-        for h in stale:
-            h.stop()
-        if stale:
-            return False, "the config was reloaded during the probe"
-        since = round(time.time() - a.since, 1) if a is not None else None
-        logger.warning("accelerator %s restored after a passing probe (set aside %s s); %d worker(s) moved back",
-                       kind, since, len(fresh))
-        self.on_event({"event": "restored", "ts": round(time.time(), 3), "accelerator": kind, "model": cfg.model_name,
-                       "set_aside_s": since})
-        threading.Thread(target=self._retire, args=(old,), name="retire", daemon=True).start()
-        return True, ""
 
     # ---- watching -----------------------------------------------------------------------------------------------
     def check(self, now: float) -> None:

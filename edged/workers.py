@@ -248,6 +248,8 @@ class WorkerHandle:
         elif self.kill_cause is not None:
             return  # killed (a failed self-test, its accelerator set aside): nothing more of it is published
         elif isinstance(msg, protocol.SelfTestReport):
+            if self.selftest_sent is None:
+                raise protocol.ProtocolError(f"worker {self.index} sent self-test answers nobody asked for")
             self.selftest_sent = None
             if self.on_selftest is not None:
                 self.on_selftest(self, msg.report)

@@ -392,3 +392,33 @@ def test_selftest_recorded_once_per_model_and_reported_per_worker(daemon_factory
     assert doc["model_sha256"] == selftest.model_sha256(str(BUNDLED / "digits.tflite")) == rec.stem
     assert st["accelerator"]["temperature_c"] is None or -50 < st["accelerator"]["temperature_c"] < 200
     assert st["accelerator"]["kinds"]["cpu"]["state"] == "ok"
+
+
+def test_only_kind_crashing_is_never_set_aside_and_ends_in_exit_70(fake_lib, control, daemon_factory):
+    doc = _cfg(fake_lib, control)
+    doc["accelerator"]["prefer"] = ["coral"]
+    doc["sandbox"].update(max_restarts=2, restart_window_s=60, backoff_max_s=0.2)
+    d = daemon_factory(doc)
+    control.set("crash")
+    pid = d.status()["workers"][0]["pid"]
+    os.kill(pid, signal.SIGKILL)  # its restarts then crash in warm-up: nothing else in prefer can serve
+    assert d.proc.wait(60) == 70, d.log()[-2000:]
+    assert "set aside" not in d.log() and "cannot be restarted" in d.log()
+
+
+def test_reload_whose_selftest_fails_keeps_the_old_model_serving(tmp_path, daemon_factory, client_factory):
+    d = daemon_factory()
+    pid = d.status()["workers"][0]["pid"]
+    expect = tmp_path / "expect.json"
+    expect.write_text(json.dumps({"outputs": [[[0, 0, 0, 0, 0, 0, 0, 0, 0, 255]]]}))
+    d.config["model"]["selftest"] = {"expect": str(expect)}
+    d.cfg_path.write_text(json.dumps(d.config))
+    d.proc.send_signal(signal.SIGHUP)
+    until(lambda: "reload failed, still serving the previous model" in d.log(), 30, "the reload to fail",
+          detail=lambda: d.log()[-2000:])
+    assert "self-test" in d.log().split("reload failed")[-1].splitlines()[0]
+    st = d.status()
+    assert st["workers"][0]["pid"] == pid and st["state"] == "online"
+    c = client_factory(d.prefix)
+    c.send(SAMPLE, "r1")
+    assert c.wait(["r1"], 20)["r1"]["classes"][0]["label"] == SAMPLE_CLASS
