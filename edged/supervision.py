@@ -165,6 +165,15 @@ class Workers:
         finally:
             ref.stop()
 
+    @staticmethod
+    def _usable(expected: selftest.Expected | None, h: WorkerHandle, cfg: config.Config) -> bool:
+        """A record of other self-test frames (model.selftest.frames changed) is recorded again; an expect file is
+        what the user said and stays."""
+        if expected is None:
+            return False
+        rep = h.info.get("selftest") or {}
+        return bool(cfg.model.selftest.expect) or expected.frames is None or rep.get("frames") == expected.frames
+
     def _verdict(self, h: WorkerHandle, cfg: config.Config, expected: selftest.Expected,
                  report: dict[str, Any] | None = None) -> selftest.Verdict:
         v = selftest.check(h, expected, cfg.model.selftest.tolerance, cfg.model.score_threshold, report)
@@ -188,7 +197,7 @@ class Workers:
             for skip in h.info.get("accelerator", {}).get("skipped", []):
                 if isinstance(skip, dict) and skip.get("kind") != chosen:
                     self.health.skip(str(skip.get("kind")), str(skip.get("reason")))
-            if self.expected is None:
+            if not self._usable(self.expected, h, cfg):
                 self.expected = self._reference(h, cfg, text, self.model_sha)
             v = self._verdict(h, cfg, self.expected)
             if v.passed:
@@ -398,7 +407,7 @@ class Workers:
                 for i in range(new_cfg.worker_count):
                     h = self._spawn(i, new_cfg, text, kinds)
                     fresh.append(h)
-                    if expected is None:
+                    if not self._usable(expected, h, new_cfg):
                         expected = self._reference(h, new_cfg, text, sha)
                     v = self._verdict(h, new_cfg, expected)
                     if not v.passed:

@@ -422,3 +422,41 @@ def test_reload_whose_selftest_fails_keeps_the_old_model_serving(tmp_path, daemo
     c = client_factory(d.prefix)
     c.send(SAMPLE, "r1")
     assert c.wait(["r1"], 20)["r1"]["classes"][0]["label"] == SAMPLE_CLASS
+
+
+def test_changed_selftest_frames_are_recorded_again_not_a_mismatch(tmp_path, daemon_factory):
+    d = daemon_factory()
+    d.stop()
+    [rec] = (tmp_path / "state" / "selftest").glob("*.json")
+    before = json.loads(rec.read_text())
+    frame = tmp_path / "frame.png"
+    frame.write_bytes(SAMPLE)
+    d2 = daemon_factory({"model": {"selftest": {"frames": [str(frame)]}}}, device_id=d.device_id + "b")
+    st = d2.status()
+    assert st["workers"][0]["selftest"]["result"] == "pass"
+    after = json.loads(rec.read_text())
+    assert after["frames"] != before["frames"] and after["outputs"] != before["outputs"]
+    assert max(after["outputs"][0][0]) == after["outputs"][0][0][int(SAMPLE_CLASS)]  # the sample's class on top
+
+
+def test_expected_outputs_from_a_bad_expect_file_are_exit_78_naming_the_key_and_a_bad_record_is_redone(tmp_path):
+    from edged.errors import ConfigError
+
+    bad = tmp_path / "expect.json"
+    for text in ("{not json", json.dumps({"outputs": "x"}), json.dumps({"outputs": [[[1, "2"]]]})):
+        bad.write_text(text)
+        cfg = config.parse(json.dumps({"model": {"selftest": {"expect": str(bad)}}, "state_dir": str(tmp_path)}),
+                           str(tmp_path / "edged.yaml"), tmp_path)
+        with pytest.raises(ConfigError, match="model.selftest.expect"):
+            selftest.Expected.load(cfg, "ab" * 32)
+    cfg = config.parse(json.dumps({"state_dir": str(tmp_path / "state")}), str(tmp_path / "edged.yaml"), tmp_path)
+    sha = "cd" * 32
+    assert selftest.Expected.load(cfg, sha) is None  # nothing recorded yet
+    path = selftest.Expected.store_path(cfg, sha)
+    path.parent.mkdir(parents=True)
+    for text in ("[]", json.dumps({"model_sha256": "ef" * 32, "frames": "f", "outputs": [[[1]]]}), "\xff garbage"):
+        path.write_text(text)
+        assert selftest.Expected.load(cfg, sha) is None  # not a record of this model: recorded again
+    path.write_text(json.dumps({"model_sha256": sha, "frames": "f", "outputs": [[[1, 2]]]}))
+    e = selftest.Expected.load(cfg, sha)
+    assert e is not None and e.outputs == [[[1, 2]]] and e.frames == "f" and e.source == str(path)
