@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import glob
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +29,7 @@ from edged.config import HealthConfig
 logger = logging.getLogger(__name__)
 
 CAUSES = ("crash", "hang", "load", "selftest")
+TEMP_TTL_S = 5.0
 
 
 @dataclass
@@ -60,6 +62,7 @@ class Health:
         self.aside: dict[str, SetAside] = {}
         self.skipped: dict[str, str] = {}  # did not load at start: never served here, not probed
         self.stats: dict[str, KindStats] = {k: KindStats() for k in self.prefer}
+        self._temp: tuple[float, float | None] = (-math.inf, None)  # (when read, value): read at most every TEMP_TTL_S
 
     # ---- which kind --------------------------------------------------------------------------------------------
     def candidates(self) -> list[str]:
@@ -151,7 +154,13 @@ class Health:
                         "set_aside_count": st.set_aside, "restored_count": st.restored}
         return {"set_aside": [{"kind": a.kind, "reason": a.reason, "since": round(a.since, 3),
                                "next_probe_s": round(max(0.0, a.next_probe - now), 1)} for a in self.aside.values()],
-                "temperature_c": temperature_c(), "kinds": kinds}
+                "temperature_c": self.temperature(now), "kinds": kinds}
+
+    def temperature(self, now: float) -> float | None:
+        """temperature_c(), read at most every TEMP_TTL_S (a sensor behind i2c can take milliseconds)."""
+        if now - self._temp[0] >= TEMP_TTL_S:
+            self._temp = (now, temperature_c())
+        return self._temp[1]
 
 
 # ---- temperature ---------------------------------------------------------------------------------------------------
