@@ -203,8 +203,9 @@ class Workers:
             if v.passed:
                 return h
             h.stop()
-            if chosen == "cpu" or chosen not in kinds:
-                raise ModelError(f"model {cfg.model.path}: the self-test on the CPU does not give the expected "
+            if chosen == "cpu" or chosen not in kinds or kinds == [chosen]:
+                where = "the CPU" if chosen == "cpu" else f"{chosen}, the last kind of accelerator.prefer left,"
+                raise ModelError(f"model {cfg.model.path}: the self-test on {where} does not give the expected "
                                  f"outputs ({v.reason}; expected from {self.expected.source})")
             with self.cond:
                 a = self.health.set_aside(chosen, f"self-test failed at start: {v.reason}")
@@ -302,6 +303,9 @@ class Workers:
             if self.stopping or slot not in self.slots or \
                     slot.handle is not None and slot.handle.state not in ("dead", "stopped"):
                 stale: WorkerHandle | None = h
+            elif h.accelerator in self.health.aside:  # set aside while it started: on the next kind instead
+                stale = h
+                slot.next_start = time.monotonic()
             else:
                 stale = None
                 slot.handle = h
