@@ -487,3 +487,24 @@ def test_a_named_delegate_is_a_kind_of_prefer():
                        "    teflon: {library: libteflon.so, options: {k: 1}}\n", "edged.yaml")
     assert cfg.accelerator.prefer == ("teflon", "cpu")
     assert cfg.accelerator.delegates["teflon"] == config.DelegateConfig("libteflon.so", {"k": "1"})
+
+
+def test_check_prints_the_selftest_and_a_cpu_mismatch_is_78(tmp_path, fake_lib, control):
+    from conftest import ROOT, edged_cmd
+
+    def check(doc: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+        path = tmp_path / "check.yaml"
+        path.write_text(json.dumps({"state_dir": str(tmp_path / "state"), **doc}))
+        return subprocess.run(edged_cmd("check", "-c", str(path)), capture_output=True, text=True, timeout=120,
+                              cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+
+    r = check({})
+    assert r.returncode == 0 and "selftest     pass on cpu: max diff 0 step(s)" in r.stdout, (r.stdout, r.stderr)
+    control.set("wrong")
+    r = check({"accelerator": _cfg(fake_lib, control)["accelerator"]})
+    assert r.returncode == 0 and "selftest     FAIL on coral" in r.stdout and "top-1" in r.stdout, r.stdout
+    expect = tmp_path / "expect.json"
+    expect.write_text(json.dumps({"outputs": [[[0, 0, 0, 0, 0, 0, 0, 0, 0, 255]]]}))
+    r = check({"model": {"selftest": {"expect": str(expect)}}})
+    assert r.returncode == 78 and "selftest     FAIL on cpu" in r.stdout, (r.stdout, r.stderr)
+    assert "digits.tflite" in r.stderr and "self-test on the CPU" in r.stderr
