@@ -508,3 +508,21 @@ def test_check_prints_the_selftest_and_a_cpu_mismatch_is_78(tmp_path, fake_lib, 
     r = check({"model": {"selftest": {"expect": str(expect)}}})
     assert r.returncode == 78 and "selftest     FAIL on cpu" in r.stdout, (r.stdout, r.stderr)
     assert "digits.tflite" in r.stderr and "self-test on the CPU" in r.stderr
+
+
+def test_prometheus_output_carries_per_accelerator_counters_and_temperature(tmp_path):
+    pytest.importorskip("prometheus_client")
+    from edged.metrics import write_prometheus
+
+    h = health.Health(("coral", "cpu"), config.HealthConfig(failures=1))
+    h.failure("coral", "hang", "stuck", now=0)
+    st = {"accelerator": {**h.report({"cpu": (40, 80.0)}), "temperature_c": 48.5}}
+    out = tmp_path / "edged.prom"
+    write_prometheus(str(out), st)
+    text = out.read_text()
+    assert 'edged_accelerator_failures{accelerator="coral",cause="hang"} 1.0' in text, text
+    assert 'edged_accelerator_set_aside{accelerator="coral"} 1.0' in text
+    assert 'edged_accelerator_set_aside{accelerator="cpu"} 0.0' in text
+    assert 'edged_accelerator_inference_ms{accelerator="cpu"} 2.0' in text
+    assert 'edged_accelerator_frames{accelerator="cpu"} 40.0' in text
+    assert "edged_accelerator_temperature_celsius 48.5" in text
