@@ -57,7 +57,7 @@ class Worker:
         from edged import selftest
 
         st_frames = selftest.payloads(cfg.model.selftest.frames, self.model.input.shape, self.model.input.dtype)
-        # what follows invokes the model: the supervisor now bounds each invoke by the frame deadline
+        # what follows invokes the model (warm-up, self-test): the supervisor gives it twice the frame deadline
         protocol.send(self.sock, protocol.Loaded(choice.kind, 3 + len(st_frames)))
         self.labels = postprocess.load_labels(cfg.model.labels)
         self.task = cfg.model.task
