@@ -74,6 +74,38 @@ def cmd_check(args: argparse.Namespace) -> int:
     for kind, reason in choice.skipped:
         print(f"  skipped    {kind}: {reason}")
     print(f"mqtt         {cfg.mqtt.host}:{cfg.mqtt.port} topics {cfg.prefix}/in/+ -> {cfg.prefix}/out/<stream>")
+    return _check_selftest(cfg, choice)
+
+
+def _check_selftest(cfg: Any, choice: Any) -> int:
+    """`edged check`'s self-test line: the chosen accelerator against the expected outputs (the record, the expect
+    file, else the CPU now); a CPU mismatch is exit 78, as at `edged run`."""
+    from types import SimpleNamespace
+
+    from edged import preprocess, runtime, selftest
+
+    def answers(model: Any) -> dict[str, Any]:
+        mean, std, _src = preprocess.model_normalization(model.path, model.input, cfg.model.mean, cfg.model.std)
+        frames = selftest.payloads(cfg.model.selftest.frames, model.input.shape, model.input.dtype)
+        return selftest.run(model, preprocess.Preprocessor(model.input, mean, std), frames)
+
+    model = choice.model
+    got = answers(model)
+    expected = selftest.Expected.load(cfg, selftest.model_sha256(cfg.model.path))
+    if expected is None or (not cfg.model.selftest.expect and expected.frames != got["frames"]):
+        ref = model if choice.kind == "cpu" else runtime.Model(cfg.model.cpu_fallback or cfg.model.path,
+                                                               threads=cfg.model.threads)
+        rec = answers(ref)
+        expected = selftest.Expected(rec["outputs"], rec["frames"], "the CPU, now (nothing recorded yet)")
+    handle = SimpleNamespace(info={"selftest": got, "task": cfg.model.task, "model": model.describe()})
+    v = selftest.check(handle, expected, cfg.model.selftest.tolerance, cfg.model.score_threshold)
+    print(f"selftest     {'pass' if v.passed else 'FAIL'} on {choice.kind}: max diff {v.max_diff:g} step(s) "
+          f"(tolerance {cfg.model.selftest.tolerance:g}) against {expected.source}, {v.ms:g} ms"
+          + (f": {v.reason}" if v.reason else ""))
+    if not v.passed and choice.kind == "cpu":
+        print(f"edged check: model {cfg.model.path}: the self-test on the CPU does not give the expected outputs",
+              file=sys.stderr)
+        return EX_CONFIG
     return 0
 
 

@@ -80,6 +80,16 @@ class MqttConfig:
 
 
 @dataclass(frozen=True)
+class SelftestConfig:
+    """The known-answer self-test (edged.selftest): its frames, its expected outputs, the tolerance."""
+
+    frames: tuple[str, ...] = _f((), path=True)  # files (images or raw tensors); empty: one built from the input
+    expect: str | None = _f(None, path=True)  # a JSON file of expected outputs; null: recorded from the CPU
+    tolerance: float = _f(2.0, lo=0)  # quantization steps (float outputs: steps of 1e-3 of the output's range)
+    interval_s: float = _f(600.0, lo=0)  # serving workers run it again this often, between frames (0: never)
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     path: str = _f(str(BUNDLED_MODEL), regular=True)
     labels: str | None = _f(str(BUNDLED_MODEL.with_name("digits_labels.txt")), regular=True)
@@ -92,6 +102,7 @@ class ModelConfig:
     cpu_fallback: str | None = _f(None, regular=True)
     batch_max: int = _f(1, lo=1)  # >1: up to this many waiting frames in one invoke (resizable-batch CPU models)
     batch_wait_ms: float = _f(0.0, lo=0)  # how long a worker waits for a batch to fill (0: only frames already there)
+    selftest: SelftestConfig = _f(factory=SelftestConfig)
 
 
 @dataclass(frozen=True)
@@ -108,11 +119,32 @@ class GpuConfig:
 
 
 @dataclass(frozen=True)
+class DelegateConfig:
+    """A named TFLite external delegate (accelerator.delegates.NAME), usable in accelerator.prefer."""
+
+    library: str = ""
+    options: dict[str, str] = _f(factory=dict)
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    failures: int = _f(3, lo=1)  # failures of one accelerator within window_s before it is set aside
+    window_s: float = _f(300.0, lo=1)
+    probe_s: float = _f(60.0, lo=0.1)  # first probe of a set-aside accelerator; doubles up to probe_max_s
+    probe_max_s: float = _f(3600.0, lo=0.1)
+
+
+BUILTIN_KINDS = ("coral", "gpu", "cpu")
+
+
+@dataclass(frozen=True)
 class AccelConfig:
-    prefer: tuple[str, ...] = _f(("cpu",), choices=("coral", "gpu", "cpu"))
+    prefer: tuple[str, ...] = ("cpu",)  # coral, gpu, cpu or a name of accelerator.delegates (checked in parse)
     workers: int = _f(1, lo=1)
     coral: CoralConfig = _f(factory=CoralConfig)
     gpu: GpuConfig = _f(factory=GpuConfig)
+    delegates: dict[str, DelegateConfig] = _f(factory=dict)
+    health: HealthConfig = _f(factory=HealthConfig)
 
 
 @dataclass(frozen=True)
@@ -182,6 +214,7 @@ class Config:
     status: StatusConfig = _f(factory=StatusConfig)
     logging: LoggingConfig = _f(factory=LoggingConfig)
     homeassistant: HomeAssistantConfig = _f(factory=HomeAssistantConfig)
+    state_dir: str = _f("/var/lib/edged", path=True)  # what edged keeps across restarts (self-test records)
     source: str = field(default="", compare=False, metadata={"internal": True})
     warnings: tuple[str, ...] = field(default=(), compare=False, metadata={"internal": True})
 
@@ -296,11 +329,25 @@ class _Loader:
                 self.err(knode, dotted, f"unknown key (known: {', '.join(fields)})")
                 continue
             values[name] = self.value(hints[name], fields[name], vnode, dotted)
+        if cls is AccelConfig:
+            self.check_prefer(node, values, key)
         try:
             return cls(**{k: v for k, v in values.items() if v is not _BAD})
         except TypeError as exc:  # pragma: no cover - fields are all defaulted
             self.err(node, key, str(exc))
             return cls()
+
+    def check_prefer(self, node: yaml.MappingNode, values: dict[str, Any], key: str) -> None:
+        """accelerator.prefer names built-in kinds or names of accelerator.delegates."""
+        delegates = values.get("delegates")
+        known = (*BUILTIN_KINDS, *(delegates if isinstance(delegates, dict) else ()))
+        for knode, vnode in node.value:
+            if str(knode.value) != "prefer" or not isinstance(vnode, yaml.SequenceNode):
+                continue
+            for i, item in enumerate(vnode.value):
+                if isinstance(item, yaml.ScalarNode) and item.value not in known:
+                    self.err(item, f"{key}.prefer[{i}]", f"must be one of {', '.join(known)}, got {item.value!r}")
+                    values["prefer"] = _BAD
 
     def value(self, hint: Any, f: dataclasses.Field, node: yaml.Node, key: str) -> Any:
         self.lines[key] = node.start_mark.line + 1
@@ -329,6 +376,9 @@ class _Loader:
             if not isinstance(node, yaml.MappingNode):
                 self.err(node, key, "must be a mapping")
                 return _BAD
+            item = typing.get_args(hint)[1]
+            if dataclasses.is_dataclass(item):  # NAME: {section}
+                return {str(k.value): self.build(item, v, f"{key}.{k.value}") for k, v in node.value}
             nested = [n for pair in node.value for n in pair if not isinstance(n, yaml.ScalarNode)]
             if nested:
                 self.err(nested[0], key, "keys and values must be plain scalars (they are passed on as strings)")
@@ -415,10 +465,11 @@ def parse(text: str, fname: str = "<config>", base: Path | None = None) -> Confi
         why = topics.filter_problem(filt)
         if why:
             loader.errors.append(f"{short} mqtt.response_topics[{i}]: {filt[:64]!r} {why}")
-    try:
-        _check_homeassistant(cfg, short)
-    except ConfigError as exc:
-        loader.errors.append(str(exc))
+    for check in (_check_homeassistant, _check_accelerators):
+        try:
+            check(cfg, short)
+        except ConfigError as exc:
+            loader.errors.append(str(exc))
     if loader.errors:
         raise ConfigError("; ".join(loader.errors))
     return dataclasses.replace(cfg, source=str(fname), warnings=tuple(configchecks.warnings(cfg, loader)))
@@ -442,6 +493,25 @@ def _check_homeassistant(cfg: Config, short: str) -> None:
         raise ConfigError(f"{short} homeassistant.streams: a stream is listed twice")
     if len(ha.streams) > 64:
         raise ConfigError(f"{short} homeassistant.streams: at most 64 streams")
+
+
+def _check_accelerators(cfg: Config, short: str) -> None:
+    """accelerator.prefer names built-in kinds or named delegates; a delegate names its library."""
+    acc = cfg.accelerator
+    for name, d in acc.delegates.items():
+        if name in BUILTIN_KINDS or not name or not all(c.isalnum() or c in "_-" for c in name) or len(name) > 32:
+            raise ConfigError(f"{short} accelerator.delegates.{name}: a delegate's name is letters, digits, - or _ "
+                              f"(at most 32) and not one of {', '.join(BUILTIN_KINDS)}")
+        if not d.library:
+            raise ConfigError(f"{short} accelerator.delegates.{name}.library: must name the delegate's library")
+    if not acc.prefer:
+        raise ConfigError(f"{short} accelerator.prefer: must name at least one accelerator")
+    if len(set(acc.prefer)) != len(acc.prefer):
+        raise ConfigError(f"{short} accelerator.prefer: names an accelerator twice")
+    if len(cfg.model.selftest.frames) > 16:
+        raise ConfigError(f"{short} model.selftest.frames: at most 16 frames")
+    if acc.health.probe_max_s < acc.health.probe_s:
+        raise ConfigError(f"{short} accelerator.health.probe_max_s: must be >= probe_s")
 
 
 def load(path: str | os.PathLike[str]) -> Config:

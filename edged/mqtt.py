@@ -15,6 +15,7 @@ daemon and for `edged send` alike.
 """
 from __future__ import annotations
 
+import collections
 import logging
 import socket
 import ssl
@@ -38,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 PACKET_HEADROOM = 64 << 10  # topic and properties around a frame's payload
 MAX_PACKET = 268_435_455  # MQTT's own limit
+EVENTS_HELD = 100  # P/events messages kept while the broker is away
 
 
 def _password(cfg: Config) -> str | None:
@@ -113,6 +115,7 @@ class MqttLink:
         self.connects = 0
         self.overflows = 0
         self.status_payload = b'{"state": "starting"}'
+        self.events_held: collections.deque[bytes] = collections.deque(maxlen=EVENTS_HELD)
         self._lock = threading.RLock()
         self.client = new_client(cfg, cfg.client_id, manual_ack=True)
         # paho's own queue limit also counts results waiting for their PUBACK: a limit there drops
@@ -307,6 +310,7 @@ class MqttLink:
         if rc != paho.MQTT_ERR_SUCCESS:
             logger.error("subscribing failed: %s", paho.error_string(rc))
         client.publish(f"{self.prefix}/status", self.status_payload, qos=1, retain=True)
+        self._flush_events()
         if self.on_connection:
             self.on_connection(True)
 
@@ -422,6 +426,17 @@ class MqttLink:
         except ValueError as exc:
             raise MqttError(f"cannot publish to {topic[:100]!r}: {exc}") from None
         return True
+
+    def publish_event(self, payload: bytes) -> None:
+        """P/events: QoS 1, not retained; held (at most EVENTS_HELD, oldest dropped) while the broker is away."""
+        self.events_held.append(payload)
+        if self.connected:
+            self._flush_events()
+
+    def _flush_events(self) -> None:
+        with self._lock:
+            while self.events_held and self.connected:
+                self.client.publish(f"{self.prefix}/events", self.events_held.popleft(), qos=1, retain=False)
 
     def publish_stats(self, payload: bytes) -> None:
         if self.connected:

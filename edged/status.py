@@ -139,13 +139,17 @@ def render(st: dict[str, Any]) -> str:
     pool = st.get("pool", {})
     acc = st.get("accelerator", {})
     rows = [
-        ("state", st.get("state")),
+        ("state", f"{st.get('state')}" + (f" ({st['state_reason']})" if st.get("state_reason") else "")),
         ("version", st.get("version")),
         ("uptime", f"{st.get('uptime_s', 0):.0f} s"),
         ("model", f"{m.get('name', '')} ({m.get('task')}) {m.get('path', '')}"),
         ("input", f"{inp.get('shape')} {inp.get('dtype')}"),
         ("accelerator", f"{acc.get('chosen')}" + "".join(f"; {s['kind']} skipped: {s['reason']}"
                                                           for s in acc.get("skipped", []))),
+        *[("set aside", f"{a.get('kind')} since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(a.get('since', 0)))}"
+                         f", next probe in {a.get('next_probe_s')} s: {a.get('reason')}")
+          for a in acc.get("set_aside") or []],
+        *([("temperature", f"{acc['temperature_c']} °C")] if acc.get("temperature_c") is not None else []),
         ("frames", f"received {fr.get('received', 0)}  completed {fr.get('completed', 0)}  "
                    f"errors {fr.get('errors', 0)}  dropped {fr.get('dropped', 0)}"),
         ("latency", f"p50 {lat.get('p50', 0)} ms  p95 {lat.get('p95', 0)} ms  p99 {lat.get('p99', 0)} ms"),
@@ -161,6 +165,9 @@ def render(st: dict[str, Any]) -> str:
                      f"sandboxed {'yes' if w.get('sandboxed') else 'no'}"
                      + (f" ({w['sandbox_profile']})" if w.get("sandbox_profile") not in (None, "default", "off") else "")
                      + f"  RSS {(w.get('rss_bytes') or 0) >> 20} MiB"
-                     + (f"  batch {w['batch_max']} ({w.get('batched', 0)} batched)" if w.get("batch_max", 1) > 1 else "")))
+                     + (f"  batch {w['batch_max']} ({w.get('batched', 0)} batched)" if w.get("batch_max", 1) > 1 else "")
+                     + (f"  on {w['accelerator']}" if w.get("accelerator") else "")
+                     + (f"  self-test {w['selftest'].get('result')} (max diff {w['selftest'].get('max_diff')})"
+                        if isinstance(w.get("selftest"), dict) else "")))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -8,6 +8,14 @@ backoff; the frames it held go back to whoever owns frames (the daemon's
 config before the old ones retire. Workers always start from the config
 held in memory (the text last loaded), never from the file as it is now.
 
+Accelerator health (edged.health keeps the books): every worker starts on
+the best kind not set aside and answers the known-answer self-test
+(edged.selftest) before it takes frames. A crash, a hang, a load failure or a
+wrong self-test counts against the worker's accelerator; past the limit the
+accelerator is set aside, workers still on it are replaced on the next kind,
+and a probe thread later tries it in a worker of its own; when that passes,
+fresh workers on it replace the serving ones as a reload does.
+
 It does not import the daemon or admission: frames are opaque to it (it
 reads their `t_dispatch` and `seq`), and every event goes out through the
 callbacks it was given.
@@ -24,9 +32,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edged import config, protocol
-from edged.errors import ConfigError, EdgedError
+from edged import config, protocol, selftest
+from edged.errors import ConfigError, EdgedError, ModelError
+from edged.health import Health
 from edged.ioloop import IoLoop
+from edged.probes import Prober
 from edged.workers import InProcessWorkerHandle, WorkerHandle
 
 logger = logging.getLogger(__name__)
@@ -40,7 +50,8 @@ def read_config_text(cfg: config.Config) -> str:
 
 
 def init_message(cfg: config.Config, config_text: str, coral_device: str | None = None, *,
-                 sandbox: bool | None = None, model_path: str | None = None) -> protocol.Init:
+                 sandbox: bool | None = None, model_path: str | None = None,
+                 accelerators: list[str] | None = None) -> protocol.Init:
     """What a worker is told at start: the one builder, for the daemon and the bench alike."""
     src = Path(cfg.source)
     return protocol.Init(config_text=config_text, config_name=str(src), config_base=str(src.resolve().parent),
@@ -49,7 +60,7 @@ def init_message(cfg: config.Config, config_text: str, coral_device: str | None 
                          batch_wait_ms=cfg.model.batch_wait_ms,
                          max_fds=32 + int(cfg.pool.max_mb / max(cfg.pool.segment_mb, 0.0625)) + 1,
                          log_level=logging.getLevelName(cfg.logging.level), coral_device=coral_device,
-                         model_path=model_path)
+                         model_path=model_path, accelerators=accelerators)
 
 
 @dataclass
@@ -66,13 +77,17 @@ class Slot:
 
 OnMessage = Callable[[WorkerHandle, "protocol.Result | protocol.Pong"], None]
 OnOrphans = Callable[[WorkerHandle, list[Any]], None]
+OnEvent = Callable[[dict[str, Any]], None]
+SET_ASIDE = "set_aside"  # kill cause: its accelerator was set aside under it (its frames are not to blame)
+SELFTEST = "selftest"  # kill cause: its in-service self-test answered wrong
+UNBLAMED = (SET_ASIDE, SELFTEST)  # kills whose frames run again without counting as their death
 
 
 class Workers:
     """The worker slots and their lifecycle; see the module docstring. `cond` is the supervisor's one lock."""
 
     def __init__(self, cfg: config.Config, cond: threading.Condition, loop: IoLoop, *, on_message: OnMessage,
-                 on_orphans: OnOrphans, wake: Callable[[], None]) -> None:
+                 on_orphans: OnOrphans, wake: Callable[[], None], on_event: OnEvent | None = None) -> None:
         self.cfg = cfg
         self.config_text = read_config_text(cfg)
         self.cond = cond
@@ -86,6 +101,11 @@ class Workers:
         self.fatal: str | None = None
         self.model_info: dict[str, Any] = {}
         self.accel_info: dict[str, Any] = {}
+        self.on_event: OnEvent = on_event or (lambda _e: None)
+        self.health = Health(cfg.accelerator.prefer, cfg.accelerator.health)
+        self.expected: selftest.Expected | None = None
+        self.model_sha = ""
+        self.prober = Prober(self)
         self.on_reload: Callable[[config.Config], None] | None = None  # after a reload, outside the lock
 
     # ---- queries (under the lock) -------------------------------------------------------------------------------
@@ -104,11 +124,14 @@ class Workers:
         return bool(self.slots) and all(s.handle is not None and s.handle.state == "ready" for s in self.slots)
 
     # ---- starting -----------------------------------------------------------------------------------------------
-    def _spawn(self, index: int, cfg: config.Config, text: str) -> WorkerHandle:
-        init = init_message(cfg, text, cfg.coral_device(index))
+    def _spawn(self, index: int, cfg: config.Config, text: str, kinds: list[str] | None = None) -> WorkerHandle:
+        init = init_message(cfg, text, cfg.coral_device(index), accelerators=kinds)
         kind = InProcessWorkerHandle if cfg.sandbox.in_process else WorkerHandle
         h = kind(index, init, self.on_message, self._on_exit, self.generation, loop=self.loop)
+        h.invoke_timeout_s = cfg.sandbox.frame_timeout_s
+        h.on_selftest = self._on_selftest_report
         h.start(timeout=cfg.sandbox.start_timeout_s)
+        h.last_selftest = time.monotonic()
         # a batching worker gets two batches' worth, so the next batch is waiting while one runs
         h.window = max(cfg.queue.inflight_per_worker, 2 * int(h.info.get("batch", 1)))
         logger.info("worker %d ready: pid %s, model %s on %s, sandboxed %s", index, h.pid, h.model_name,
@@ -119,12 +142,83 @@ class Workers:
         self.model_info = dict(h.info.get("model", {}), task=h.info.get("task"), name=h.model_name)
         self.accel_info = h.info.get("accelerator", {})
 
+    # ---- the self-test --------------------------------------------------------------------------------------------
+    def _expected_for(self, cfg: config.Config) -> tuple[str, selftest.Expected | None]:
+        """The model's sha256 and its expected self-test outputs, if known yet (a bad expect file: ConfigError)."""
+        try:
+            sha = selftest.model_sha256(cfg.model.path)
+        except OSError as exc:
+            raise ModelError(f"model {cfg.model.path}: {exc.strerror}") from None
+        return sha, selftest.Expected.load(cfg, sha)
+
+    def _reference(self, h: WorkerHandle, cfg: config.Config, text: str, sha: str) -> selftest.Expected:
+        """Expected outputs recorded on the CPU: this worker's when it runs there, else a CPU worker's of its own."""
+        if h.accelerator == "cpu":
+            return selftest.Expected.record(cfg, sha, h)
+        try:
+            ref = self._spawn(h.index, cfg, text, ["cpu"])
+        except EdgedError as exc:
+            logger.warning("self-test: the model does not run on the CPU here (%s); the answers of %s become the "
+                           "expected ones", exc, h.accelerator)
+            return selftest.Expected.record(cfg, sha, h)
+        try:
+            return selftest.Expected.record(cfg, sha, ref)
+        finally:
+            ref.stop()
+
+    @staticmethod
+    def _usable(expected: selftest.Expected | None, h: WorkerHandle, cfg: config.Config) -> bool:
+        """A record of other self-test frames (model.selftest.frames changed) is recorded again; an expect file is
+        what the user said and stays."""
+        if expected is None:
+            return False
+        rep = h.info.get("selftest") or {}
+        return bool(cfg.model.selftest.expect) or expected.frames is None or rep.get("frames") == expected.frames
+
+    def _verdict(self, h: WorkerHandle, cfg: config.Config, expected: selftest.Expected,
+                 report: dict[str, Any] | None = None) -> selftest.Verdict:
+        v = selftest.check(h, expected, cfg.model.selftest.tolerance, cfg.model.score_threshold, report)
+        h.selftest = v
+        if v.passed:
+            logger.info("worker %d self-test passed on %s: max diff %.1f step(s), %.1f ms", h.index, h.accelerator,
+                        v.max_diff, v.ms)
+        else:
+            logger.warning("worker %d self-test FAILED on %s: %s (expected outputs from %s)", h.index, h.accelerator,
+                           v.reason, expected.source)
+            self.on_event({"event": "selftest_failed", "ts": round(time.time(), 3), "accelerator": h.accelerator,
+                           "model": cfg.model_name, "reason": v.reason, "max_diff": round(v.max_diff, 3)})
+        return v
+
+    def _start_slot(self, index: int, cfg: config.Config, text: str) -> WorkerHandle:
+        """At start: the best kind that loads and passes; a kind that fails its self-test is set aside at once."""
+        while True:
+            kinds = self.health.candidates()
+            h = self._spawn(index, cfg, text, kinds)  # no kind loads: ModelError, exit 78
+            chosen = h.accelerator
+            for skip in h.info.get("accelerator", {}).get("skipped", []):
+                if isinstance(skip, dict) and skip.get("kind") != chosen:
+                    self.health.skip(str(skip.get("kind")), str(skip.get("reason")))
+            if not self._usable(self.expected, h, cfg):
+                self.expected = self._reference(h, cfg, text, self.model_sha)
+            v = self._verdict(h, cfg, self.expected)
+            if v.passed:
+                return h
+            h.stop()
+            if chosen == "cpu" or chosen not in kinds or kinds == [chosen]:
+                where = "the CPU" if chosen == "cpu" else f"{chosen}, the last kind of accelerator.prefer left,"
+                raise ModelError(f"model {cfg.model.path}: the self-test on {where} does not give the expected "
+                                 f"outputs ({v.reason}; expected from {self.expected.source})")
+            with self.cond:
+                a = self.health.set_aside(chosen, f"self-test failed at start: {v.reason}")
+            self._announce_set_aside(a.kind, a.reason)
+
     def start_all(self) -> None:
         """Start every worker; a model or config error here is fatal (exit 78)."""
         if self.cfg.sandbox.in_process:
             logger.warning("sandbox.in_process: inference runs on threads of this process, unfiltered and without "
                            "crash isolation (for debugging only)")
-        handles = [self._spawn(i, self.cfg, self.config_text) for i in range(self.cfg.worker_count)]
+        self.model_sha, self.expected = self._expected_for(self.cfg)
+        handles = [self._start_slot(i, self.cfg, self.config_text) for i in range(self.cfg.worker_count)]
         with self.cond:
             self.slots = [Slot(i, h) for i, h in enumerate(handles)]
             self._adopt(handles[0])
@@ -138,8 +232,14 @@ class Workers:
             h.inflight.clear()
             expected = h.state in ("stopping", "stopped") or h.retiring
             h.state = "dead" if not expected else "stopped"
+            self.health.served(h.accelerator, h.served, h.inference_ms)
             slot = next((s for s in self.slots if s.handle is h), None)
-            if slot is not None and not self.stopping:
+            moved = h.kill_cause is not None and h.kill_cause[0] in UNBLAMED
+            if slot is not None and not self.stopping and moved:
+                slot.last_exit = (f"moved off {h.accelerator} (set aside)" if h.kill_cause[0] == SET_ASIDE  # type: ignore[index]
+                                  else f"stopped: its self-test on {h.accelerator} answered wrong")
+                slot.next_start = time.monotonic()
+            elif slot is not None and not self.stopping:
                 slot.last_exit = h.exit_description()
                 now = time.monotonic()
                 while slot.restart_times and now - slot.restart_times[0] > self.cfg.sandbox.restart_window_s:
@@ -151,9 +251,11 @@ class Workers:
                     self.fatal = (f"worker {slot.index} died {len(slot.restart_times)} times in "
                                   f"{self.cfg.sandbox.restart_window_s:.0f} s (last: {slot.last_exit}); giving up")
             self.cond.notify_all()
-        if slot is not None and not expected:
+        if slot is not None and not expected and not moved:
             logger.error("worker %d (pid %s) %s with %d frame(s) in flight", h.index, h.pid,
                          h.exit_description(), len(frames))
+            hang = h.kill_cause is not None and h.kill_cause[0] in ("timeout", "heartbeat")
+            self._failed(h.accelerator, "hang" if hang else "crash", h.exit_description())
         if frames:
             self.on_orphans(h, frames)
         self.wake()
@@ -168,33 +270,86 @@ class Workers:
                 continue
             slot.next_start = None
             threading.Thread(target=self._restart, args=(slot,), name=f"restart-{slot.index}", daemon=True).start()
+        self.prober.due(now)
 
     def _restart(self, slot: Slot) -> None:
+        kind = self.health.current()
+        cfg, text, expected = self.cfg, self.config_text, self.expected
+        why = ""
         try:
-            h = self._spawn(slot.index, self.cfg, self.config_text)
+            h = self._spawn(slot.index, cfg, text, [kind] if kind else None)
+            v = self._verdict(h, cfg, expected) if expected is not None else None
+            if v is not None and not v.passed:
+                h.stop()
+                why = f"self-test failed: {v.reason}"
+                raise ModelError(why)
         except Exception as exc:  # top of the restart thread: it must never die with the slot left dead
             if not isinstance(exc, EdgedError):
                 logger.exception("worker %d restart failed", slot.index)
             else:
-                logger.error("worker %d restart failed: %s", slot.index, exc)
+                logger.error("worker %d restart on %s failed: %s", slot.index, kind, exc)
+            moved = self._failed(kind, "selftest" if why else getattr(exc, "cause", "load"), str(exc))
             with self.cond:
-                slot.restart_times.append(time.monotonic())
-                slot.next_start = time.monotonic() + self.cfg.sandbox.backoff_max_s
-                if len(slot.restart_times) > self.cfg.sandbox.max_restarts:
+                now = time.monotonic()
+                while slot.restart_times and now - slot.restart_times[0] > cfg.sandbox.restart_window_s:
+                    slot.restart_times.popleft()
+                slot.restart_times.append(now)
+                backoff = min(cfg.sandbox.backoff_max_s, 0.25 * (2 ** len(slot.restart_times)))
+                slot.next_start = now + (0 if moved else backoff)  # set aside: on the next kind at once
+                if len(slot.restart_times) > cfg.sandbox.max_restarts:
                     self.fatal = f"worker {slot.index} cannot be restarted: {exc}"
             self.wake()
             return
         with self.cond:
-            if self.stopping or slot.handle is not None and slot.handle.state not in ("dead", "stopped"):
+            if self.stopping or slot not in self.slots or \
+                    slot.handle is not None and slot.handle.state not in ("dead", "stopped"):
                 stale: WorkerHandle | None = h
+            elif h.accelerator in self.health.aside:  # set aside while it started: on the next kind instead
+                stale = h
+                slot.next_start = time.monotonic()
             else:
                 stale = None
                 slot.handle = h
                 slot.restarts += 1
+                if slot is self.slots[0]:
+                    self._adopt(h)  # what status shows: the accelerator may be another one now
                 self.cond.notify_all()
         if stale is not None:
             stale.stop()
         self.wake()
+
+    # ---- accelerator health -------------------------------------------------------------------------------------
+    def _failed(self, kind: str | None, cause: str, detail: str) -> bool:
+        """One failure of `kind`; True when it set the kind aside (workers still on it are moved off)."""
+        with self.cond:
+            a = self.health.failure(kind, cause, detail)
+            victims = [s.handle for s in self.slots if a is not None and s.handle is not None
+                       and s.handle.state == "ready" and s.handle.accelerator == kind]
+        if a is None:
+            return False
+        self._announce_set_aside(a.kind, a.reason)
+        for h in victims:  # a wrong answer or a dying device: they take no more frames; theirs run elsewhere
+            h.kill_for(SET_ASIDE)
+        return True
+
+    def _announce_set_aside(self, kind: str, reason: str) -> None:
+        nxt = self.health.current()
+        logger.warning("accelerator %s set aside (%s); serving on %s; first probe in %.0f s", kind, reason, nxt,
+                       self.cfg.accelerator.health.probe_s)
+        self.on_event({"event": "set_aside", "ts": round(time.time(), 3), "accelerator": kind, "reason": reason,
+                       "serving_on": nxt, "next_probe_s": self.cfg.accelerator.health.probe_s})
+        self.wake()
+
+    def degraded_reason(self) -> str | None:
+        return self.health.degraded_reason()
+
+    def accelerator_report(self) -> dict[str, Any]:
+        """accelerator.set_aside, .temperature_c and per-kind counters, for status (under the lock)."""
+        live: dict[str, tuple[int, float]] = {}
+        for h in self.handles():
+            n, ms = live.get(h.accelerator or "", (0, 0.0))
+            live[h.accelerator or ""] = (n + h.served, ms + h.inference_ms)
+        return self.health.report(live)
 
     # ---- watching -----------------------------------------------------------------------------------------------
     def check(self, now: float) -> None:
@@ -216,6 +371,20 @@ class Workers:
                 h.kill_for("heartbeat")
                 continue
             h.ping()
+            interval = self.cfg.model.selftest.interval_s
+            if interval and h.selftest_sent is None and now - h.last_selftest >= interval and self.expected:
+                h.selftest_sent = h.last_selftest = now
+                h.send(protocol.SelfTest())
+
+    def _on_selftest_report(self, h: WorkerHandle, report: dict[str, Any]) -> None:
+        """On the I/O thread: an in-service self-test's answers. Wrong: the worker's results stop here and now."""
+        expected = self.expected
+        if expected is None or h.retiring:
+            return
+        v = self._verdict(h, self.cfg, expected, report)
+        if not v.passed:
+            h.kill_for(SELFTEST)  # its later replies are dropped; its frames run again elsewhere
+            self._failed(h.accelerator, "selftest", v.reason)
 
     def stalled(self, now: float) -> list[str]:
         """The slots that show no progress (what the watchdog must not vouch for).
@@ -250,7 +419,22 @@ class Workers:
                 logger.warning("reload: mqtt and status changes take effect at the next restart")
                 new_cfg = dataclasses.replace(new_cfg, mqtt=self.cfg.mqtt, status=self.cfg.status)
             self.generation += 1
-            fresh = [self._spawn(i, new_cfg, text) for i in range(new_cfg.worker_count)]
+            sha, expected = self._expected_for(new_cfg)
+            kinds = [k for k in self.health.candidates() if k in new_cfg.accelerator.prefer] or None
+            fresh = []
+            try:
+                for i in range(new_cfg.worker_count):
+                    h = self._spawn(i, new_cfg, text, kinds)
+                    fresh.append(h)
+                    if not self._usable(expected, h, new_cfg):
+                        expected = self._reference(h, new_cfg, text, sha)
+                    v = self._verdict(h, new_cfg, expected)
+                    if not v.passed:
+                        raise ModelError(f"the self-test of {new_cfg.model_name} on {h.accelerator} failed: {v.reason}")
+            except EdgedError:
+                for h in fresh:
+                    h.stop()
+                raise
         except EdgedError as exc:
             logger.error("reload failed, still serving the previous model: %s", exc)
             return None
@@ -259,6 +443,9 @@ class Workers:
             for h in old:
                 h.retiring = True
             self.cfg, self.config_text = new_cfg, text
+            self.model_sha, self.expected = sha, expected
+            if new_cfg.accelerator.prefer != self.health.prefer or new_cfg.accelerator.health != self.health.cfg:
+                self.health = Health(new_cfg.accelerator.prefer, new_cfg.accelerator.health)
             self.slots = [Slot(i, h) for i, h in enumerate(fresh)]
             self._adopt(fresh[0])
             self.cond.notify_all()
