@@ -40,12 +40,14 @@ class Sent:
     answers: int = 0
     answered_at: float | None = None
     result: dict[str, Any] | None = None
+    error: str | None = None  # the error code of its first answer, if that was an error result
 
 
 @dataclass
 class Report:
     frames: list[Sent] = field(default_factory=list)
     duration_s: float = 0.0
+    t0: float = 0.0  # time.monotonic() when the first frame went out (one clock for every process here)
 
     def summary(self) -> dict[str, Any]:
         answered = [f for f in self.frames if f.answered_at is not None]
@@ -55,13 +57,14 @@ class Report:
                 "answered": len(answered), "answered_twice": sum(1 for f in self.frames if f.answers > 1),
                 "unanswered": len(self.frames) - len(answered),
                 "answered_after_resend": sum(1 for f in answered if f.attempts > 1),
+                "error_answers": sum(1 for f in answered if f.error),
                 "last_answer_s": None if last is None else round(last, 3),
                 "last_answer_after_last_sent_s": None if last is None else round(last - last_sent, 3)}
 
     def as_json(self) -> dict[str, Any]:
-        return {"summary": self.summary(), "duration_s": round(self.duration_s, 3),
+        return {"summary": self.summary(), "duration_s": round(self.duration_s, 3), "t0_monotonic": self.t0,
                 "frames": [{"frame_id": f.frame_id, "sent_at": round(f.sent_at, 4), "attempts": f.attempts,
-                            "answers": f.answers,
+                            "answers": f.answers, "error": f.error,
                             "answered_at": None if f.answered_at is None else round(f.answered_at, 4)}
                            for f in self.frames]}
 
@@ -101,6 +104,8 @@ def send_frames(cfg: Config, payload: bytes, stream: str = "cli", timeout: float
             f.answers += 1
             if f.answered_at is None:
                 f.answered_at, f.result = time.monotonic() - t0, got
+                code = (got.get("error") or {}).get("code")
+                f.error = str(code) if code else None
                 if on_result is not None:
                     on_result(got)
             cv.notify_all()
@@ -157,7 +162,7 @@ def send_frames(cfg: Config, payload: bytes, stream: str = "cli", timeout: float
         with cv:
             while time.monotonic() < end:  # a listening window for late answers, not a synchronisation
                 cv.wait(end - time.monotonic())
-        return Report(frames=[frames[i] for i in ids], duration_s=time.monotonic() - t0)
+        return Report(frames=[frames[i] for i in ids], duration_s=time.monotonic() - t0, t0=t0)
     finally:
         c.loop_stop()
         c.disconnect()
