@@ -309,7 +309,8 @@ class MqttLink:
             if legacy is not None and getattr(flags, "session_present", False):
                 # a session kept from before edged.fleet may still hold the group: leave it on this
                 # connection, or the broker keeps a dead daemon's share in this persistent session
-                self.unsubscribe([legacy])
+                self.unsubscribe([legacy], lambda: logger.info("left %s on the own session (kept from before "
+                                                               "the fleet had a connection of its own)", legacy))
             client.publish(f"{self.prefix}/status", self.status_payload, qos=1, retain=True)
         self._connected_hook()
         if self.on_connection:

@@ -10,6 +10,8 @@ the last answer) and with `--retries` (every frame answered).
 
 - kill: a member SIGKILLed mid-stream. Its kernel closes its sockets; the
   broker notices at once and ends its group session.
+- kill-busy: the same, but the member's worker is stopped (SIGSTOP) first,
+  until the member holds its Receive Maximum of frames: those go with it.
 - cut: a member's link taken down mid-stream (no FIN, no RST). The broker
   notices only at its keepalive timeout (1.5 x mqtt.keepalive).
 - term: a member SIGTERMed mid-stream: it leaves the group first and leaves
@@ -26,7 +28,9 @@ with re-sends, every frame is answered. The figures are printed
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
 import subprocess
 import time
@@ -50,7 +54,7 @@ KEEPALIVE = 5  # the lowest mqtt.keepalive allows: the broker notices a cut link
 RATE = 30.0  # frames per second into the fleet
 # seconds of stream: a cut member is noticed 1.5 x keepalive after its last packet, and Mosquitto 2.0 checks
 # keepalives only every 6 s (src/keepalive.c): up to ~14 s here; its stream outlasts that by some seconds
-SECONDS = {"kill": 10.0, "term": 10.0, "return": 12.0, "cut": 22.0}
+SECONDS = {"kill": 10.0, "kill-busy": 10.0, "term": 10.0, "return": 12.0, "cut": 22.0}
 FAULT_AT = 2.0  # seconds of stream served before member 3 is hit
 TIMEOUT, RETRIES = 3.0, 6  # re-sends cover 18 s: more than the ~14 s a cut member holds its share
 FIGURES: list[dict[str, Any]] = []
@@ -167,12 +171,17 @@ def run_case(fleet: Fleet, case: str, retries: int) -> dict[str, Any]:
     before = sum(m.taken() for m in fleet.members)
     seconds = SECONDS[case]
     req = fleet.requester(seconds, retries, report)
+    worker = None
     try:
         # mid-stream: FAULT_AT seconds of it taken by the group
         until(lambda: sum(m.taken() for m in fleet.members) - before >= RATE * FAULT_AT, 30,
               "the start of the stream served", 0.05)
+        if case == "kill-busy":  # a member that stalls holding frames, then dies
+            worker = victim.status()["workers"][0]["pid"]
+            os.kill(worker, signal.SIGSTOP)
+            until(lambda: (victim.share() or {}).get("outstanding", 0) >= 2, 10, "member 3 holding 2 frames", 0.02)
         t_fault = time.monotonic()
-        if case in ("kill", "return"):
+        if case in ("kill", "kill-busy", "return"):
             victim.proc.send_signal(signal.SIGKILL)
         elif case == "term":
             victim.proc.send_signal(signal.SIGTERM)
@@ -199,6 +208,9 @@ def run_case(fleet: Fleet, case: str, retries: int) -> dict[str, Any]:
         if case == "return":
             rejoined_taken = victim.taken()
     finally:
+        if worker is not None:  # the stopped worker of the member we killed: ours, ended by its pid
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker, signal.SIGKILL)
         if req.poll() is None:
             req.kill()
             req.wait(5)
@@ -229,6 +241,15 @@ def test_member_sigkilled_mid_stream(fleet: Fleet, retries: int) -> None:
     row = run_case(fleet, "kill", retries)
     # what went with it: its frames in flight (Receive Maximum 2) and any the broker had queued for it
     assert retries or row["unanswered"] <= 10, row
+
+
+@pytest.mark.parametrize("retries", [0, RETRIES], ids=["figures", "retries"])
+def test_member_sigkilled_holding_frames_loses_at_most_those(fleet: Fleet, retries: int) -> None:
+    row = run_case(fleet, "kill-busy", retries)
+    if not retries:  # the two frames it held are gone with its session (Mosquitto redelivers nothing)
+        assert 2 <= row["unanswered"] <= 10, row
+    else:
+        assert row["answered_after_resend"] >= 2, row
 
 
 @pytest.mark.parametrize("retries", [0, RETRIES], ids=["figures", "retries"])
