@@ -23,6 +23,7 @@ run: $(STAMP) mosquitto
 
 # the whole suite, then the model-level tests again on the tflite-runtime backend (its own venv: numpy<2)
 test: $(STAMP) mosquitto
+	@tools/ensure_netns.sh
 	$(BIN)/python -m pytest -q
 	tools/tflite_venv.sh
 

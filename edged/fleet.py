@@ -32,6 +32,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from edged.config import Config
@@ -55,7 +56,7 @@ class ShareLink(MqttLink):
 
     persistent = False
 
-    def __init__(self, cfg: Config, on_frame: Any, *, loop: IoLoop, door: Door) -> None:
+    def __init__(self, cfg: Config, on_frame: Callable[[Incoming], None], *, loop: IoLoop, door: Door) -> None:
         super().__init__(cfg, on_frame, None, loop=loop, door=door, client_id=f"{cfg.client_id}-share")
         filt = share_filter(cfg)
         assert filt is not None, "ShareLink needs mqtt.share"
