@@ -29,8 +29,8 @@ from typing import Any
 from edged import __version__, config, heap, protocol
 from edged.admission import Admission, Frame
 from edged.door import Door
-from edged.fleet import ShareLink
 from edged.errors import ConfigError, EdgedError, ModelError, ProtocolError, WorkerError
+from edged.fleet import ShareLink
 from edged.ioloop import IoLoop
 from edged.metrics import Metrics, write_prometheus
 from edged.mqtt import MqttLink
