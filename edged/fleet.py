@@ -71,6 +71,8 @@ class ShareLink(MqttLink):
         self._left = threading.Event()
         self._marker_out = False  # an UNSUBSCRIBE is on its way (leaving)
         self._arrived = False  # a frame came since the last marker went out
+        self._rounds = 0  # markers sent while leaving
+        self._taken_at_leave = 0
 
     # ---- session hooks (MqttLink) --------------------------------------------------------------------------
     def receive_maximum(self) -> int:
@@ -145,11 +147,13 @@ class ShareLink(MqttLink):
             self._left.set()
             return
         logger.info("fleet: leaving %s (%d frame(s) outstanding)", self.filter, self.outstanding())
+        self._taken_at_leave = self.taken
         self._send_marker()
 
     def _send_marker(self) -> None:
         self._arrived = False
         self._marker_out = True
+        self._rounds += 1
         if not self.unsubscribe([self.filter], self._marker_back):
             self._marker_out = False
             self._left.set()  # not connected any more: nothing more can come
@@ -162,7 +166,8 @@ class ShareLink(MqttLink):
         if self._arrived:
             self._send_marker()  # frames came while it travelled: one more round
             return
-        logger.info("fleet: left %s, nothing left behind", self.filter)
+        logger.info("fleet: left %s, nothing left behind (%d frame(s) came after the UNSUBSCRIBE, %d round(s))",
+                    self.filter, self.taken - self._taken_at_leave, self._rounds)
         self._left.set()
 
     def _next_marker(self) -> None:

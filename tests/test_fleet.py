@@ -16,6 +16,9 @@ the last answer) and with `--retries` (every frame answered).
   notices only at its keepalive timeout (1.5 x mqtt.keepalive).
 - term: a member SIGTERMed mid-stream: it leaves the group first and leaves
   no frame behind.
+- term-busy: the same while it holds its Receive Maximum and the broker has
+  queued more for it (its worker stopped, then continued after the SIGTERM):
+  it serves those too before it closes the group's connection.
 - return: a member SIGKILLed and started again mid-stream: it rejoins and
   takes its share again.
 
@@ -31,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -54,7 +58,7 @@ KEEPALIVE = 5  # the lowest mqtt.keepalive allows: the broker notices a cut link
 RATE = 30.0  # frames per second into the fleet
 # seconds of stream: a cut member is noticed 1.5 x keepalive after its last packet, and Mosquitto 2.0 checks
 # keepalives only every 6 s (src/keepalive.c): up to ~14 s here; its stream outlasts that by some seconds
-SECONDS = {"kill": 10.0, "kill-busy": 10.0, "term": 10.0, "return": 12.0, "cut": 22.0}
+SECONDS = {"kill": 10.0, "kill-busy": 10.0, "term": 10.0, "term-busy": 10.0, "return": 12.0, "cut": 22.0}
 FAULT_AT = 2.0  # seconds of stream served before member 3 is hit
 TIMEOUT, RETRIES = 3.0, 6  # re-sends cover 18 s: more than the ~14 s a cut member holds its share
 FIGURES: list[dict[str, Any]] = []
@@ -176,15 +180,23 @@ def run_case(fleet: Fleet, case: str, retries: int) -> dict[str, Any]:
         # mid-stream: FAULT_AT seconds of it taken by the group
         until(lambda: sum(m.taken() for m in fleet.members) - before >= RATE * FAULT_AT, 30,
               "the start of the stream served", 0.05)
-        if case == "kill-busy":  # a member that stalls holding frames, then dies
+        if case in ("kill-busy", "term-busy"):  # a member that stalls holding frames
             worker = victim.status()["workers"][0]["pid"]
             os.kill(worker, signal.SIGSTOP)
             until(lambda: (victim.share() or {}).get("outstanding", 0) >= 2, 10, "member 3 holding 2 frames", 0.02)
+            if case == "term-busy":  # and the broker queueing its share behind those
+                others = sum(m.taken() for m in fleet.members[:2])
+                until(lambda: sum(m.taken() for m in fleet.members[:2]) >= others + 8, 10, "frames queued for it",
+                      0.02)
         t_fault = time.monotonic()
         if case in ("kill", "kill-busy", "return"):
             victim.proc.send_signal(signal.SIGKILL)
-        elif case == "term":
+        elif case in ("term", "term-busy"):
             victim.proc.send_signal(signal.SIGTERM)
+            if worker is not None:  # it goes on once the member has begun to leave, its frames in hand
+                until(lambda: "fleet: leaving" in victim.log(), 10, "member 3 leaving the group", 0.02)
+                os.kill(worker, signal.SIGCONT)
+                worker = None
         else:
             fleet.hosts.cut(victim.i)
         # the broker's word that the member's group session is gone (keepalive timeout for a cut link)
@@ -197,7 +209,7 @@ def run_case(fleet: Fleet, case: str, retries: int) -> dict[str, Any]:
         until(noticed, 1.5 * KEEPALIVE + 15, f"the broker noticing member 3 gone ({case})", 0.05)
         t_notice = time.monotonic()
         rejoined_taken = None
-        if case == "term":
+        if case in ("term", "term-busy"):
             assert victim.proc.wait(20) == 0, victim.log()[-1500:]
             assert "nothing left behind" in victim.log(), victim.log()[-1500:]
         if case == "return":
@@ -263,6 +275,14 @@ def test_member_link_cut_mid_stream(fleet: Fleet, retries: int) -> None:
 def test_member_sigtermed_mid_stream_leaves_nothing_behind(fleet: Fleet, retries: int) -> None:
     row = run_case(fleet, "term", retries)
     assert row["unanswered"] == 0 and row["answered_twice"] == 0, row
+
+
+def test_member_sigtermed_holding_frames_serves_all_the_broker_sent_it(fleet: Fleet) -> None:
+    row = run_case(fleet, "term-busy", 0)
+    assert row["unanswered"] == 0 and row["answered_twice"] == 0, row
+    # the broker had queued frames for it behind the two it held: they came after the UNSUBSCRIBE, and were served
+    came = re.findall(r"nothing left behind \((\d+) frame\(s\) came after the UNSUBSCRIBE", fleet.members[2].log())
+    assert came and int(came[-1]) >= 1, fleet.members[2].log()[-1500:]
 
 
 @pytest.mark.parametrize("retries", [0, RETRIES], ids=["figures", "retries"])
