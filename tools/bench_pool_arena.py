@@ -228,6 +228,10 @@ def summarize(a: argparse.Namespace, tr: Trace, res: dict, wall: float) -> dict:
         "cap_mb": a.cap_mb, "pin_every": a.pin_every, "peak": a.peak, "backing": a.backing, "frames": frames,
         "simulated_h": round(tr.end / 3600, 2), "burst_peak_share_of_cap_max": round(max(tr.cycle_peak) / cap, 3),
         "wall_s": round(wall, 1), "pool_config": POOL}
+    fc, pc = res["fixed"]["refused_by_cycle"], res["pool"]["refused_by_cycle"]
+    s["cycles_refusing"] = {"fixed_only": sum(1 for f, p in zip(fc, pc) if f and not p),
+                            "pool_only": sum(1 for f, p in zip(fc, pc) if p and not f),
+                            "both": sum(1 for f, p in zip(fc, pc) if f and p)}
     for k, r in res.items():
         sm, rest, ref = r["samples"], r["rest"], r["refusals"]
         first = next((i + 1 for i, n in enumerate(r["refused_by_cycle"]) if n), None)
@@ -274,7 +278,8 @@ def report(s: dict) -> None:
         print(f"    RssShmem mean {r['shmem_mb_mean']} max {r['shmem_mb_max']:.0f} MiB; between bursts median "
               f"{r['between_bursts_shmem_mb_median']:.1f} max {r['between_bursts_shmem_mb_max']:.1f} MiB; at rest "
               f"after the trace {r['final_rest_shmem_mb']:.1f} MiB (VmRSS {r['final_rest_rss_mb']:.1f} MiB)")
-    f, p = s["fixed"], s["pool"]
+    f, p, c = s["fixed"], s["pool"], s["cycles_refusing"]
+    print(f"  cycles with refusals: fixed only {c['fixed_only']}, pool only {c['pool_only']}, both {c['both']}")
     if p["refused"] == 0 and f["refused"]:
         print(f"  the fixed arena refuses from cycle {f['first_refusing_cycle']}; the pool refuses none")
     else:
