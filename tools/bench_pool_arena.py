@@ -10,7 +10,7 @@ The same seeded trace is replayed, in simulated time, against
       coalescing allocator and memfd backing, in one segment the size of the cap. There is nothing to
       grow into, the base segment is never released, and recycling needs two segments, so it never
       resizes or recycles. The same allocator, so that the comparison isolates what growth, idle release
-      and recycling do; best-fit is also the kinder fixed arena (first-fit fragments more);
+      and recycling do;
   (b) pool: FramePool as edged's daemon builds it from configs/edged.yaml's defaults (1 MiB base,
       4 MiB segments, idle release after 10 s, recycling above 0.5 fragmentation for 10 s), same cap.
 Each replays in a child process of its own, so its RSS is its own; maintain() runs once per simulated
@@ -271,7 +271,7 @@ def report(s: dict) -> None:
               f"first in cycle {r['first_refusing_cycle']}")
         print(f"    refused frames: median {r['refused_frame_mb_median']} MiB, {r['refused_over_4mib_share']:.0%} over "
               f"4 MiB; at capacity >= {r['capacity_mb_at_refusal_min']} MiB, with a median "
-              f"{r['free_mb_at_refusal_median']} MiB (max {r['free_mb_at_refusal_max']}) free but in pieces")
+              f"{r['free_mb_at_refusal_median']} MiB (max {r['free_mb_at_refusal_max']}) free")
         print(f"    fragmentation mean {r['fragmentation_mean']} max {r['fragmentation_max']}; largest frame it could "
               f"take, min {r['largest_frame_mb_min']} MiB; capacity mean {r['capacity_mb_mean']} max "
               f"{r['capacity_mb_max']:.0f} MiB; recycles {r['recycles']}")
