@@ -62,9 +62,9 @@ from bench_pool import frame_size
 from edged.pool import PAGE, FramePool
 
 MiB = 1 << 20
-# configs/edged.yaml's pool defaults, as edged.daemon passes them to FramePool
-POOL: dict[str, float] = {"initial_bytes": 1 * MiB, "max_bytes": 256 * MiB, "segment_bytes": 4 * MiB,
-        "idle_release_s": 10.0, "frag_threshold": 0.5, "frag_window_s": 10.0}
+# configs/edged.yaml's pool defaults, as edged.daemon passes them to FramePool (max_bytes: --cap-mb, default 256)
+POOL: dict[str, float] = {"initial_bytes": 1 * MiB, "segment_bytes": 4 * MiB, "idle_release_s": 10.0,
+                          "frag_threshold": 0.5, "frag_window_s": 10.0}
 
 
 class Trace:
