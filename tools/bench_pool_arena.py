@@ -245,6 +245,8 @@ def summarize(a: argparse.Namespace, tr: Trace, res: dict, wall: float) -> dict:
                 "free_mb_at_refusal_median": round(sorted(x[1] - x[2] for x in ref)[len(ref) // 2] / MiB, 1)
                 if ref else 0,
                 "capacity_mb_at_refusal_min": round(min((x[1] for x in ref), default=0) / MiB, 1),
+                # refusals while the room under the cap would have taken a segment for the frame: none, by design
+                "refused_with_room_for_it": sum(1 for n, c, _ in ref if (cap - c) // PAGE * PAGE >= -(-n // 64) * 64),
                 "free_mb_at_refusal_max": round(max((x[1] - x[2] for x in ref), default=0) / MiB, 1),
                 "fragmentation_mean": round(sum(x["fragmentation"] for x in sm) / len(sm), 4),
                 "fragmentation_max": max(x["fragmentation"] for x in sm),
