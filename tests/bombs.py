@@ -59,7 +59,7 @@ def progressive_jpeg(scans: int = 3000, size: tuple[int, int] = (6000, 6000)) ->
         while segs[j - 1][1] == 0xC4:
             j -= 1
         units.append(b"".join(segs[j:i + 1]))
-    ac = [u for u, i in zip(units, sos) if segs[i][5 + 2 * segs[i][4]] != 0]  # spectral start Ss > 0
+    ac = [u for u, i in zip(units, sos, strict=False) if segs[i][5 + 2 * segs[i][4]] != 0]  # spectral start Ss > 0
     cheapest = min(ac or units, key=len)
     head = b"\xff\xd8" + b"".join(s for s in segs[:sos[0]] if s[1] != 0xC4)
     body = b"".join(units)

@@ -188,7 +188,9 @@ class Client(FrameIO):
         self.results: dict[str, dict[str, Any]] = {}
         self.count = 0
         self.status_msgs: list[dict[str, Any]] = []
-        self.events: list[dict[str, Any]] = []  # P/events, with "_rx" (monotonic time received) and "_n" (results before)
+        self.events: list[
+            dict[str, Any]
+        ] = []  # P/events, with "_rx" (monotonic time received) and "_n" (results before)
         self.cv = threading.Condition()
         self._subs = threading.Semaphore(0)
         self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="test-" + uuid.uuid4().hex[:8],

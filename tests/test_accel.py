@@ -282,7 +282,7 @@ def test_check_edgetpu_model_with_cpu_fallback_exits_0_reporting_it(tmp_path):
 # --- the GPU ------------------------------------------------------------------------------------------------
 
 
-def _gpu_or_skip(path: str) -> "runtime.GpuModel":
+def _gpu_or_skip(path: str) -> runtime.GpuModel:
     if not runtime.vulkan_loader():
         pytest.skip("no Vulkan loader (libvulkan.so.1): LiteRT's GPU accelerator needs one and a GPU adapter")
     if "litert" not in runtime.installed_backends():

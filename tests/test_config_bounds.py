@@ -91,7 +91,12 @@ def one_line_error(r: Ran, code: int = 78) -> str:
 
 def alias_bomb() -> str:
     """1 KiB: nine levels of nine aliases each, 9**9 strings once expanded, in a mapping (coral.options)."""
-    lines = ["accelerator:", "  coral:", "    options:", '      a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    lines = [
+        "accelerator:",
+        "  coral:",
+        "    options:",
+        '      a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]',
+    ]
     prev = "a"
     for name in "bcdefghi":
         lines.append(f"      {name}: &{name} [" + ",".join([f"*{prev}"] * 9) + "]")
@@ -234,7 +239,13 @@ def test_parse_share_group_and_prefix_checked_as_topics(share, key, why):
 
 
 def test_parse_valid_topics_still_accepted():
-    for prefix in ("edged/{device_id}", "site/{device_id}/x/", "{device_id}", "home/kitchen cam/{device_id}", "ünï/{device_id}"):
+    for prefix in (
+        "edged/{device_id}",
+        "site/{device_id}/x/",
+        "{device_id}",
+        "home/kitchen cam/{device_id}",
+        "ünï/{device_id}",
+    ):
         cfg = config.parse(f"device_id: pi-4_b.1\nmqtt:\n  topic_prefix: '{prefix}'\n", "/srv/e.yaml", Path("/srv"))
         assert topics.prefix_problem(cfg.prefix) is None and "pi-4_b.1" in cfg.prefix
 

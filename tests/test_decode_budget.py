@@ -173,7 +173,9 @@ def test_worker_sandboxed_answers_each_bomb_at_once_and_keeps_serving(tmp_path):
     cat = shared("cat.bmp").read_bytes()
     model, labels = shared("mobilenet_v2_1.0_224_quant.tflite"), shared("imagenet_labels.txt")
     with FramePool(initial_bytes=8 << 20, segment_bytes=8 << 20, max_bytes=64 << 20) as pool:
-        h = WorkerHandle(0, _init(tmp_path, model, labels), lambda _h, m: results.put(protocol.as_dict(m)), lambda _h: None)
+        h = WorkerHandle(
+            0, _init(tmp_path, model, labels), lambda _h, m: results.put(protocol.as_dict(m)), lambda _h: None
+        )
         h.start(timeout=120)
         pid = h.pid
         try:

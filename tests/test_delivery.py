@@ -24,7 +24,8 @@ import time
 import uuid
 import zlib
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import paho.mqtt.client as mqtt
@@ -221,7 +222,7 @@ class _Blackhole:
             self.fillers.append(s)
 
     def close(self) -> None:
-        for s in self.fillers + [self.listener]:
+        for s in [*self.fillers, self.listener]:
             s.close()
 
 
@@ -347,7 +348,7 @@ def test_broker_outage_results_held_and_published_after_return(daemon_factory, p
     q0 = [f"q0-{i}" for i in range(20)]
     q1 = [f"q1-{i}" for i in range(20)]
     with stopped(worker_pid(d)):
-        for a, b in zip(q0, q1):
+        for a, b in zip(q0, q1, strict=False):
             c.send(RAW, a, qos=0)
             c.send(RAW, b, qos=1)
         until(lambda: frames(d)["received"] == 40, 10, "40 frames admitted")
@@ -890,7 +891,7 @@ def test_share_a_session_kept_from_before_leaves_the_group(daemon_factory, broke
     until(lambda: "kept from before" in old.log(), 10, "the old session leaving the group", detail=old.log)
     survivor = daemon_factory(share)
     for d in (old, survivor):
-        until(lambda: d.status()["mqtt"]["share"]["subscribed"], 10, "both in the group on their own connection")
+        until(lambda d=d: d.status()["mqtt"]["share"]["subscribed"], 10, "both in the group on their own connection")
     c = session_client(broker.port, fleet)
     old.stop(signal.SIGKILL, 5)
     ids = [f"k{i}" for i in range(30)]

@@ -161,7 +161,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Any:
     yield f
     f.close()
     if FIGURES:
-        print("\nfleet figures (3 members, Mosquitto 2.0.11, keepalive %d s, %g frames/s):" % (KEEPALIVE, RATE))
+        print(f"\nfleet figures (3 members, Mosquitto 2.0.11, keepalive {KEEPALIVE} s, {RATE:g} frames/s):")
         for row in FIGURES:
             print("  " + json.dumps(row))
 

@@ -462,18 +462,30 @@ def test_expected_outputs_from_a_bad_expect_file_are_exit_78_naming_the_key_and_
     assert e is not None and e.outputs == [[[1, 2]]] and e.frames == "f" and e.source == str(path)
 
 
-@pytest.mark.parametrize("text,fragment", [
-    ("accelerator:\n  prefer: [coral, teflon]\n", "edged.yaml:2 accelerator.prefer[1]: must be one of coral, gpu, cpu"),
-    ("accelerator:\n  delegates:\n    cpu: {library: x.so}\n", "accelerator.delegates.cpu: a delegate's name"),
-    ("accelerator:\n  delegates:\n    npu: {}\n", "accelerator.delegates.npu.library: must name"),
-    ("accelerator:\n  delegates:\n    npu: {library: x.so, colour: red}\n", "accelerator.delegates.npu.colour: unknown"),
-    ("accelerator:\n  delegates:\n    npu: {library: x.so, options: {a: [1]}}\n", "must be plain scalars"),
-    ("accelerator:\n  prefer: [cpu, cpu]\n", "accelerator.prefer: names an accelerator twice"),
-    ("accelerator:\n  health: {probe_s: 10, probe_max_s: 5}\n", "accelerator.health.probe_max_s: must be >= probe_s"),
-    ("accelerator:\n  health: {failures: 0}\n", "accelerator.health.failures: must be >= 1"),
-    ("model:\n  selftest: {tolerance: -1}\n", "model.selftest.tolerance: must be >= 0"),
-    ("model:\n  selftest: {frames: [" + ", ".join(["a.png"] * 17) + "]}\n", "model.selftest.frames: at most 16"),
-])
+@pytest.mark.parametrize(
+    "text,fragment",
+    [
+        (
+            "accelerator:\n  prefer: [coral, teflon]\n",
+            "edged.yaml:2 accelerator.prefer[1]: must be one of coral, gpu, cpu",
+        ),
+        ("accelerator:\n  delegates:\n    cpu: {library: x.so}\n", "accelerator.delegates.cpu: a delegate's name"),
+        ("accelerator:\n  delegates:\n    npu: {}\n", "accelerator.delegates.npu.library: must name"),
+        (
+            "accelerator:\n  delegates:\n    npu: {library: x.so, colour: red}\n",
+            "accelerator.delegates.npu.colour: unknown",
+        ),
+        ("accelerator:\n  delegates:\n    npu: {library: x.so, options: {a: [1]}}\n", "must be plain scalars"),
+        ("accelerator:\n  prefer: [cpu, cpu]\n", "accelerator.prefer: names an accelerator twice"),
+        (
+            "accelerator:\n  health: {probe_s: 10, probe_max_s: 5}\n",
+            "accelerator.health.probe_max_s: must be >= probe_s",
+        ),
+        ("accelerator:\n  health: {failures: 0}\n", "accelerator.health.failures: must be >= 1"),
+        ("model:\n  selftest: {tolerance: -1}\n", "model.selftest.tolerance: must be >= 0"),
+        ("model:\n  selftest: {frames: [" + ", ".join(["a.png"] * 17) + "]}\n", "model.selftest.frames: at most 16"),
+    ],
+)
 def test_health_and_delegate_config_errors_name_the_key(text, fragment):
     from edged.errors import ConfigError
 

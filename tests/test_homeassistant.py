@@ -225,7 +225,9 @@ def test_real_home_assistant_sets_up_the_entities_and_follows_reload_and_stop(da
     st = res["states"]
     assert st[f"{e}label_cam1"]["attributes"]["frame_id"] == "r1" and st[f"{e}label_cam1"]["attributes"]["score"] > 0.9
     assert st[f"{e}label_cam2"]["state"] == "unknown"
-    assert float(st[f"{e}latency_p99"]["state"]) > 0 and st[f"{e}latency_p99"]["attributes"]["unit_of_measurement"] == "ms"
+    assert (
+        float(st[f"{e}latency_p99"]["state"]) > 0 and st[f"{e}latency_p99"]["attributes"]["unit_of_measurement"] == "ms"
+    )
     assert float(st[f"{e}pool"]["state"]) >= 0 and float(st[f"{e}errors"]["state"]) == 0
     assert float(st[f"{e}fps"]["state"]) >= 0
     assert res["registry"][f"{e}pool"]["entity_category"] == "diagnostic"

@@ -230,7 +230,7 @@ def test_max_streams_caps_streams_holding_frames_and_forgets_empty_ones(daemon_f
         until(lambda: worker(d)["inflight"] == 2, 10, "two frames on the frozen worker")
         for s in ("s1", "s2", "s3"):
             spy.publish(f"{d.prefix}/in/{s}", RAW, user=[("frame_id", s)])
-        topic, body = spy.wait_for("s3")
+        _topic, body = spy.wait_for("s3")
         assert body["error"]["code"] == "overloaded" and "max_streams" in body["error"]["message"], body
         assert d.status()["streams_queued"] == 2
     finally:
@@ -275,7 +275,7 @@ def test_poison_frame_runs_twice_then_answered_worker_crashed_never_replayed(dae
     spy.publish(f"{d.prefix}/in/cam1", b"EDGED-TEST-FAULT:abort", user=[("frame_id", "poison")])
     for i in range(5):
         spy.publish(f"{d.prefix}/in/cam2", RAW, user=[("frame_id", f"ok{i}")])
-    topic, body = spy.wait_for("poison", 30)
+    _topic, body = spy.wait_for("poison", 30)
     assert body["error"]["code"] == "worker_crashed" and "second time" in body["error"]["message"], body
     until(lambda: all(spy.answers(f"ok{i}") for i in range(5)), 30, "the other frames")
     assert all("classes" in spy.answers(f"ok{i}")[0][1] for i in range(5))
@@ -291,7 +291,7 @@ def test_poison_frame_runs_twice_then_answered_worker_crashed_never_replayed(dae
 def test_hanging_frame_killed_twice_answered_timeout(daemon_factory, spy):
     d = daemon_factory({"sandbox": {"frame_timeout_s": 1.0, "heartbeat_s": 0.3, "backoff_max_s": 0.2}}, env=HOOKS)
     spy.publish(f"{d.prefix}/in/cam1", b"EDGED-TEST-FAULT:hang", user=[("frame_id", "hang")])
-    topic, body = spy.wait_for("hang", 30)
+    _topic, body = spy.wait_for("hang", 30)
     assert body["error"]["code"] == "timeout", body
     until(lambda: worker(d)["state"] == "ready" and worker(d)["restarts"] == 2, 20, "the second restart")
     sentinel(d, spy)
@@ -319,12 +319,12 @@ def test_hostile_worker_reply_ends_that_worker_only(daemon_factory, spy, fault):
     d = daemon_factory({"sandbox": {"backoff_max_s": 0.2}}, env=HOOKS)
     before = _fds(d.proc.pid)
     spy.publish(f"{d.prefix}/in/cam1", f"EDGED-TEST-FAULT:{fault}".encode(), user=[("frame_id", "evil")])
-    topic, body = spy.wait_for("evil", 30)
+    _topic, body = spy.wait_for("evil", 30)
     assert body["error"]["code"] == "worker_crashed", body  # it ran twice: two hostile workers ended
     until(lambda: worker(d)["state"] == "ready", 20, "a new worker")
     sentinel(d, spy)
-    assert not [b for _t, b, _p in spy.msgs if b.get("frame_id") == "forged" or "timing_ms" in b and
-                b["timing_ms"].get("total") == 0]
+    assert not [b for _t, b, _p in spy.msgs if b.get("frame_id") == "forged" or ("timing_ms" in b and
+                b["timing_ms"].get("total") == 0)]
     assert _fds(d.proc.pid) <= before + 4, (before, _fds(d.proc.pid))  # no descriptor of the worker's kept
     assert d.proc.poll() is None
 
@@ -350,8 +350,13 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 # what Mosquitto passes on: no control characters (it drops a client that sends them; the door's unit test covers them)
-_levels = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x2FFF, blacklist_characters="+#/",
-                                blacklist_categories=("Cc", "Cs")), min_size=0, max_size=40) | st.sampled_from(["s" * 129, "ümlaut", "a b", "x" * 128])
+_levels = st.text(
+    st.characters(
+        min_codepoint=0x21, max_codepoint=0x2FFF, blacklist_characters="+#/", blacklist_categories=("Cc", "Cs")
+    ),
+    min_size=0,
+    max_size=40,
+) | st.sampled_from(["s" * 129, "ümlaut", "a b", "x" * 128])
 _reply = st.none() | st.sampled_from(["x/+/y", "#", "ok/reply", "$SYS/x", "STATUS", "IN", "homeassistant/x", ""]) | \
     st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1, max_size=30)
 _frame = st.fixed_dictionaries({
@@ -386,7 +391,7 @@ def test_random_publishers_daemon_keeps_answering_each_qos1_frame_once(fuzz_rig,
     d, spy, v3 = fuzz_rig["d"], fuzz_rig["spy"], fuzz_rig["v3"]
     before = len(spy.msgs)
     sent = 0
-    for i, f in enumerate(batch):
+    for f in batch:
         stream = f["stream"]
         topic = f"{d.prefix}/in/{stream}"
         if len(topic.encode()) > 65535:

@@ -44,7 +44,9 @@ def test_input_normalization_models_without_metadata_give_none(tmp_path):
     assert modelfile.input_normalization(str(tmp_path / "absent.tflite")) is None
 
 
-@pytest.mark.parametrize(("mean", "std"), [([127.5], [127.5]), ([0.0], [255.0]), ([123.7, 116.3, 103.5], [58.4, 57.1, 57.4])])
+@pytest.mark.parametrize(
+    ("mean", "std"), [([127.5], [127.5]), ([0.0], [255.0]), ([123.7, 116.3, 103.5], [58.4, 57.1, 57.4])]
+)
 def test_input_normalization_reads_written_metadata_and_model_still_runs_the_same(tmp_path, mean, std):
     path = _write(tmp_path, "m.tflite", with_normalization(FLOAT.read_bytes(), mean, std))
     got = modelfile.input_normalization(str(path))

@@ -176,7 +176,10 @@ def test_stage_latency_histograms_count_exactly_per_bucket_in_seconds(tmp_path):
     for ms in (0.3, 10.0, 10.01, 24.0, 31_000.0):  # 10.0 lies on a bound: counted in le=0.01
         m.observe({"inference": ms})
     values = parse_prometheus(prometheus_file(tmp_path, {**m.snapshot(), "queue_depth": 0}))
-    b = lambda le, stage="inference": values[key("edged_stage_latency_seconds_bucket", le=le, stage=stage)]  # noqa: E731
+
+    def b(le: str, stage: str = "inference") -> float:
+        return values[key("edged_stage_latency_seconds_bucket", le=le, stage=stage)]
+
     assert (b("0.0005"), b("0.005"), b("0.01"), b("0.025"), b("30"), b("+Inf")) == (1, 1, 2, 4, 4, 5)
     assert values[key("edged_stage_latency_seconds_count", stage="inference")] == 5
     assert abs(values[key("edged_stage_latency_seconds_sum", stage="inference")] - 31.04431) < 1e-6

@@ -138,7 +138,9 @@ def test_status_cli_table_json_socket_mode_and_exit_69(daemon_factory, client_fa
     d = daemon_factory()
     sock = Path(d.config["status"]["socket"])
     assert stat.S_IMODE(sock.stat().st_mode) == 0o660
-    r = subprocess.run(edged_cmd("status", "-c", str(d.cfg_path)), capture_output=True, text=True, env=d.env, timeout=20)
+    r = subprocess.run(
+        edged_cmd("status", "-c", str(d.cfg_path)), capture_output=True, text=True, env=d.env, timeout=20
+    )
     assert r.returncode == 0 and "digits" in r.stdout and "sandboxed yes" in r.stdout
     r = subprocess.run(edged_cmd("status", "--json", "--socket", str(sock)), capture_output=True, text=True,
                        env=d.env, timeout=20)

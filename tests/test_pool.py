@@ -312,7 +312,7 @@ def test_maintain_lasting_fragmentation_drains_segment_and_recycles(caplog):
         assert pool.alloc(64).segment == 0                     # avoids the draining segment
         b = pool.alloc(64)
         assert b.segment == 1 and pool.stats()["grows"] == 1   # nothing else fits: drained one beats growing
-        for x in left + [b]:
+        for x in [*left, b]:
             pool.free(x)
         clock.t += 10
         pool.maintain()
@@ -392,7 +392,7 @@ def test_alloc_free_from_threads_keeps_bookkeeping_consistent():
                         pool.maintain()
                 for b in mine:
                     pool.free(b)
-            except BaseException as exc:  # noqa: BLE001 - reported below
+            except BaseException as exc:
                 errors.append(exc)
 
         threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]

@@ -27,16 +27,30 @@ def test_make_trace_same_seed_gives_same_frames_at_same_times():
     c = arena.make_trace(6, 6, 256 * MiB, 50)
     assert (a.t, a.fid, a.size) == (b.t, b.fid, b.size) and a.cycle_start == b.cycle_start
     assert (a.t, a.size) != (c.t, c.size)
-    allocs = [f for f, n in zip(a.fid, a.size) if n]
-    frees = [f for f, n in zip(a.fid, a.size) if not n]
+    allocs = [f for f, n in zip(a.fid, a.size, strict=False) if n]
+    frees = [f for f, n in zip(a.fid, a.size, strict=False) if not n]
     assert sorted(allocs) == sorted(frees) == list(range(len(allocs)))  # every frame allocated once, freed once
-    at = {(f, n > 0): i for i, (f, n) in enumerate(zip(a.fid, a.size))}
+    at = {(f, n > 0): i for i, (f, n) in enumerate(zip(a.fid, a.size, strict=False))}
     assert all(at[(f, True)] < at[(f, False)] for f in allocs)   # no frame freed before it is allocated
 
 
 def test_bench_pool_arena_short_trace_fixed_refuses_pool_only_at_cap_and_rests_at_base(tmp_path):
-    r = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_pool_arena.py"), "--cycles", "40",
-                        "--out", str(tmp_path), "--no-plot"], check=False, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools" / "bench_pool_arena.py"),
+            "--cycles",
+            "40",
+            "--out",
+            str(tmp_path),
+            "--no-plot",
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     s = json.loads((tmp_path / "summary.json").read_text())
     fixed, pool, cap = s["fixed"], s["pool"], s["cap_mb"]

@@ -248,7 +248,7 @@ def _check_raw(model: Model) -> list[dict]:
     text = json.dumps(body, allow_nan=False)
     outputs = json.loads(text)["outputs"]
     assert [o["name"] for o in outputs] == [o.name for o in model.outputs]
-    for out, info in zip(outputs, model.outputs):
+    for out, info in zip(outputs, model.outputs, strict=False):
         assert out["dtype"] == info.dtype and out["shape"] == list(info.shape)
         assert len(out["data"]) == math.prod(out["shape"])
         assert all(v is None or type(v) in (int, float) for v in out["data"])

@@ -14,6 +14,7 @@ import pytest
 
 from edged import protocol
 from edged.protocol import MAX_MESSAGE, ProtocolError, Reader
+import itertools
 
 
 @pytest.fixture
@@ -125,7 +126,7 @@ def test_reader_stream_split_across_slow_writes_reassembles(pair):
     cuts = [0, 1, 3, 4, 5, 17, 60, 61, len(data) // 2, len(data) - 1, len(data)]
 
     def writer() -> None:
-        for lo, hi in zip(cuts, cuts[1:]):
+        for lo, hi in itertools.pairwise(cuts):
             a.sendall(data[lo:hi])
             time.sleep(0.01)
 

@@ -45,7 +45,7 @@ def test_model_shared_model_describe_matches_manifest(model_file):
     assert (model.input.scale, model.input.zero_point) == pytest.approx(tuple(want_in["quant"]))
     assert model.input.nbytes == int(np.prod(want_in["shape"]))
     assert len(d["outputs"]) == len(sig["outputs"])
-    for got, want in zip(d["outputs"], sig["outputs"]):
+    for got, want in zip(d["outputs"], sig["outputs"], strict=False):
         assert (got["name"], got["shape"], got["dtype"]) == (want["name"], want["shape"], want["dtype"])
         if want["quant"][0] == 0.0:
             assert got["quantization"] is None

@@ -23,7 +23,7 @@ SIGSYS = -signal.SIGSYS  # Popen.returncode of a child killed by seccomp
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from edged.sandbox import SandboxError, allowed_syscalls, seccomp_mode
+from edged.sandbox import SandboxError, allowed_syscalls, seccomp_mode  # noqa: E402 (after the sys.path line)
 
 PRELUDE = "import os, sys\nfrom edged import sandbox\n"
 
@@ -240,7 +240,9 @@ def test_install_filter_memfd_over_socketpair_mmapped_and_shared() -> None:
         p = subprocess.Popen([sys.executable, "-c", PRELUDE + textwrap.dedent(code), str(child.fileno())],
                              cwd=REPO, env=_child_env(), pass_fds=(child.fileno(),), stderr=subprocess.PIPE)
         child.close()
-        parent.sendmsg([str(1 << 20).encode()], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, memfd.to_bytes(4, sys.byteorder))])
+        parent.sendmsg(
+            [str(1 << 20).encode()], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, memfd.to_bytes(4, sys.byteorder))]
+        )
         parent.settimeout(30)
         seen = parent.recv(4)
         _, err = p.communicate(timeout=30)

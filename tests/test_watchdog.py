@@ -9,7 +9,6 @@ import threading
 import time
 
 import numpy as np
-import psutil
 import yaml
 
 from conftest import BUNDLED, shared, until
@@ -93,7 +92,7 @@ def test_restart_uses_the_config_in_memory_not_the_file(daemon_factory, client_f
     for round_ in range(2):
         pid = d.status()["workers"][0]["pid"]
         os.kill(pid, signal.SIGKILL)
-        until(lambda: (w := d.status()["workers"][0])["pid"] != pid and w["state"] == "ready", 20,
+        until(lambda pid=pid: (w := d.status()["workers"][0])["pid"] != pid and w["state"] == "ready", 20,
               "the worker restarted")
         c.send(np.zeros((1, 8, 8, 1), np.uint8).tobytes(), f"r{round_}")
         res = c.wait([f"r{round_}"], 20)[f"r{round_}"]

@@ -155,7 +155,9 @@ def test_worker_attacking_its_segment_fds_cannot_write_or_resize_host_memory(tmp
         footprint = shm_footprint(pool)
 
         AttackingWorker.sandboxed = sandboxed
-        h = AttackingWorker(0, init_msg(tmp_path, sandboxed), lambda _h, m: results.put(protocol.as_dict(m)), lambda _h: None)
+        h = AttackingWorker(
+            0, init_msg(tmp_path, sandboxed), lambda _h, m: results.put(protocol.as_dict(m)), lambda _h: None
+        )
         info = h.start(timeout=60)
         try:
             assert info["sandboxed"] is sandboxed

@@ -27,8 +27,8 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edged import bench, config, runtime  # noqa: E402
-from edged.bench_e2e import E2EPath  # noqa: E402
+from edged import bench, config, runtime
+from edged.bench_e2e import E2EPath
 
 
 def cpu_s(pid: int) -> float:
@@ -80,12 +80,12 @@ def main() -> int:
             p.close()
     med = statistics.median
     print(f"raw invoke loop: median {med(raw_ms):.3f} ms/frame")
-    for tree, r in zip(args.trees, res):
+    for tree, r in zip(args.trees, res, strict=False):
         print(f"{tree}: e2e {med(r['wall']):.3f} ms/frame (added {med(r['wall']) - med(raw_ms):.3f}), "
               f"supervisor CPU {med(r['sup']):.3f} ms/frame, worker CPU {med(r['worker']):.3f} ms/frame")
     a, b = res
-    print("per round B/A, e2e wall:     ", " ".join(f"{y / x:.2f}" for x, y in zip(a["wall"], b["wall"])))
-    print("per round B/A, supervisor CPU:", " ".join(f"{y / x:.2f}" for x, y in zip(a["sup"], b["sup"])))
+    print("per round B/A, e2e wall:     ", " ".join(f"{y / x:.2f}" for x, y in zip(a["wall"], b["wall"], strict=False)))
+    print("per round B/A, supervisor CPU:", " ".join(f"{y / x:.2f}" for x, y in zip(a["sup"], b["sup"], strict=False)))
     return 0
 
 

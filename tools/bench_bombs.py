@@ -45,13 +45,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-import bombs  # noqa: E402  (tests/bombs.py)
-from edged.errors import FrameError  # noqa: E402
-from edged import protocol  # noqa: E402
-from edged.pool import FramePool  # noqa: E402
-from edged.preprocess import Preprocessor  # noqa: E402
-from edged.runtime import Model  # noqa: E402
-from edged.workers import WorkerHandle  # noqa: E402
+import bombs
+from edged.errors import FrameError
+from edged import protocol
+from edged.pool import FramePool
+from edged.preprocess import Preprocessor
+from edged.runtime import Model
+from edged.workers import WorkerHandle
 
 SHARED = ROOT.parent / "shared" / "models"
 ISSUE = ("bmp_rle8_40000000x1", "jpeg_progressive_3000_scans", "png_40mp_rgb")
@@ -84,7 +84,7 @@ def pct(xs: list[float], q: float) -> float:
     if not xs:
         return float("nan")
     xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+    return xs[min(len(xs) - 1, round(q / 100 * (len(xs) - 1)))]
 
 
 def bench_preprocess(model: str, frames: dict[str, bytes], cam: bytes, reps: int) -> dict[str, Any]:
@@ -111,7 +111,18 @@ def bench_worker(model: str, labels: str, frames: dict[str, bytes], cam: bytes, 
     cfg_path = tmp / "worker.yaml"
     cfg_path.write_text(yaml.safe_dump({"device_id": "bench", "model": {"path": model, "labels": labels,
                                                                        "task": "classify"}}))
-    init = protocol.Init(config_text=cfg_path.read_text(), config_name=str(cfg_path), config_base=str(tmp), sandbox=True, sandbox_mode="kill", memory_limit=1 << 30, batch_max=1, batch_wait_ms=0.0, max_fds=64, log_level=30)
+    init = protocol.Init(
+        config_text=cfg_path.read_text(),
+        config_name=str(cfg_path),
+        config_base=str(tmp),
+        sandbox=True,
+        sandbox_mode="kill",
+        memory_limit=1 << 30,
+        batch_max=1,
+        batch_wait_ms=0.0,
+        max_fds=64,
+        log_level=30,
+    )
     results: queue.Queue[dict[str, Any]] = queue.Queue()
     h = WorkerHandle(0, init, lambda _h, m: results.put(protocol.as_dict(m)), lambda _h: None)
     h.start(timeout=120)
@@ -130,7 +141,7 @@ def bench_worker(model: str, labels: str, frames: dict[str, bytes], cam: bytes, 
                     msg = results.get(timeout=300)
                     times.append((time.perf_counter() - t0) * 1e3)
                     pool.free(block)
-                    codes.add((msg.get("error_code") or "served"))
+                    codes.add(msg.get("error_code") or "served")
                 out[name] = {"answer": "/".join(sorted(codes)), "ms_median": round(statistics.median(times), 3),
                              "ms_p99": round(pct(times, 99), 3)}
         finally:
@@ -271,8 +282,11 @@ def main() -> int:
     ap.add_argument("--bombs-per-s", type=float, default=1.0)
     ap.add_argument("--reps", type=int, default=30, help="refusals timed per bomb kind")
     ap.add_argument("--tree", default=str(ROOT), help="checkout whose `edged run` serves the e2e phases")
-    ap.add_argument("--kinds", default=",".join(ISSUE),
-                    help=f"bombs sent in turn in the e2e phase (default the issue's three; any of: {', '.join(all_bombs())})")
+    ap.add_argument(
+        "--kinds",
+        default=",".join(ISSUE),
+        help=f"bombs sent in turn in the e2e phase (default the issue's three; any of: {', '.join(all_bombs())})",
+    )
     ap.add_argument("--skip-e2e", action="store_true")
     ap.add_argument("--only-e2e", action="store_true")
     ap.add_argument("--json", action="store_true")

@@ -32,8 +32,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from edged.broker import Broker  # noqa: E402
-from edged.status import query  # noqa: E402
+from edged.broker import Broker
+from edged.status import query
 
 RAW = np.zeros((1, 8, 8, 1), np.uint8).tobytes()
 

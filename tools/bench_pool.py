@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edged.pool import FramePool  # noqa: E402
+from edged.pool import FramePool
 
 KB, MiB = 1000, 1 << 20
 # (weight, low, high) in bytes: what cameras and preprocessors send an edge daemon

@@ -173,10 +173,18 @@ def replay(kind: str, tr: Trace, cap: int, backing: str, sample_s: float) -> dic
         largest = round((1.0 - st["fragmentation"]) * free)
         room = 0 if kind == "fixed" else (cap - st["capacity_bytes"]) // PAGE * PAGE
         kb = _status_kb("VmRSS", "RssShmem")
-        return {"t_s": round(t, 1), "capacity_mb": st["capacity_bytes"] / MiB, "used_mb": round(st["used_bytes"] / MiB, 2),
-                "fragmentation": st["fragmentation"], "largest_frame_mb": round(max(largest, room) / MiB, 2),
-                "refused": refused, "segments": st["segments"], "recycles": st["recycles"],
-                "rss_mb": kb["VmRSS"] / 1024, "shmem_mb": kb.get("RssShmem", 0) / 1024}
+        return {
+            "t_s": round(t, 1),
+            "capacity_mb": st["capacity_bytes"] / MiB,
+            "used_mb": round(st["used_bytes"] / MiB, 2),
+            "fragmentation": st["fragmentation"],
+            "largest_frame_mb": round(max(largest, room) / MiB, 2),
+            "refused": refused,
+            "segments": st["segments"],
+            "recycles": st["recycles"],
+            "rss_mb": kb["VmRSS"] / 1024,
+            "shmem_mb": kb.get("RssShmem", 0) / 1024,
+        }
 
     def advance(to: float) -> None:
         nonlocal next_tick, next_sample, next_cycle
@@ -215,7 +223,17 @@ def replay(kind: str, tr: Trace, cap: int, backing: str, sample_s: float) -> dic
 
 
 def replay_child(kind: str, a: argparse.Namespace, trace_args: list[str]) -> subprocess.Popen:
-    cmd = [sys.executable, __file__, *trace_args, "--sample-s", str(a.sample_s), "--backing", a.backing, "--replay", kind]
+    cmd = [
+        sys.executable,
+        __file__,
+        *trace_args,
+        "--sample-s",
+        str(a.sample_s),
+        "--backing",
+        a.backing,
+        "--replay",
+        kind,
+    ]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE)
 
 
@@ -229,9 +247,9 @@ def summarize(a: argparse.Namespace, tr: Trace, res: dict, wall: float) -> dict:
         "simulated_h": round(tr.end / 3600, 2), "burst_peak_share_of_cap_max": round(max(tr.cycle_peak) / cap, 3),
         "wall_s": round(wall, 1), "pool_config": POOL}
     fc, pc = res["fixed"]["refused_by_cycle"], res["pool"]["refused_by_cycle"]
-    s["cycles_refusing"] = {"fixed_only": sum(1 for f, p in zip(fc, pc) if f and not p),
-                            "pool_only": sum(1 for f, p in zip(fc, pc) if p and not f),
-                            "both": sum(1 for f, p in zip(fc, pc) if f and p)}
+    s["cycles_refusing"] = {"fixed_only": sum(1 for f, p in zip(fc, pc, strict=False) if f and not p),
+                            "pool_only": sum(1 for f, p in zip(fc, pc, strict=False) if p and not f),
+                            "both": sum(1 for f, p in zip(fc, pc, strict=False) if f and p)}
     for k, r in res.items():
         sm, rest, ref = r["samples"], r["rest"], r["refusals"]
         first = next((i + 1 for i, n in enumerate(r["refused_by_cycle"]) if n), None)
@@ -269,8 +287,10 @@ def report(s: dict) -> None:
           f"1 frame in {s['pin_every']} pinned, seed {s['seed']}, backing {s['backing']}, {s['wall_s']} s wall")
     for k in ("fixed", "pool"):
         r = s[k]
-        print(f"  {k}: refused {r['refused']:,} frames ({r['refused_share']:.4%}) in {r['cycles_with_refusals']} cycles, "
-              f"first in cycle {r['first_refusing_cycle']}")
+        print(
+            f"  {k}: refused {r['refused']:,} frames ({r['refused_share']:.4%}) in {r['cycles_with_refusals']} cycles, "
+            f"first in cycle {r['first_refusing_cycle']}"
+        )
         print(f"    refused frames: median {r['refused_frame_mb_median']} MiB, {r['refused_over_4mib_share']:.0%} over "
               f"4 MiB; at capacity >= {r['capacity_mb_at_refusal_min']} MiB, with a median "
               f"{r['free_mb_at_refusal_median']} MiB (max {r['free_mb_at_refusal_max']}) free")
@@ -342,9 +362,13 @@ def plot(path: Path, s: dict, res: dict, cycle_start: list[float]) -> str:
                                        f"{s[k]['first_refusing_cycle']}")
         ax[3].plot(th, [cyc[i]["shmem_max"] for i in idx], color=color, lw=0.6, alpha=0.5,
                    label=f"{name}: peak of each cycle")
-        ax[3].plot(rest_t + [r["samples"][-1]["t_s"] / 3600], [x["shmem_mb"] for x in r["rest"]]
-                   + [r["final"]["shmem_mb"]], color=color, lw=1, label=f"{name}: between bursts, and at rest "
-                                                                       f"after the trace: {r['final']['shmem_mb']:.0f} MiB")
+        ax[3].plot(
+            [*rest_t, r["samples"][-1]["t_s"] / 3600],
+            [x["shmem_mb"] for x in r["rest"]] + [r["final"]["shmem_mb"]],
+            color=color,
+            lw=1,
+            label=f"{name}: between bursts, and at rest after the trace: {r['final']['shmem_mb']:.0f} MiB",
+        )
     ax[0].set_ylabel("MiB")
     ax[0].set_title(f"capacity (cap {s['cap_mb']} MiB for both)")
     ax[1].set_ylabel("1 - largest / free")

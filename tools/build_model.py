@@ -48,17 +48,17 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 os.environ.setdefault("TF_DETERMINISTIC_OPS", "1")
 
-import warnings  # noqa: E402
+import warnings
 
 warnings.filterwarnings("ignore")
 
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
-from sklearn.datasets import load_digits  # noqa: E402
-from sklearn.model_selection import train_test_split  # noqa: E402
+import numpy as np
+from PIL import Image
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
 
-import tensorflow as tf  # noqa: E402
-import keras  # noqa: E402
+import tensorflow as tf
+import keras
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS_DIR = REPO / "edged" / "models"
@@ -578,10 +578,10 @@ def write_testdata_readme(info: dict) -> None:
             ls.get("after_reset", [np.nan]), ls["first"], atol=1e-6
         )
         litert_text = f"""\
-Checked with `ai_edge_litert` {lt['version']} (`from ai_edge_litert.interpreter import Interpreter`):
-first invoke {vec(ls['first'])}, second {vec(ls['second'])} (differs);
-`reset_all_variables()`: {ls['reset_all_variables']}{', and the next invoke reproduces the first output' if reset_ok else ', but it does NOT reproduce the first output'};
-a re-created interpreter gives {vec(ls['recreated'])}."""
+Checked with `ai_edge_litert` {lt["version"]} (`from ai_edge_litert.interpreter import Interpreter`):
+first invoke {vec(ls["first"])}, second {vec(ls["second"])} (differs);
+`reset_all_variables()`: {ls["reset_all_variables"]}{", and the next invoke reproduces the first output" if reset_ok else ", but it does NOT reproduce the first output"};
+a re-created interpreter gives {vec(ls["recreated"])}."""
 
     text = f"""\
 # TFLite test fixtures
@@ -734,7 +734,7 @@ def main() -> int:
         f"digits input quantization must map uint8 0..255 to 0..1, got {di}"
     )
     assert do["shape"] == [1, 10] and do["dtype"] == "uint8", do
-    assert 0 <= (0 - do["zero_point"]) * do["scale"] and (255 - do["zero_point"]) * do["scale"] <= 1.0 + 1e-6, do
+    assert (0 - do["zero_point"]) * do["scale"] >= 0 and (255 - do["zero_point"]) * do["scale"] <= 1.0 + 1e-6, do
     ii = desc["digits_int8io"]["inputs"][0]
     assert ii["shape"] == [1, 8, 8, 1] and ii["dtype"] == "int8", ii
     assert abs(ii["scale"] - 1.0 / 255.0) < 1e-6 and ii["zero_point"] == -128, ii
@@ -748,8 +748,13 @@ def main() -> int:
     assert [int(v) for v in bsig] == [-1, 8, 8, 1], f"digits_batch: batch dimension not free ({bsig})"
 
     # --- accuracy -------------------------------------------------------------
-    modes = {"digits": "quant", "digits_int8io": "quant", "digits_float": "float_nhwc", "digits_nchw_float": "float_nchw",
-             "digits_batch": "quant"}
+    modes = {
+        "digits": "quant",
+        "digits_int8io": "quant",
+        "digits_float": "float_nhwc",
+        "digits_nchw_float": "float_nchw",
+        "digits_batch": "quant",
+    }
     probs = {k: predict_all(models[k], x_te, m) for k, m in modes.items()}
     acc = {k: float(np.mean(np.argmax(p, 1) == y_te)) for k, p in probs.items()}
     acc["keras"] = keras_acc

@@ -91,7 +91,10 @@ async def report(hass: HomeAssistant, prefix: str, expect: dict[str, str], timeo
     seen_devices = set()
     for entity_id, e in sorted(ents.items()):
         st = hass.states.get(entity_id)
-        out["states"][entity_id] = {"state": st.state if st else None, "attributes": dict(st.attributes) if st else None}
+        out["states"][entity_id] = {
+            "state": st.state if st else None,
+            "attributes": dict(st.attributes) if st else None,
+        }
         out["registry"][entity_id] = {"unique_id": e.unique_id, "platform": e.platform, "device_id": e.device_id,
                                       "entity_category": e.entity_category}
         if e.device_id and e.device_id not in seen_devices:

@@ -86,7 +86,7 @@ def quiet_on_empty(hass: HomeAssistant, tpl: Any, what: str, errors: list[str]) 
     LOGGED.records.clear()
     try:
         render(hass, tpl, "")
-    except Exception as exc:  # noqa: BLE001 - reported, not raised
+    except Exception as exc:
         errors.append(f"{what} raises on an empty payload: {exc}")
     errors.extend(f"{what} on an empty payload: {r}" for r in LOGGED.records)
 

@@ -22,9 +22,9 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edged import config, selftest  # noqa: E402
-from edged.supervision import init_message, read_config_text  # noqa: E402
-from edged.workers import WorkerHandle  # noqa: E402
+from edged import config, selftest
+from edged.supervision import init_message, read_config_text
+from edged.workers import WorkerHandle
 
 
 def measure(model: str, starts: int, frames: list[str]) -> dict[str, object]:

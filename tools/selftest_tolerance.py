@@ -19,11 +19,14 @@ from ai_edge_litert import interpreter as lit
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from edged import selftest  # noqa: E402
+from edged import selftest
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "models"
-KERNELS = {"xnnpack": {}, "builtin": {"experimental_op_resolver_type": lit.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES},
-           "reference": {"experimental_op_resolver_type": lit.OpResolverType.BUILTIN_REF}}
+KERNELS = {
+    "xnnpack": {},
+    "builtin": {"experimental_op_resolver_type": lit.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES},
+    "reference": {"experimental_op_resolver_type": lit.OpResolverType.BUILTIN_REF},
+}
 
 
 def main(models: list[str]) -> None:

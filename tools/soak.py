@@ -104,7 +104,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 import paho.mqtt.client as mqtt
@@ -117,9 +118,9 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from edged.broker import Broker  # noqa: E402
-from edged.errors import UnavailableError  # noqa: E402
-from edged.status import query  # noqa: E402
+from edged.broker import Broker
+from edged.errors import UnavailableError
+from edged.status import query
 
 BUNDLED = ROOT / "edged" / "models"
 EX_FAIL, EX_USAGE, EX_UNAVAILABLE = 1, 2, 69
@@ -535,7 +536,9 @@ def phases(rng: random.Random, ci: bool) -> Any:
         kind = rng.choices(*nxt[kind])[0]
 
 
-def fault_plan(opts: argparse.Namespace, duration: float, own_broker: bool, rng: random.Random) -> list[tuple[float, str]]:
+def fault_plan(
+    opts: argparse.Namespace, duration: float, own_broker: bool, rng: random.Random
+) -> list[tuple[float, str]]:
     """(t, kind) faults inside the load, at least opts.min_gap_s apart, none in the last 5 s."""
     plan: list[tuple[float, str]] = []
 
@@ -925,8 +928,15 @@ def verdict(opts: argparse.Namespace, ledger: Ledger, facts: RunFacts) -> dict[s
     checks.append(Check("wrong answers", wrong, 0, wrong == 0, "; ".join(f"{k}: {v}" for k, v in ledger.wrong.items())))
     checks.append(Check("duplicate results", ledger.duplicates, None, None, "at least once: redelivery after faults"))
     bad_faults = [f for f in facts.faults if not f["ok"]]
-    checks.append(Check("faults recovered", f"{len(facts.faults) - len(bad_faults)}/{len(facts.faults)}",
-                        "all", not bad_faults, "; ".join(f"{f['kind']} at {f['t_s']} s: {f['detail']}" for f in bad_faults)))
+    checks.append(
+        Check(
+            "faults recovered",
+            f"{len(facts.faults) - len(bad_faults)}/{len(facts.faults)}",
+            "all",
+            not bad_faults,
+            "; ".join(f"{f['kind']} at {f['t_s']} s: {f['detail']}" for f in bad_faults),
+        )
+    )
     if facts.daemon_died is not None:
         checks.append(Check("daemon alive", facts.daemon_died, "alive", False))
     if facts.daemon_exit is not None or opts.own:
@@ -936,7 +946,9 @@ def verdict(opts: argparse.Namespace, ledger: Ledger, facts: RunFacts) -> dict[s
     pss_note = ("PSS from psutil memory_full_info" if facts.mem_kinds == {1.0} else
                 "PSS not readable (needs root or the daemon's user): the PSS columns hold RSS")
     sup, n_sup = slope_mb_h(half, "sup_mem_mb")
-    warm = [r for r in half if _num(r.get("workers_min_age_s")) and float(r["workers_min_age_s"]) >= opts.worker_warmup_s]
+    warm = [
+        r for r in half if _num(r.get("workers_min_age_s")) and float(r["workers_min_age_s"]) >= opts.worker_warmup_s
+    ]
     wrk, n_wrk = slope_mb_h(warm, "workers_mem_mb")
     # a fit over the second half cannot tell less than --resolve-mb of change from jitter
     floor = opts.resolve_mb / (T / 2 / 3600) if T else float("inf")
@@ -994,28 +1006,58 @@ def verdict(opts: argparse.Namespace, ledger: Ledger, facts: RunFacts) -> dict[s
     faults_ok = collections.Counter(f["kind"] for f in facts.faults if f["ok"])
     last = facts.rows[-1] if facts.rows else {}
     return {
-        "pass": ok, "mode": "ci" if opts.ci else "long", "load_s": round(T, 1), "out": str(opts.out),
-        "frames": {"sent": ledger.sent, "acked": ledger.acked, "answered": ledger.answered, "lost": lost,
-                   "lost_acked_by_broker": lost_acked, "lost_never_acked": lost_unacked,
-                   "duplicates": ledger.duplicates, "unexpected": ledger.unexpected,
-                   "ok": ledger.answered - ledger.errors, "errors": ledger.errors,
-                   "errors_by_code_good_frames": dict(ledger.codes), "bad_frames_sent": ledger.bad_sent,
-                   "errors_by_code_bad_frames": dict(ledger.bad_codes),
-                   "puback_failures": dict(ledger.puback_failures),
-                   "mean_rate_fps": round(ledger.sent / T, 1) if T else 0.0},
+        "pass": ok,
+        "mode": "ci" if opts.ci else "long",
+        "load_s": round(T, 1),
+        "out": str(opts.out),
+        "frames": {
+            "sent": ledger.sent,
+            "acked": ledger.acked,
+            "answered": ledger.answered,
+            "lost": lost,
+            "lost_acked_by_broker": lost_acked,
+            "lost_never_acked": lost_unacked,
+            "duplicates": ledger.duplicates,
+            "unexpected": ledger.unexpected,
+            "ok": ledger.answered - ledger.errors,
+            "errors": ledger.errors,
+            "errors_by_code_good_frames": dict(ledger.codes),
+            "bad_frames_sent": ledger.bad_sent,
+            "errors_by_code_bad_frames": dict(ledger.bad_codes),
+            "puback_failures": dict(ledger.puback_failures),
+            "mean_rate_fps": round(ledger.sent / T, 1) if T else 0.0,
+        },
         "faults": {k: {"done": v, "recovered": faults_ok[k]} for k, v in faults.items()},
-        "memory": {"metric": mem_note, "pss": pss_note, "supervisor_slope_mb_h": _round(sup), "workers_slope_mb_h": _round(wrk),
-                   "supervisor_first_mb": load[0].get("sup_mem_mb") if load else None,
-                   "supervisor_last_mb": last.get("sup_mem_mb"),
-                   "workers_last_mb": _median(final, "workers_mem_mb") if final else None},
-        "latency_ms": {"q2_p99": _round(q2), "q4_p99": _round(q4), "drift": _round(ratio),
-                       "status_p50": last.get("status_p50_ms"), "status_p99": last.get("status_p99_ms")},
-        "thresholds": {"max_slope_mb_h": opts.max_slope_mb_h, "max_worker_slope_mb_h": opts.max_worker_slope_mb_h,
-                       "resolve_mb": opts.resolve_mb,
-                       "worker_warmup_s": opts.worker_warmup_s, "max_fd_growth": opts.max_fd_growth, "max_thread_growth": opts.max_thread_growth,
-                       "max_p99_drift": opts.max_p99_drift, "p99_floor_ms": opts.p99_floor_ms},
+        "memory": {
+            "metric": mem_note,
+            "pss": pss_note,
+            "supervisor_slope_mb_h": _round(sup),
+            "workers_slope_mb_h": _round(wrk),
+            "supervisor_first_mb": load[0].get("sup_mem_mb") if load else None,
+            "supervisor_last_mb": last.get("sup_mem_mb"),
+            "workers_last_mb": _median(final, "workers_mem_mb") if final else None,
+        },
+        "latency_ms": {
+            "q2_p99": _round(q2),
+            "q4_p99": _round(q4),
+            "drift": _round(ratio),
+            "status_p50": last.get("status_p50_ms"),
+            "status_p99": last.get("status_p99_ms"),
+        },
+        "thresholds": {
+            "max_slope_mb_h": opts.max_slope_mb_h,
+            "max_worker_slope_mb_h": opts.max_worker_slope_mb_h,
+            "resolve_mb": opts.resolve_mb,
+            "worker_warmup_s": opts.worker_warmup_s,
+            "max_fd_growth": opts.max_fd_growth,
+            "max_thread_growth": opts.max_thread_growth,
+            "max_p99_drift": opts.max_p99_drift,
+            "p99_floor_ms": opts.p99_floor_ms,
+        },
         "checks": [c.as_dict() for c in checks],
-        "lost_examples": lost_ex, "wrong_examples": ledger.wrong_examples, "fault_log": facts.faults[-50:],
+        "lost_examples": lost_ex,
+        "wrong_examples": ledger.wrong_examples,
+        "fault_log": facts.faults[-50:],
         **facts.extra,
     }
 
@@ -1161,8 +1203,14 @@ def parse(argv: list[str]) -> argparse.Namespace:
                     else 180 if ci else 3600)
     if o.duration_s < 20:
         ap.error("run at least 20 seconds")
-    defaults = {"sample_s": (2, 10), "worker_warmup_s": (15, 60), "reload_s": (40, 300), "outage_s": (3, 5), "drain_s": (60, 300),
-                "max_slope_mb_h": (60, 2.0)}
+    defaults = {
+        "sample_s": (2, 10),
+        "worker_warmup_s": (15, 60),
+        "reload_s": (40, 300),
+        "outage_s": (3, 5),
+        "drain_s": (60, 300),
+        "max_slope_mb_h": (60, 2.0),
+    }
     for k, (c, long_) in defaults.items():
         if getattr(o, k) is None:
             setattr(o, k, c if ci else long_)
