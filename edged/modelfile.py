@@ -43,7 +43,7 @@ _SPANS: dict[str, tuple[int, int]] = {"Buffer": (1, 2), "Operator": (9, 10)}
 class _Bounds:
     """Checks that every table, vector and string the interpreter will read lies inside the file."""
 
-    def __init__(self, buf: bytes | mmap.mmap) -> None:
+    def __init__(self, buf: bytes | memoryview | mmap.mmap) -> None:
         self.buf = buf
         self.size = len(buf)
         self.seen: set[tuple[int, str]] = set()  # shared tables are checked once: no blow-up by aliasing

@@ -387,9 +387,9 @@ class FramePool:
             for seg in self._segs.values():
                 if seg.starts != sorted(seg.extents) or seg.live != len(by_seg[seg.id]):
                     fail(f"segment {seg.id}: free offsets or live count out of sync")
-                for a, b in zip(seg.starts, seg.starts[1:]):
-                    if a + seg.extents[a] >= b:
-                        fail(f"segment {seg.id}: free extents at {a} and {b} touch or overlap (not coalesced)")
+                for lo, hi in zip(seg.starts, seg.starts[1:], strict=False):
+                    if lo + seg.extents[lo] >= hi:
+                        fail(f"segment {seg.id}: free extents at {lo} and {hi} touch or overlap (not coalesced)")
                 pos = 0
                 for off, size in sorted(by_seg[seg.id] + list(seg.extents.items())):
                     if off != pos or size <= 0:

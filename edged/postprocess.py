@@ -88,7 +88,7 @@ def detect(model: Model, labels: dict[int, str], threshold: float, layout: tuple
         cid = int(classes[j])
         box = [round(min(1.0, max(0.0, float(v))), 4) for v in boxes[j]]
         dets.append({"id": cid, "label": _label(labels, cid), "score": round(score, 4), "box": box})
-    dets.sort(key=lambda d: -d["score"])
+    dets.sort(key=lambda d: -float(d["score"]))  # type: ignore[arg-type]  # the score is the float set above
     return {"detections": dets}
 
 

@@ -154,10 +154,10 @@ class Preprocessor:
                 img.decodermaxblock = imagelimits.READ_BLOCK  # the budget is checked between blocks
                 img.load()
                 budget.check()
-                img = _to_mode(img, mode)
-                if img.size != (lay.width, lay.height):
-                    img = img.resize((lay.width, lay.height), Image.Resampling.BILINEAR)
-                arr = np.asarray(img, dtype=np.uint8)
+                out = _to_mode(img, mode)
+                if out.size != (lay.width, lay.height):
+                    out = out.resize((lay.width, lay.height), Image.Resampling.BILINEAR)
+                arr = np.asarray(out, dtype=np.uint8)
         except FrameError:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:

@@ -171,7 +171,7 @@ class _Collector:
 
 def registry(snapshot: Callable[[], dict[str, Any]]) -> CollectorRegistry:
     reg = CollectorRegistry(auto_describe=False)
-    reg.register(_Collector(snapshot))  # type: ignore[arg-type]
+    reg.register(_Collector(snapshot))
     return reg
 
 

@@ -297,7 +297,7 @@ class GpuModel(Model):
         try:
             opts = Options(HardwareAccelerator.GPU, gpu_options=GpuOptions(enforce_f32=fp32))
             self._cm = CompiledModel.from_file(path, options=opts)
-            sig = next(iter(self._cm.get_signature_list().values()), {})
+            sig: dict[str, Any] = next(iter(self._cm.get_signature_list().values()), {})
             self._ins = self._cm.create_input_buffers(0)
             self._outs = self._cm.create_output_buffers(0)
             self.fully_accelerated = bool(self._cm.is_fully_accelerated())

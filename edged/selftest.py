@@ -155,6 +155,7 @@ class Expected:
                 raise ConfigError(f"{cfg.source} model.selftest.expect: {st.expect} has no valid \"outputs\" "
                                   "(a list per frame of a list per output of numbers, as the records in "
                                   "state_dir/selftest hold)")
+            assert outs is not None  # _valid_outputs said so
             return cls(outs, doc.get("frames") if isinstance(doc.get("frames"), str) else None, st.expect)
         path = cls.store_path(cfg, sha)
         try:
@@ -189,7 +190,7 @@ class Expected:
             where = "memory"
             logger.warning("self-test: cannot keep the expected outputs in %s (%s); kept in memory until the next "
                            "start", path.parent, exc.strerror or exc)
-        return cls(doc["outputs"], doc["frames"], where)  # type: ignore[arg-type]
+        return cls(doc["outputs"], doc["frames"], where)
 
 
 def _valid_outputs(v: Any) -> bool:

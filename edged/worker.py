@@ -99,7 +99,7 @@ class Worker:
                 keep += sandbox.device_fds()  # the driver's open device nodes: closing them breaks it
             sandbox.harden(memory_limit_bytes=msg.memory_limit or None, max_open_files=msg.max_fds + len(keep),
                            keep_fds=keep, user=self.cfg.sandbox.user)
-            extra = sandbox.GPU_EXTRA if choice.kind == "gpu" else ()
+            extra: tuple[str, ...] = sandbox.GPU_EXTRA if choice.kind == "gpu" else ()
             if self.batch_max > 1:
                 extra += sandbox.BATCH_EXTRA  # waiting for a batch to fill: poll on the control socket
             sandbox.install_filter(msg.sandbox_mode, extra=extra)
