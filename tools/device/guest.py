@@ -1,11 +1,13 @@
 """Helpers that run inside the emulated device (copied there with the checkout).
 
-    python3 guest.py reference MODEL TOP_K FILE...   plain LiteRT interpreter, one JSON line per file
+    python3 guest.py reference MODEL TOP_K FILE...   plain interpreter (LiteRT, else tflite-runtime), one JSON
+                                                     line per file
     python3 guest.py pss                             PSS (KiB) of the edged unit's processes, as JSON
-    python3 guest.py cpu                             CPU time (usec) of the edged unit's cgroup
+    python3 guest.py cpu                             CPU time (usec) of the edged unit's cgroup and its daemon
+    python3 guest.py bench MODEL N                   median invoke (ms) of the plain interpreter
     python3 guest.py forbidden                       sandbox test-hook cases: forbidden calls under the filter
-    python3 guest.py refused TRACE                   syscalls in a strace of tools/trace_worker.py after its
-                                                     marker that edged.sandbox's table does not allow here
+    python3 guest.py refused [--attached] TRACE      syscalls a worker made under its filter (strace -f) that
+                                                     edged.sandbox's table does not allow here
 
 `reference` deliberately does not import edged: it is the "plain interpreter"
 the daemon's results are compared with. It decodes images as the contract
@@ -26,8 +28,12 @@ CGROUP = Path("/sys/fs/cgroup/system.slice/edged.service")
 
 def reference(model: str, top_k: int, files: list[str]) -> None:
     import numpy as np
-    from ai_edge_litert.interpreter import Interpreter
     from PIL import Image
+
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:  # the tflite-runtime venv (numpy<2) has only that runtime
+        from tflite_runtime.interpreter import Interpreter
 
     interp = Interpreter(model_path=model, num_threads=1)
     interp.allocate_tensors()
@@ -91,8 +97,33 @@ def pss() -> None:
 
 
 def cpu() -> None:
+    """The unit's cgroup CPU time, and the daemon's own (utime + stime), in usec."""
     stat = dict(line.split() for line in (CGROUP / "cpu.stat").read_text().splitlines())
-    print(json.dumps({"usage_usec": int(stat["usage_usec"])}))
+    main = subprocess.run(["systemctl", "show", "-P", "MainPID", "edged"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    fields = Path(f"/proc/{main}/stat").read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    print(json.dumps({"usage_usec": int(stat["usage_usec"]),
+                      "daemon_usec": (int(fields[11]) + int(fields[12])) * 1_000_000 // tick}))
+
+
+def bench(model: str, n: int) -> None:
+    """Median invoke time (ms) of the plain interpreter on a zero input: how fast this CPU is."""
+    import time
+
+    import numpy as np
+    from ai_edge_litert.interpreter import Interpreter
+
+    interp = Interpreter(model_path=model, num_threads=1)
+    interp.allocate_tensors()
+    inp = interp.get_input_details()[0]
+    interp.set_tensor(inp["index"], np.zeros(inp["shape"], inp["dtype"]))
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        interp.invoke()
+        times.append(time.perf_counter() - t0)
+    print(json.dumps({"invoke_ms": round(sorted(times)[n // 2] * 1e3, 2)}))
 
 
 FORBIDDEN = {  # the cases of tests/test_sandbox.py's FORBIDDEN, on this arch
@@ -116,25 +147,62 @@ def forbidden() -> None:
     print(json.dumps(results))
 
 
-def refused(trace: str) -> None:
+def refused(trace: str, attached: bool) -> None:
+    """What a worker did under its filter, from an strace -f.
+
+    attached: strace -f -p WORKER, started after the worker was ready: every
+    line is the worker's (all its threads), under the filter. Otherwise a trace
+    that caught the worker's spawn: the worker is the process whose
+    seccomp(SECCOMP_SET_MODE_FILTER) returned 0; its later lines and its
+    threads' ran under the filter.
+    """
     import re
+
+    import pyseccomp
 
     from edged import sandbox
 
+    line_re = re.compile(r"^(\d+)\s+(?:<\.\.\. )?([a-z0-9_]+)[( ]")
     allowed = set(sandbox.allowed_syscalls())
+    leader: dict[int, int] = {}   # thread id -> the process it belongs to (CLONE_THREAD)
+    pending: set[int] = set()     # pids inside an unfinished clone(CLONE_THREAD)
+    worker = None
     counts: dict[str, int] = {}
-    marker = False
+    killed: list[str] = []
     for line in open(trace, errors="replace"):
-        m = re.match(r"^(\d+)\s+(?:<\.\.\. )?([a-z0-9_]+)[( ]", line)
+        if "SIGSYS" in line and worker is not None:
+            pm = re.match(r"^(\d+)\s", line)
+            if pm and (attached or leader.get(int(pm.group(1)), int(pm.group(1))) == worker):
+                killed.append(line.strip())
+        m = line_re.match(line)
         if not m:
             continue
-        name = m.group(2)
-        if name == "getppid":
-            marker = True
-        elif marker and name not in ("resumed", "exited", "killed"):
+        pid, name = int(m.group(1)), m.group(2)
+        ret = re.search(r"= (\d+)$", line.rstrip())
+        if name == "clone" and "resumed>" not in line and "CLONE_THREAD" in line:
+            if ret:
+                leader[int(ret.group(1))] = leader.get(pid, pid)
+            else:
+                pending.add(pid)
+        elif name == "clone" and "resumed>" in line and pid in pending and ret:
+            pending.discard(pid)
+            leader[int(ret.group(1))] = leader.get(pid, pid)
+        if worker is None and attached:
+            worker = pid  # strace -p attached to one worker: every line (thread) is the worker's
+        if worker is None:
+            if name == "seccomp" and "SECCOMP_SET_MODE_FILTER" in line and line.rstrip().endswith("= 0"):
+                worker = leader.get(pid, pid)
+            continue
+        if not attached and leader.get(pid, pid) != worker:
+            continue
+        if "resumed>" not in line:
             counts[name] = counts.get(name, 0) + 1
-    print(json.dumps({"marker": marker, "used": counts, "refused": sorted(n for n in counts if n not in allowed),
-                      "allowed_unused": sorted(allowed - set(counts)), "arch": os.uname().machine}))
+    names = set(sandbox.allowed_syscalls()) | set(sandbox.BATCH_EXTRA) | set(sandbox.GPU_EXTRA)
+    # names of the tables that are no syscall on this arch (libseccomp gives a negative pseudo number)
+    pseudo = sorted(n for n in names if pyseccomp.resolve_syscall(pyseccomp.Arch.NATIVE, n) < 0)
+    print(json.dumps({"worker": worker, "used": counts, "refused": sorted(n for n in counts if n not in allowed),
+                      "sigsys": killed, "allowed_unused": sorted(allowed - set(counts)),
+                      "not_on_this_arch": pseudo, "arch": os.uname().machine}))
 
 
 def main(argv: list[str]) -> None:
@@ -145,10 +213,12 @@ def main(argv: list[str]) -> None:
         pss()
     elif cmd == "cpu":
         cpu()
+    elif cmd == "bench":
+        bench(argv[1], int(argv[2]))
     elif cmd == "forbidden":
         forbidden()
     elif cmd == "refused":
-        refused(argv[1])
+        refused(argv[-1], attached="--attached" in argv)
     else:
         raise SystemExit(__doc__)
 
