@@ -119,7 +119,7 @@ printf 'deb %s %s main\n' "$MIRROR" "$SUITE" > "$ROOTFS/etc/apt/sources.list"
 in_root apt-get -q update >>"$CACHE/debootstrap.log" 2>&1
 kpkg=$(in_root apt-cache depends linux-image-arm64 | sed -n 's/^ *Depends: \(linux-image-[0-9].*-arm64\)$/\1/p' | head -1)
 [[ -n $kpkg ]] || die "could not find the kernel package behind linux-image-arm64"
-say "kernel $kpkg (unpacked with dpkg -x: no mkinitramfs under emulation)"
+say "kernel $kpkg (unpacked without its postinst: no mkinitramfs under emulation)"
 in_root sh -c "cd /tmp && apt-get -q download $kpkg busybox-static" >>"$CACHE/debootstrap.log" 2>&1
 # the initrd's shell: arm64 busybox, not installed in the device itself
 mkdir -p "$CACHE/busybox.d"
@@ -156,7 +156,6 @@ ssh-keygen -q -t ed25519 -N '' -C edged-device-check -f "$CACHE/id_ed25519"
 install -d -m 0700 "$ROOTFS/root/.ssh"
 install -m 0600 "$CACHE/id_ed25519.pub" "$ROOTFS/root/.ssh/authorized_keys"
 printf 'UseDNS no\n' > "$ROOTFS/etc/ssh/sshd_config.d/edged-device.conf"
-# Let journald keep everything in memory is its default without /var/log/journal: fine.
 in_root apt-get clean
 rm -rf "$ROOTFS"/var/lib/apt/lists/* "$ROOTFS"/usr/share/doc/* "$ROOTFS"/usr/share/man/* "$ROOTFS"/usr/share/locale/*
 umount -l "$ROOTFS/proc"

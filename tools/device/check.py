@@ -23,12 +23,12 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import lifecycle  # noqa: E402
 from frames import Frames  # noqa: E402
 from vm import Device, DeviceError  # noqa: E402
 
@@ -177,7 +177,7 @@ class Check:
                     f"systemd-analyze security on the device '{dev.strip()}' = offline '{off}'")
 
     def idle(self) -> None:
-        time.sleep(5)
+        self.mq.wait(lambda: self.status()["queue_depth"] == 0, 60, "an empty queue before the idle window")
         a = self.guest("cpu", py="python3")
         t0 = time.monotonic()
         time.sleep(self.args.idle_s)  # the measurement window itself, not a synchronisation
@@ -205,32 +205,6 @@ class Check:
         self.fig[key] = f"{p['daemon_kib'] // 1024}+{p['workers_kib'] // 1024}"
         return p
 
-    def stream(self, n: int, rate: float, during: Any, tag: str) -> tuple[int, int]:
-        """Send n frames at rate/s, run during() once half were answered; returns (lost, errors)."""
-        assert self.mq is not None
-        ids = self.ids(n, tag)
-        payloads = [self.local(f) for f in self.stream_files]
-
-        def feed() -> None:
-            for i, fid in enumerate(ids):
-                self.mq.send(fid, payloads[i % len(payloads)])
-                time.sleep(1 / rate)
-        t = threading.Thread(target=feed, daemon=True)
-        t.start()
-        self.mq.wait(lambda: self.mq.answered(ids) >= n // 3, 180, f"{tag}: first third answered")
-        during()
-        t.join()
-        try:
-            self.mq.wait_all(ids, 240, tag)
-        except TimeoutError as exc:
-            logger.warning("%s", exc)
-        return n - self.mq.answered(ids), len(self.mq.errors(ids))
-
-    def reload(self) -> None:
-        lost, errs = self.stream(120, 20, lambda: self.sh("systemctl reload edged", timeout=300), "reload")
-        self.fig["reload_lost"] = lost
-        self.expect(lost == 0 and errs == 0, f"systemctl reload mid-stream: {lost} lost, {errs} errors")
-
     def mobilenet(self) -> None:
         self.sh(f"install -o edged -g edged -m 0640 /root/shared/{MOBILENET} /root/shared/imagenet_labels.txt "
                 "/var/lib/edged/models/ && "
@@ -240,94 +214,6 @@ class Check:
         self.mq.wait(lambda: self.status()["model"]["path"].endswith(MOBILENET), 240, "serve MobileNet after reload")
         self.compare(f"/var/lib/edged/models/{MOBILENET}", ["cat.bmp", "grace_hopper.bmp", "frames/cat.jpg",
                                                            "frames/cat.png", "frames/cat.raw"], "mobilenet")
-
-    def soak(self) -> None:
-        assert self.mq is not None
-        rest = self.pss("pss_rest_mib")
-        peak = dict(rest)
-        sent = 0
-        ids_all: list[str] = []
-        payloads = [self.local(f) for f in self.stream_files]
-        deadline = time.monotonic() + self.args.soak_s
-        t0 = time.monotonic()
-        while time.monotonic() < deadline:
-            ids = self.ids(self.args.burst, "soak")
-            for i, fid in enumerate(ids):
-                self.mq.send(fid, payloads[i % len(payloads)])
-            ids_all += ids
-            sent += len(ids)
-            p = self.guest("pss", py="python3")
-            if p["daemon_kib"] + p["workers_kib"] > peak["daemon_kib"] + peak["workers_kib"]:
-                peak = p
-            self.mq.wait_all(ids, 300, "soak burst")
-        dur = time.monotonic() - t0
-        lost, errs = sent - self.mq.answered(ids_all), len(self.mq.errors(ids_all))
-        self.fig["pss_load_mib"] = f"{peak['daemon_kib'] // 1024}+{peak['workers_kib'] // 1024}"
-        self.fig["soak"] = f"{round(dur)}s/{sent}fr/{round(sent / dur, 1)}fps/{lost}lost"
-        after = self.guest("pss", py="python3")
-        self.expect(lost == 0 and errs == 0, f"soak: {sent} frames in {dur:.0f} s, {lost} lost, {errs} errors")
-        self.expect(after["oom_kill"] == 0, f"soak: no OOM kill (memory.events oom_kill {after['oom_kill']})")
-        rest_kib = rest["daemon_kib"] + rest["workers_kib"]
-        budget = rest_kib + max(8192, rest_kib // 10)
-
-        def back() -> bool:
-            nonlocal after
-            after = self.guest("pss", py="python3")
-            return after["daemon_kib"] + after["workers_kib"] <= budget
-        try:
-            self.mq.wait(back, 90, "memory back at rest")
-        except TimeoutError:
-            pass
-        self.fig["pss_after_mib"] = f"{after['daemon_kib'] // 1024}+{after['workers_kib'] // 1024}"
-        restarts = sum(w.get("restarts", 0) for w in self.status().get("workers", []))
-        self.expect(restarts == 0, f"soak: no worker restarts ({restarts})")
-        self.expect(after["daemon_kib"] + after["workers_kib"] <= budget,
-                    f"soak: PSS back at rest ({self.fig['pss_after_mib']} MiB vs {self.fig['pss_rest_mib']} MiB)")
-
-    def watchdog(self) -> None:
-        assert self.mq is not None
-        u = self.unit("MainPID", "NRestarts", "WatchdogUSec")
-        wd = int(u["WatchdogUSec"].rstrip("s") or 0) if u["WatchdogUSec"].rstrip("s").isdigit() else 30
-        t_stop = float(self.sh(f"kill -STOP {u['MainPID']} && cut -d' ' -f1 /proc/uptime"))
-        ids = self.ids(10, "watchdog")
-        for i, fid in enumerate(ids):
-            self.mq.send(fid, self.local(self.stream_files[i % len(self.stream_files)]))
-        self.mq.wait(lambda: self.unit("NRestarts")["NRestarts"] != u["NRestarts"]
-                     and self.unit("ActiveState")["ActiveState"] == "active", 180, "watchdog restart")
-        v = self.unit("ActiveEnterTimestampMonotonic", "MainPID")
-        fired = self.sh("journalctl -u edged -b --no-pager -o short-monotonic | grep -i 'watchdog timeout' | tail -1")
-        m = re.match(r"\[\s*([\d.]+)\]", fired)
-        fire_s = float(m.group(1)) - t_stop if m else None
-        ready_s = int(v["ActiveEnterTimestampMonotonic"]) / 1e6 - t_stop
-        self.fig["watchdog_s"] = f"{fire_s:.0f}/{ready_s:.0f}" if fire_s is not None else f"?/{ready_s:.0f}"
-        wd_s = wd / 1e6 if wd > 1000 else wd
-        self.expect(fire_s is not None and fire_s <= wd_s + 5 and v["MainPID"] != u["MainPID"],
-                    f"kill -STOP: watchdog fired after {fire_s} s (WatchdogSec {wd_s:.0f}), READY again after {ready_s:.0f} s")
-        try:
-            self.mq.wait_all(ids, 180, "frames sent while stopped")
-        except TimeoutError as exc:
-            logger.warning("%s", exc)
-        self.expect(self.mq.answered(ids) == len(ids) and not self.mq.errors(ids),
-                    f"frames sent while the daemon was stopped answered after the restart ({self.mq.answered(ids)}/{len(ids)})")
-
-    def stop(self) -> None:
-        assert self.mq is not None
-        ids = self.ids(40, "stop")
-        for i, fid in enumerate(ids):
-            self.mq.send(fid, self.local(self.stream_files[i % len(self.stream_files)]))
-        self.mq.wait(lambda: self.mq.answered(ids) >= 5, 120, "stop: first answers")
-        self.sh("systemctl stop edged", timeout=120)
-        u = self.unit("ExecMainStatus", "Result", "ActiveState")
-        self.mq.wait(lambda: (self.mq.status or {}).get("state") == "stopped", 30, "see P/status stopped")
-        before = self.mq.answered(ids)
-        self.sh("systemctl start edged", timeout=300)
-        self.mq.wait_all(ids, 240, "stop: the rest after the next start")
-        lost = len(ids) - self.mq.answered(ids)
-        self.fig["stop"] = f"{before}+{len(ids) - before - lost}/{len(ids)}"
-        self.expect(u["ExecMainStatus"] == "0" and u["Result"] == "success",
-                    f"systemctl stop: exit status {u['ExecMainStatus']}, result {u['Result']}")
-        self.expect(lost == 0 and not self.mq.errors(ids),
-                    f"systemctl stop drains: {before} answered before exit, the rest after the next start, {lost} lost")
 
     def trace(self) -> None:
         """strace the serving worker (attached once ready: all of it runs under the filter) through frames of
@@ -404,12 +290,12 @@ class Check:
         self.idle()
         self.speed()
         self.stream_files = ["frames/digit.png", "frames/digit.jpg", "frames/digit.raw"]
-        self.reload()
+        lifecycle.reload(self)
         self.mobilenet()
         self.stream_files = ["cat.bmp", "frames/cat.jpg", "frames/cat.raw"]
-        self.soak()
-        self.watchdog()
-        self.stop()
+        lifecycle.soak(self)
+        lifecycle.watchdog(self)
+        lifecycle.stop(self)
         if self.args.trace:
             self.trace()
         if self.args.tflite:
