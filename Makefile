@@ -48,8 +48,8 @@ install:
 	tools/install.sh
 
 # An emulated 512 MB arm64 board (Debian 12, systemd, qemu TCG): make install there, then
-# systemctl/MQTT/journalctl checks; one PASS/FAIL line. Root, ~15 min with the image cached
-# in $${EDGED_DEVICE_CACHE:-/var/cache/edged-device}, +~15 min to build it. Not part of `make test`.
+# systemctl/MQTT/journalctl checks; one PASS/FAIL line. Root, 11-15 min with the image cached
+# in $${EDGED_DEVICE_CACHE:-/var/cache/edged-device}, +6-8 min to build it. Not part of `make test`.
 DEVICE_SOAK_S ?= 180
 device-check: $(STAMP)
 	$(BIN)/python tools/device/check.py --soak-s $(DEVICE_SOAK_S)
