@@ -110,8 +110,9 @@ class Check:
         self.fig["ready_s"] = round(ready, 1)
         logger.info("systemctl start returned after %.1f s; start to READY %.1f s", wall, ready)
         self.expect(u["ActiveState"] == "active", "edged.service active after systemctl start")
-        conf = self.sh(f"{VENV_PY} -c \"import yaml; c = yaml.safe_load(open('/etc/edged/edged.yaml')); "
-                       f"print(c.get('device_id'), (c.get('mqtt') or {{}}).get('topic_prefix') or 'edged/{{device_id}}')\"")
+        conf = self.sh(f"{VENV_PY} -c \"import socket, yaml; c = yaml.safe_load(open('/etc/edged/edged.yaml')); "
+                       f"print(c.get('device_id') or socket.gethostname(), "
+                       f"(c.get('mqtt') or {{}}).get('topic_prefix') or 'edged/{{device_id}}')\"")
         device_id, prefix = conf.split()
         self.mq = Frames(self.dev.mqtt_port, prefix.replace("{device_id}", device_id))
         self.mq.wait(lambda: (self.mq.status or {}).get("state") == "online", 120, "see P/status online")
