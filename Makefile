@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 CONFIG ?= configs/edged.yaml
 HOURS  ?= 1
 
-.PHONY: run test check bench soak model mosquitto install uninstall tflite-venv clean
+.PHONY: run test check bench soak model mosquitto install uninstall tflite-venv clean device-check device-image
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -50,6 +50,16 @@ model:
 
 install:
 	tools/install.sh
+
+# An emulated 512 MB arm64 board (Debian 12, systemd, qemu TCG): make install there, then
+# systemctl/MQTT/journalctl checks; one PASS/FAIL line. Root, 11-15 min with the image cached
+# in $${EDGED_DEVICE_CACHE:-/var/cache/edged-device}, +6-8 min to build it. Not part of `make test`.
+DEVICE_SOAK_S ?= 180
+device-check: $(STAMP)
+	$(BIN)/python tools/device/check.py --soak-s $(DEVICE_SOAK_S)
+
+device-image: $(STAMP)
+	tools/device/build_image.sh --force
 
 uninstall:
 	tools/uninstall.sh
