@@ -65,6 +65,17 @@ class MqttConfig:
 
 
 @dataclass(frozen=True)
+class UpdateConfig:
+    """model.update: signed model bundles over MQTT (edged.updates)."""
+
+    enabled: bool = False
+    public_key: str | None = _f(None, path=True)
+    max_mb: float = _f(64.0, lo=0.001)
+    keep: int = _f(3, lo=1)
+    probation_s: float = _f(300.0, lo=0)
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     path: str = _f(str(BUNDLED_MODEL), path=True)
     labels: str | None = _f(str(BUNDLED_MODEL.with_name("digits_labels.txt")), path=True)
@@ -77,6 +88,7 @@ class ModelConfig:
     cpu_fallback: str | None = _f(None, path=True)
     batch_max: int = _f(1, lo=1)  # >1: up to this many waiting frames in one invoke (resizable-batch CPU models)
     batch_wait_ms: float = _f(0.0, lo=0)  # how long a worker waits for a batch to fill (0: only frames already there)
+    update: UpdateConfig = _f(factory=UpdateConfig)
 
 
 @dataclass(frozen=True)
@@ -156,6 +168,7 @@ class Config:
     queue: QueueConfig = _f(factory=QueueConfig)
     status: StatusConfig = _f(factory=StatusConfig)
     logging: LoggingConfig = _f(factory=LoggingConfig)
+    state_dir: str = _f("/var/lib/edged", path=True)  # the model store, self-test records
     source: str = field(default="", compare=False)
 
     @property
@@ -314,6 +327,8 @@ def parse(text: str, fname: str = "<config>", base: Path | None = None) -> Confi
     if cfg.sandbox.in_process and cfg.sandbox.enabled:
         raise ConfigError(f"{short} sandbox.in_process: needs sandbox.enabled: false (the daemon itself cannot be "
                           "filtered)")
+    if cfg.model.update.enabled and not cfg.model.update.public_key:
+        raise ConfigError(f"{short} model.update.public_key: required when model.update.enabled is true")
     if cfg.model.task != "raw" and cfg.model.task == "detect" and cfg.model.score_threshold > 1:
         raise ConfigError(f"{short} model.score_threshold: must be <= 1")
     return dataclasses.replace(cfg, source=str(fname))

@@ -38,6 +38,7 @@ from edged.pool import FramePool
 from edged.results import Results
 from edged.status import StatusServer
 from edged.supervision import Workers
+from edged.updates import ModelUpdates
 from edged.watchdog import Progress
 from edged.workers import WorkerHandle
 
@@ -89,7 +90,11 @@ class Supervisor:
         self.results = Results(self.link, self.metrics, cfg.mqtt.result_buffer,
                                lambda: self.workers.model_info.get("name"))
         self.admission = Admission(cfg, self.pool, self.cond, self.results, self.metrics, self.workers.ready)
-        self.status_server = StatusServer(cfg.status.socket, self.snapshot)
+        self.updates = ModelUpdates(cfg, self.workers, self.link.publish_message)
+        if self.updates.enabled:
+            self.link.add_route([(self.updates.topic, 1)], self.updates.on_message)
+        self.status_server = StatusServer(cfg.status.socket, self.snapshot,
+                                          {"model-rollback": self.updates.request_rollback})
         self._last_stats = 0.0
         self._last_watchdog = 0.0
         self._idle_since = self._last_trim = time.monotonic()
@@ -221,7 +226,8 @@ class Supervisor:
                 "mqtt": {"connected": self.link.connected, "reconnects": self.link.reconnects,
                          "result_overflows": self.link.overflows, "results_waiting": len(self.results.waiting),
                          "unrouted": self.link.unrouted, "oversized_packets": self.link.oversized,
-                         "broker": f"{self.cfg.mqtt.host}:{self.cfg.mqtt.port}"}}
+                         "broker": f"{self.cfg.mqtt.host}:{self.cfg.mqtt.port}"},
+                "model_update": self.updates.status()}
 
     def _periodic(self, now: float) -> None:
         interval = self.cfg.status.interval
@@ -257,6 +263,8 @@ class Supervisor:
     def _on_connection(self, up: bool) -> None:
         if not up:
             self.results.connection_lost()
+        else:
+            self.updates.connected()
         self._wake()
 
     def _signal(self, signum: int, _frame: object) -> None:
@@ -304,11 +312,12 @@ class Supervisor:
             raise ConfigError(f"{self.cfg.source} status.socket: cannot serve {self.cfg.status.socket}: {exc}") from None
         self.loop.start()
         try:
-            self.workers.start_all()
-        except (ModelError, WorkerError):
+            self._start_workers()
+        except (ModelError, WorkerError, ConfigError):
             self.status_server.close()
             self.loop.stop()
             raise
+        self.updates.start()
         self.link.start()
         self.loop.call_soon(self._io_beat)
         dispatcher = threading.Thread(target=self.admission.dispatch_loop, name="dispatcher", daemon=True)
@@ -323,6 +332,7 @@ class Supervisor:
                     self._start_reload()
                 self.workers.check(now)
                 self.workers.restart_due()
+                self.updates.tick(now)
                 self._upkeep_memory(now)
                 self._update_state()
                 if not ready_sent and (self.state == "online" or now - self.started > 10):
@@ -336,6 +346,19 @@ class Supervisor:
             return self._drain()
         finally:
             self._shutdown()
+
+    def _start_workers(self) -> None:
+        """The store's current model (edged.updates), else the config's; a stored model that no longer loads
+        is rolled back to the one before it, down to model.path (whose failure is exit 78)."""
+        while True:
+            self.workers.model = self.updates.open()
+            try:
+                self.workers.start_all()
+                return
+            except (ModelError, WorkerError) as exc:
+                if self.workers.model is None:
+                    raise
+                self.updates.start_failed(exc)
 
     def _sleep(self, seconds: float) -> None:
         import select

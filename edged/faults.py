@@ -55,3 +55,16 @@ def act(sock: socket.socket, seq: int, action: str) -> None:
     elif name == "stderr":
         for i in range(n):
             os.write(2, f"stderr line {i}\n".encode())
+
+
+def kill_point(step: str) -> None:
+    """Supervisor side, tests only: with EDGED_TEST_HOOKS=1 and EDGED_TEST_KILL_AT=step, SIGKILL ourselves here.
+
+    Steps of applying a model update (edged.modelstore, edged.updates): after_write (the version's files
+    written and fsynced, not yet renamed into place), before_rename (state.json's new text written, not yet
+    renamed over the old), after_switch (the new workers serve; the state not yet published).
+    """
+    if os.environ.get("EDGED_TEST_HOOKS") == "1" and os.environ.get("EDGED_TEST_KILL_AT") == step:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)

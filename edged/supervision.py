@@ -40,7 +40,8 @@ def read_config_text(cfg: config.Config) -> str:
 
 
 def init_message(cfg: config.Config, config_text: str, coral_device: str | None = None, *,
-                 sandbox: bool | None = None, model_path: str | None = None) -> protocol.Init:
+                 sandbox: bool | None = None, model_path: str | None = None,
+                 model: ModelSpec | None = None) -> protocol.Init:
     """What a worker is told at start: the one builder, for the daemon and the bench alike."""
     src = Path(cfg.source)
     return protocol.Init(config_text=config_text, config_name=str(src), config_base=str(src.resolve().parent),
@@ -49,7 +50,17 @@ def init_message(cfg: config.Config, config_text: str, coral_device: str | None 
                          batch_wait_ms=cfg.model.batch_wait_ms,
                          max_fds=32 + int(cfg.pool.max_mb / max(cfg.pool.segment_mb, 0.0625)) + 1,
                          log_level=logging.getLevelName(cfg.logging.level), coral_device=coral_device,
-                         model_path=model_path)
+                         model_path=model.path if model else model_path, model_task=model.task if model else None,
+                         model_labels=model.labels if model else None)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model other than the config's (from the update store): its file, labels and task."""
+
+    path: str
+    labels: str | None
+    task: str
 
 
 @dataclass
@@ -86,6 +97,8 @@ class Workers:
         self.fatal: str | None = None
         self.model_info: dict[str, Any] = {}
         self.accel_info: dict[str, Any] = {}
+        self.model: ModelSpec | None = None  # None: the config's model; else what edged.updates applied
+        self._switching = threading.Lock()  # one reload or model swap at a time
 
     # ---- queries (under the lock) -------------------------------------------------------------------------------
     def handles(self) -> list[WorkerHandle]:
@@ -104,7 +117,7 @@ class Workers:
 
     # ---- starting -----------------------------------------------------------------------------------------------
     def _spawn(self, index: int, cfg: config.Config, text: str) -> WorkerHandle:
-        init = init_message(cfg, text, cfg.coral_device(index))
+        init = init_message(cfg, text, cfg.coral_device(index), model=self.model)
         kind = InProcessWorkerHandle if cfg.sandbox.in_process else WorkerHandle
         h = kind(index, init, self.on_message, self._on_exit, self.generation, loop=self.loop)
         h.start(timeout=cfg.sandbox.start_timeout_s)
@@ -184,7 +197,8 @@ class Workers:
             self.wake()
             return
         with self.cond:
-            if self.stopping or slot.handle is not None and slot.handle.state not in ("dead", "stopped"):
+            if self.stopping or slot not in self.slots or \
+                    slot.handle is not None and slot.handle.state not in ("dead", "stopped"):
                 stale: WorkerHandle | None = h
             else:
                 stale = None
@@ -240,6 +254,10 @@ class Workers:
 
         Returns the new config, or None when the reload failed and the old workers keep serving.
         """
+        with self._switching:
+            return self._reload()
+
+    def _reload(self) -> config.Config | None:
         try:
             new_cfg = config.load(self.cfg.source)
             text = read_config_text(new_cfg)
@@ -251,6 +269,25 @@ class Workers:
         except EdgedError as exc:
             logger.error("reload failed, still serving the previous model: %s", exc)
             return None
+        self._switch(fresh, new_cfg, text)
+        return new_cfg
+
+    def swap_model(self, model: ModelSpec | None) -> None:
+        """Serve `model` (None: the config's) as a reload does: fresh workers first, then the old ones retire.
+
+        Raises ModelError/WorkerError when a fresh worker does not start; the old ones then keep serving.
+        """
+        with self._switching:
+            self.generation += 1
+            old_model, self.model = self.model, model
+            try:
+                fresh = [self._spawn(i, self.cfg, self.config_text) for i in range(self.cfg.worker_count)]
+            except BaseException:
+                self.model = old_model
+                raise
+            self._switch(fresh, self.cfg, self.config_text)
+
+    def _switch(self, fresh: list[WorkerHandle], new_cfg: config.Config, text: str) -> None:
         with self.cond:
             old = self.handles()
             for h in old:
@@ -259,9 +296,8 @@ class Workers:
             self.slots = [Slot(i, h) for i, h in enumerate(fresh)]
             self._adopt(fresh[0])
             self.cond.notify_all()
-        logger.info("reload: now serving %s; retiring %d old worker(s)", fresh[0].model_name, len(old))
+        logger.info("now serving %s; retiring %d old worker(s)", fresh[0].model_name, len(old))
         threading.Thread(target=self._retire, args=(old,), name="retire", daemon=True).start()
-        return new_cfg
 
     def _retire(self, handles: list[WorkerHandle]) -> None:
         end = time.monotonic() + self.cfg.sandbox.frame_timeout_s + 5

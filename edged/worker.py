@@ -51,6 +51,9 @@ class Worker:
         cfg = config.parse(msg.config_text, msg.config_name, Path(msg.config_base))
         if msg.model_path:
             cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=msg.model_path))
+        if msg.model_task:  # a model from an update brings its own task and labels
+            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, task=msg.model_task,
+                                                                     labels=msg.model_labels))
         self.cfg = cfg
         choice = accel.choose(cfg, msg.coral_device)
         self.model = choice.model
