@@ -8,6 +8,8 @@ INTERFACE.md (a model that crashes or runs code of its own) without a real
 exploit: the supervisor sees exactly what such a worker could send.
 
   abort            die of SIGABRT (a native crash)
+  abort_if:NAME    die of SIGABRT if this worker serves model NAME (a new model that crashes where the old did not);
+                   else nothing (the frame goes on, and is answered as the bad image it is)
   syscall          call socket(): killed by the filter (SIGSYS)
   hang             stop answering (spin inside the frame, as a stuck delegate)
   fds:N            pass N file descriptors back over the control channel
@@ -26,10 +28,10 @@ import time
 from edged import protocol
 
 
-def act(sock: socket.socket, seq: int, action: str) -> None:
+def act(sock: socket.socket, seq: int, action: str, model: str = "") -> None:
     name, _, arg = action.strip().partition(":")
     n = int(arg) if arg.isdigit() else 1
-    if name == "abort":
+    if name == "abort" or (name == "abort_if" and arg == model):
         os.abort()
     elif name == "syscall":
         socket.socket()

@@ -151,7 +151,10 @@ class ModelStore:
         except OSError:
             return
         for p in entries:
-            if p.is_dir() and (p.name.startswith(".tmp-") or (p.name.startswith("v") and p.name not in named)):
+            if p.is_file() and p.name.startswith(".") and p.name.endswith(".tmp"):  # a pointer write, cut
+                p.unlink(missing_ok=True)
+                logger.info("model store: removed %s (an interrupted write)", p.name)
+            elif p.is_dir() and (p.name.startswith(".tmp-") or (p.name.startswith("v") and p.name not in named)):
                 shutil.rmtree(p, ignore_errors=True)
                 logger.info("model store: removed %s (no longer named)", p.name)
 

@@ -232,7 +232,8 @@ class Worker:
         if self.hooks and bytes(view[: len(HOOK)]) == HOOK:
             from edged import faults  # imported before the filter (run_channel): no file is opened here
 
-            faults.act(self.sock, msg.seq, bytes(view[len(HOOK) :]).decode("ascii", "replace"))
+            faults.act(self.sock, msg.seq, bytes(view[len(HOOK) :]).decode("ascii", "replace"),
+                       os.path.basename(self.model.path).removesuffix(".tflite"))
         try:
             self.pre.fill(dst, view, msg.content_type)
         finally:
