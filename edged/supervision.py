@@ -119,13 +119,32 @@ class Workers:
     def _spawn(self, index: int, cfg: config.Config, text: str) -> WorkerHandle:
         init = init_message(cfg, text, cfg.coral_device(index), model=self.model)
         kind = InProcessWorkerHandle if cfg.sandbox.in_process else WorkerHandle
-        h = kind(index, init, self.on_message, self._on_exit, self.generation, loop=self.loop)
+        h = kind(index, init, self._deliver, self._on_exit, self.generation, loop=self.loop)
         h.start(timeout=cfg.sandbox.start_timeout_s)
         # a batching worker gets two batches' worth, so the next batch is waiting while one runs
         h.window = max(cfg.queue.inflight_per_worker, 2 * int(h.info.get("batch", 1)))
         logger.info("worker %d ready: pid %s, model %s on %s, sandboxed %s", index, h.pid, h.model_name,
                     h.accelerator, h.info.get("sandboxed"))
         return h
+
+    def _deliver(self, h: WorkerHandle, msg: protocol.Result | protocol.Pong) -> None:
+        """A worker's reply: to its probe sink while it is a candidate (edged.updates), else to the daemon."""
+        sink = h.probe_sink
+        if sink is not None:
+            sink(msg)
+        else:
+            self.on_message(h, msg)
+
+    def candidate(self, model: ModelSpec | None) -> WorkerHandle:
+        """A started worker on `model` in no slot (it takes no frames): its replies go to h.probe_sink.
+
+        swap_model(model, [h]) makes it a serving worker; else the caller stops it.
+        """
+        saved, self.model = self.model, model
+        try:
+            return self._spawn(0, self.cfg, self.config_text)
+        finally:
+            self.model = saved
 
     def _adopt(self, h: WorkerHandle) -> None:
         self.model_info = dict(h.info.get("model", {}), task=h.info.get("task"), name=h.model_name)
@@ -144,6 +163,8 @@ class Workers:
 
     # ---- a worker's end -----------------------------------------------------------------------------------------
     def _on_exit(self, h: WorkerHandle) -> None:
+        if h.probe_sink is not None:  # a candidate died during its self-test
+            h.probe_sink(None)
         slot = None
         with self.cond:
             frames = list(h.inflight.values())
@@ -272,19 +293,30 @@ class Workers:
         self._switch(fresh, new_cfg, text)
         return new_cfg
 
-    def swap_model(self, model: ModelSpec | None) -> None:
+    def swap_model(self, model: ModelSpec | None, started: list[WorkerHandle] | None = None) -> None:
         """Serve `model` (None: the config's) as a reload does: fresh workers first, then the old ones retire.
 
-        Raises ModelError/WorkerError when a fresh worker does not start; the old ones then keep serving.
+        `started`: candidates already on this model (see candidate()), used first. Raises ModelError/WorkerError
+        when a fresh worker does not start; the old ones then keep serving (and the candidates are stopped).
         """
         with self._switching:
             self.generation += 1
             old_model, self.model = self.model, model
+            fresh = [h for h in started or () if h.state == "ready"][: self.cfg.worker_count]
             try:
-                fresh = [self._spawn(i, self.cfg, self.config_text) for i in range(self.cfg.worker_count)]
+                for h in fresh:
+                    h.probe_sink = None
+                    h.last_pong = time.monotonic()
+                while len(fresh) < self.cfg.worker_count:
+                    fresh.append(self._spawn(len(fresh), self.cfg, self.config_text))
             except BaseException:
                 self.model = old_model
+                for h in fresh:
+                    h.stop()
                 raise
+            for i, h in enumerate(fresh):
+                h.index = h.logs.index = i
+                h.generation = self.generation
             self._switch(fresh, self.cfg, self.config_text)
 
     def _switch(self, fresh: list[WorkerHandle], new_cfg: config.Config, text: str) -> None:

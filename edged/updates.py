@@ -40,7 +40,7 @@ from edged import bundle, faults, protocol
 from edged.config import Config
 from edged.errors import EdgedError, ModelError, WorkerError
 from edged.modelstore import ModelStore, StoreError, sha256_file
-from edged.supervision import ModelSpec, Workers, init_message
+from edged.supervision import ModelSpec, Workers
 from edged.workers import WorkerHandle
 
 logger = logging.getLogger(__name__)
@@ -203,18 +203,19 @@ class ModelUpdates:
         spec = spec_of(entry)
         assert spec is not None
         t_written = time.monotonic()
-        why = self._probe(spec, b)
-        if why is not None:
-            self._reject(b, *why)  # its record sweeps the version no pointer names
+        why, probe = self._probe(spec, b)
+        if why is not None or probe is None:
+            self._reject(b, *(why or ("load", "no worker")))  # its record sweeps the version no pointer names
             return
         t_tested = time.monotonic()
         try:
             self.store.commit(entry, self._last(b, "applied", None))
         except StoreError as exc:
+            probe.stop()
             self._reject(b, "store", str(exc))
             return
         try:
-            self.workers.swap_model(spec)
+            self.workers.swap_model(spec, [probe])  # the tested worker serves: no second load
         except (ModelError, WorkerError) as exc:  # passed the probe, then failed: back to what served
             logger.error("model update: serial %d passed its self-test but its workers did not start: %s",
                          b.serial, exc)
@@ -237,16 +238,17 @@ class ModelUpdates:
         self._event("model_applied", b, previous=self.store.previous[0].get("serial") if self.store.previous else None)
         self._publish_state()
 
-    def _probe(self, spec: ModelSpec, b: bundle.Bundle) -> tuple[str, str] | None:
-        """A fresh sandboxed worker on the new model: does it load, and answer its self-test? (kind, reason) if not."""
+    def _probe(self, spec: ModelSpec, b: bundle.Bundle) -> tuple[tuple[str, str] | None, WorkerHandle | None]:
+        """A fresh sandboxed worker on the new model, beside the serving ones: does it load, and answer its
+        self-test? ((kind, reason), None) if not; (None, the worker) if so, to serve as it is."""
         cfg = self.workers.cfg
-        init = init_message(cfg, self.workers.config_text, cfg.coral_device(0), model=spec)
         got: queue.Queue[Any] = queue.Queue()
-        h = WorkerHandle(-1, init, lambda _h, m: got.put(m), lambda _h: got.put(None))
         try:
-            h.start(timeout=cfg.sandbox.start_timeout_s)
+            h = self.workers.candidate(spec)
         except (ModelError, WorkerError) as exc:
-            return "load", f"the model does not load: {exc}"
+            return ("load", f"the model does not load: {exc}"), None
+        h.probe_sink = got.put
+        passed = False
         fd = -1
         try:
             frames: list[tuple[bytes, str, dict[str, Any] | None]] = []
@@ -274,25 +276,29 @@ class ModelUpdates:
                 try:
                     msg = got.get(timeout=max(0.01, deadline - time.monotonic()))
                 except queue.Empty:
-                    return "selftest", f"the self-test got no answer within {cfg.sandbox.frame_timeout_s:g} s a frame"
+                    return ("selftest", f"the self-test got no answer within {cfg.sandbox.frame_timeout_s:g} s a "
+                                        "frame"), None
                 if msg is None:
-                    return "selftest", f"the worker {h.exit_description()} during the self-test"
+                    return ("selftest", f"the worker {h.exit_description()} during the self-test"), None
                 if isinstance(msg, protocol.Result):
                     answers[msg.seq] = msg
             for seq, (_d, _c, expect) in enumerate(frames, 1):
                 r = answers[seq]
                 if r.error_code:
-                    return "selftest", f"self-test frame {seq} answered {r.error_code}: {r.error_message}"
+                    return ("selftest", f"self-test frame {seq} answered {r.error_code}: {r.error_message}"), None
                 why = bundle.check_expect(b.task, r.body or {}, expect) if expect else None
                 if why:
-                    return "selftest", f"self-test frame {seq}: {why}"
+                    return ("selftest", f"self-test frame {seq}: {why}"), None
             logger.info("model update: serial %d self-test passed (%d frame(s), %s)", b.serial, len(frames),
                         "the bundle's expected outputs" if b.selftest else "loads and answers")
-            return None
+            h.send(protocol.SegmentDrop(SELFTEST_SEGMENT))
+            passed = True
+            return None, h
         finally:
-            h.stop(grace=2.0)
             if fd >= 0:
                 os.close(fd)
+            if not passed:
+                h.stop(grace=2.0)
 
     # ---- probation and rollback --------------------------------------------------------------------------------
     def tick(self, now: float) -> None:
