@@ -10,6 +10,7 @@ exploit: the supervisor sees exactly what such a worker could send.
   abort            die of SIGABRT (a native crash)
   abort_if:NAME    die of SIGABRT if this worker serves model NAME (a new model that crashes where the old did not);
                    else nothing (the frame goes on, and is answered as the bad image it is)
+  hang_if:NAME     hang (as below) if this worker serves model NAME; else nothing
   syscall          call socket(): killed by the filter (SIGSYS)
   hang             stop answering (spin inside the frame, as a stuck delegate)
   fds:N            pass N file descriptors back over the control channel
@@ -35,7 +36,7 @@ def act(sock: socket.socket, seq: int, action: str, model: str = "") -> None:
         os.abort()
     elif name == "syscall":
         socket.socket()
-    elif name == "hang":
+    elif name == "hang" or (name == "hang_if" and arg == model):
         end = time.monotonic() + 3600
         while time.monotonic() < end:  # a stuck delegate: busy, never answering
             pass

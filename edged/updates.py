@@ -365,6 +365,8 @@ class ModelUpdates:
             logger.error("%s", exc)
             self.store.last_update = last
         self._event("model_rejected", b, reason=reason, kind=kind)
+        if kind == "selftest":
+            self._event("selftest_failed", b, model=b.name if b else None, reason=reason)
         self._publish_state()
 
     def _event(self, name: str, b: bundle.Bundle | None, **details: Any) -> None:

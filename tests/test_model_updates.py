@@ -325,6 +325,29 @@ def test_worker_crash_on_third_frame_rolls_back(daemon_factory: Any, client_fact
         w.close()
 
 
+def test_worker_hang_within_probation_rolls_back(daemon_factory: Any, client_factory: Any, tmp_path: Path,
+                                                 keys: dict[str, Any]) -> None:
+    v1 = shared("mobilenet_v1_0.25_128_quant.tflite")
+    cat = shared("cat.bmp").read_bytes()
+    d = daemon_factory({**updates_cfg(tmp_path, keys, probation_s=60),
+                        "sandbox": {"frame_timeout_s": 1.0, "heartbeat_s": 0.3, "backoff_max_s": 0.2},
+                        "queue": {"inflight_per_worker": 1}}, env=HOOKS)
+    c = client_factory(d.prefix)
+    w = Watch(int(d.config["mqtt"]["port"]), d.prefix)
+    try:
+        payload = make_bundle(keys, v1, 1)
+        w.publish(payload)
+        assert w.update_result(digest(payload))["last_update"]["result"] == "applied"
+        c.send(HOOK + b"hang_if:mobilenet_v1_0.25_128_quant", "stuck")  # the new model hangs where the old did not
+        st = w.last(lambda s: (s.get("last_update") or {}).get("result") == "rolled_back", 30, "the rollback")
+        assert st["current"]["serial"] == 0 and "probation" in st["last_update"]["reason"]
+        got = c.wait(["stuck"], 30)["stuck"]
+        assert got is not None and got["error"]["code"] in ("bad_payload", "timeout"), got
+        assert answered_by(c, cat, "after") == "digits"
+    finally:
+        w.close()
+
+
 # ---- a power cut at each step of applying -----------------------------------------------------------------
 @pytest.mark.parametrize("step,expect", [("after_write", "digits"), ("before_rename", "digits"),
                                          ("after_switch", "mobilenet_v1_0.25_128_quant")])
