@@ -22,7 +22,10 @@ run: $(STAMP) mosquitto
 	tools/run_local.sh $(CONFIG)
 
 # the whole suite, then the model-level tests again on the tflite-runtime backend (its own venv: numpy<2)
+# the consumers' own checkers: promtool (Debian's prometheus) and a real Home Assistant in .venv-ha (cached)
 test: $(STAMP) mosquitto
+	tools/ensure_promtool.sh
+	tools/ha_venv.sh
 	$(BIN)/python -m pytest -q
 	tools/tflite_venv.sh
 

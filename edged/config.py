@@ -150,6 +150,15 @@ class StatusConfig:
     socket: str = _f("/run/edged/edged.sock", path=True)
     interval: float = _f(10.0, lo=0)
     prometheus_file: str | None = _f(None, path=True)
+    prometheus_port: int | None = _f(None, lo=1)  # an HTTP /metrics listener; off by default
+    prometheus_bind: str = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class HomeAssistantConfig:
+    enabled: bool = False
+    discovery_prefix: str = "homeassistant"
+    streams: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -168,6 +177,7 @@ class Config:
     queue: QueueConfig = _f(factory=QueueConfig)
     status: StatusConfig = _f(factory=StatusConfig)
     logging: LoggingConfig = _f(factory=LoggingConfig)
+    homeassistant: HomeAssistantConfig = _f(factory=HomeAssistantConfig)
     state_dir: str = _f("/var/lib/edged", path=True)  # the model store, self-test records
     source: str = field(default="", compare=False)
 
@@ -331,6 +341,7 @@ def parse(text: str, fname: str = "<config>", base: Path | None = None) -> Confi
         raise ConfigError(f"{short} model.update.public_key: required when model.update.enabled is true")
     if cfg.model.task != "raw" and cfg.model.task == "detect" and cfg.model.score_threshold > 1:
         raise ConfigError(f"{short} model.score_threshold: must be <= 1")
+    _check_homeassistant(cfg, short)
     return dataclasses.replace(cfg, source=str(fname))
 
 
@@ -343,6 +354,41 @@ def _valid_filter(filt: str) -> bool:
         if ("+" in level and level != "+") or ("#" in level and (level != "#" or i != len(levels) - 1)):
             return False
     return True
+
+
+def _topic_problem(topic: str, *, level: bool = False) -> str | None:
+    """Why `topic` cannot be a topic name edged publishes to (level: a single topic level), or None."""
+    if not topic:
+        return "must not be empty"
+    if len(topic.encode()) > (128 if level else 1024):
+        return f"is longer than {128 if level else 1024} bytes"
+    if any(c in topic for c in "+#\0") or not topic.isprintable():
+        return "must not contain +, #, NUL or control characters"
+    if level and "/" in topic:
+        return "must not contain /"
+    if not level and (topic.startswith("/") or topic.endswith("/") or "//" in topic):
+        return "must not start or end with / or have an empty level"
+    return None
+
+
+def _check_homeassistant(cfg: Config, short: str) -> None:
+    ha = cfg.homeassistant
+    why = _topic_problem(ha.discovery_prefix)
+    if why:
+        raise ConfigError(f"{short} homeassistant.discovery_prefix: {why}")
+    ours = [cfg.prefix] + ([cfg.mqtt.share.prefix.rstrip("/")] if cfg.mqtt.share is not None else [])
+    for p in ours:
+        d = ha.discovery_prefix
+        if d == p or d.startswith(p + "/") or p.startswith(d + "/"):
+            raise ConfigError(f"{short} homeassistant.discovery_prefix: {d!r} overlaps edged's own topics ({p}/...)")
+    for i, s in enumerate(ha.streams):
+        why = _topic_problem(s, level=True)
+        if why:
+            raise ConfigError(f"{short} homeassistant.streams[{i}]: {why}")
+    if len(set(ha.streams)) != len(ha.streams):
+        raise ConfigError(f"{short} homeassistant.streams: a stream is listed twice")
+    if len(ha.streams) > 64:
+        raise ConfigError(f"{short} homeassistant.streams: at most 64 streams")
 
 
 def load(path: str | os.PathLike[str]) -> Config:

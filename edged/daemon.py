@@ -30,6 +30,7 @@ from edged import __version__, config, heap, protocol
 from edged.admission import Admission, Frame
 from edged.door import Door
 from edged.errors import ConfigError, EdgedError, ModelError, ProtocolError, WorkerError
+from edged.homeassistant import HomeAssistant
 from edged.ioloop import IoLoop
 from edged.metrics import Metrics, write_prometheus
 from edged.mqtt import MqttLink
@@ -49,17 +50,11 @@ EX_OK, EX_SOFTWARE, EX_CONFIG = 0, 70, 78
 
 def cfg_needs_prometheus(cfg: config.Config) -> bool:
     """True when Prometheus output is configured but its library is missing."""
-    if not cfg.status.prometheus_file:
+    if not cfg.status.prometheus_file and not cfg.status.prometheus_port:
         return False
     import importlib.util
 
     return importlib.util.find_spec("prometheus_client") is None
-
-
-def discovery_prefix(cfg: config.Config) -> str:
-    """Home Assistant's discovery prefix: never a result topic, whether discovery is on or not."""
-    ha = getattr(cfg, "homeassistant", None)
-    return str(getattr(ha, "discovery_prefix", None) or "homeassistant")
 
 
 class Supervisor:
@@ -86,9 +81,13 @@ class Supervisor:
         self.workers = Workers(cfg, self.cond, self.loop, on_message=self._on_worker_message,
                                on_orphans=self._on_orphans, wake=self._wake)
         self.link = MqttLink(cfg, self._admit, self._on_connection, loop=self.loop,
-                             door=Door(cfg, discovery_prefix(cfg)), on_room=self._on_room)
+                             door=Door(cfg, cfg.homeassistant.discovery_prefix), on_room=self._on_room)
+        self.ha = HomeAssistant(cfg, self.link.publish_message)  # discovery and entity states (edged.homeassistant)
+        self.link.add_route(self.ha.subscriptions(), self.ha.on_message)
+        self.workers.on_reload = self.ha.reconfigure
+        self.exporter: Any = None  # edged.prometheus.HttpExporter with status.prometheus_port
         self.results = Results(self.link, self.metrics, cfg.mqtt.result_buffer,
-                               lambda: self.workers.model_info.get("name"))
+                               lambda: self.workers.model_info.get("name"), on_result=self._on_result)
         self.admission = Admission(cfg, self.pool, self.cond, self.results, self.metrics, self.workers.ready)
         self.updates = ModelUpdates(cfg, self.workers, self.link.publish_message)
         if self.updates.enabled:
@@ -150,6 +149,9 @@ class Supervisor:
     def _on_room(self) -> None:
         if self.results.waiting:
             self.results.flush()
+
+    def _on_result(self, result: dict[str, Any]) -> None:
+        self.ha.on_result(result)  # the latest label of listed streams
 
     def _segment_released(self, seg_id: int) -> None:
         self.workers.drop_segment(seg_id)
@@ -225,6 +227,7 @@ class Supervisor:
                 "streams_queued": streams, "watchdog": {"stalled": self.stalled}, "pool": self.pool.stats(), "workers": workers, "memory": mem,
                 "mqtt": {"connected": self.link.connected, "reconnects": self.link.reconnects,
                          "result_overflows": self.link.overflows, "results_waiting": len(self.results.waiting),
+                         "results_unacked": self.link.held(),
                          "unrouted": self.link.unrouted, "oversized_packets": self.link.oversized,
                          "broker": f"{self.cfg.mqtt.host}:{self.cfg.mqtt.port}"},
                 "model_update": self.updates.status()}
@@ -235,6 +238,7 @@ class Supervisor:
             self._last_stats = now
             st = self.snapshot()
             self.link.publish_stats(json.dumps(st).encode())
+            self.ha.on_stats(st)
             if self.cfg.status.prometheus_file:
                 try:
                     write_prometheus(self.cfg.status.prometheus_file, st)
@@ -261,10 +265,11 @@ class Supervisor:
             pass
 
     def _on_connection(self, up: bool) -> None:
-        if not up:
-            self.results.connection_lost()
+        if up:
+            self.ha.on_connect()  # announce again after every (re)connect
+            self.updates.connected()  # the retained P/model/state again
         else:
-            self.updates.connected()
+            self.results.connection_lost()
         self._wake()
 
     def _signal(self, signum: int, _frame: object) -> None:
@@ -304,12 +309,22 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._signal)
         if cfg_needs_prometheus(self.cfg):
-            raise ConfigError(f"{self.cfg.source} status.prometheus_file: needs the prometheus-client package "
+            key = "prometheus_file" if self.cfg.status.prometheus_file else "prometheus_port"
+            raise ConfigError(f"{self.cfg.source} status.{key}: needs the prometheus-client package "
                               "(pip install 'edged[prometheus]')")
         try:
             self.status_server.start()
         except (OSError, EdgedError) as exc:
             raise ConfigError(f"{self.cfg.source} status.socket: cannot serve {self.cfg.status.socket}: {exc}") from None
+        if self.cfg.status.prometheus_port:  # the optional HTTP /metrics listener
+            from edged.prometheus import HttpExporter
+
+            try:
+                self.exporter = HttpExporter(self.cfg.source, self.cfg.status.prometheus_bind,
+                                             self.cfg.status.prometheus_port, self.snapshot)
+            except ConfigError:
+                self.status_server.close()
+                raise
         self.loop.start()
         try:
             self._start_workers()
@@ -339,6 +354,7 @@ class Supervisor:
                     ready_sent = True
                     self.notifier.ready(f"{self.state}: {self.workers.model_info.get('name')}")
                 self._periodic(now)
+                self.ha.poll(now)  # birth republish, rate-limited labels
                 if self.workers.fatal:
                     logger.critical("%s", self.workers.fatal)
                     return EX_SOFTWARE
@@ -397,4 +413,6 @@ class Supervisor:
             logger.debug("mqtt stop failed", exc_info=True)
         self.loop.stop()
         self.status_server.close()
+        if self.exporter is not None:
+            self.exporter.close()
         self.pool.close()

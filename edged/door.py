@@ -25,8 +25,8 @@ MAX_FRAME_ID = 256
 MAX_CONTENT_TYPE = 256
 MAX_TOPIC_BYTES = 65535
 INVALID_STREAM = "_invalid"
-# the daemon's own topics under P: never a destination for a result
-OWN_LEVELS = ("in", "status", "stats", "events", "model")
+# the daemon's own topics under P (ha: its Home Assistant entity states): never a destination for a result
+OWN_LEVELS = ("in", "status", "stats", "events", "model", "ha")
 
 
 @dataclass(slots=True)

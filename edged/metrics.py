@@ -1,7 +1,9 @@
 """Counters and latency histograms for status, P/stats and Prometheus text.
 
 Histograms use fixed log-spaced buckets (0.05 ms .. ~100 s, 10% apart), so
-memory stays constant over months and percentiles are within 10%.
+memory stays constant over months and percentiles are within 10%. Each also
+counts into the coarse buckets of LE_MS, exactly (no rounding to the log
+buckets): those are the `le` buckets of the Prometheus histograms.
 """
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ from typing import Any
 
 STAGES = ("queue", "preprocess", "inference", "publish", "total")
 _BOUNDS = [0.05 * 1.1**i for i in range(int(math.log(2e6) / math.log(1.1)) + 1)]  # ms
+# Prometheus `le` bounds in ms (0.5 ms .. 30 s): per-stage latencies of an edge device
+LE_MS = (0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000)
 
 
 class Histogram:
@@ -19,11 +23,13 @@ class Histogram:
 
     def __init__(self) -> None:
         self.counts = [0] * (len(_BOUNDS) + 1)
+        self.le = [0] * (len(LE_MS) + 1)  # the last one: above LE_MS[-1]
         self.n = 0
         self.total = 0.0
 
     def observe(self, ms: float) -> None:
         self.counts[bisect.bisect_left(_BOUNDS, ms)] += 1
+        self.le[bisect.bisect_left(LE_MS, ms)] += 1  # bisect_left: a value equal to a bound is "le" it
         self.n += 1
         self.total += ms
 
@@ -41,6 +47,16 @@ class Histogram:
     def summary(self) -> dict[str, float]:
         return {"p50": self.percentile(50), "p95": self.percentile(95), "p99": self.percentile(99),
                 "mean": round(self.total / self.n, 3) if self.n else 0.0, "count": self.n}
+
+    def buckets(self) -> dict[str, Any]:
+        """Cumulative counts per LE_MS bound ("+Inf": all) and the sum, for Prometheus histograms."""
+        out: dict[str, int] = {}
+        seen = 0
+        for bound, c in zip(LE_MS, self.le):
+            seen += c
+            out[f"{bound:g}"] = seen
+        out["+Inf"] = self.n
+        return {"sum_ms": round(self.total, 3), "le_ms": out}
 
 
 class Metrics:
@@ -73,30 +89,11 @@ class Metrics:
         with self.lock:
             return {"frames": dict(self.frames), "errors_by_code": dict(self.error_codes),
                     "latency_ms": self.hist["total"].summary(),
-                    "stages_ms": {s: h.summary() for s, h in self.hist.items()}}
+                    "stages_ms": {s: {**h.summary(), **h.buckets()} for s, h in self.hist.items()}}
 
 
 def write_prometheus(path: str, status: dict[str, Any]) -> None:
     """Write the status as Prometheus text for node_exporter's textfile collector (atomic rename)."""
-    from prometheus_client import CollectorRegistry, Gauge, write_to_textfile
+    from edged.prometheus import write_textfile
 
-    reg = CollectorRegistry()
-    frames = Gauge("edged_frames", "frames since start, by kind", ["kind"], registry=reg)
-    for k, v in status.get("frames", {}).items():
-        frames.labels(k).set(v)
-    lat = Gauge("edged_latency_ms", "latency percentiles per stage in ms", ["stage", "quantile"], registry=reg)
-    for stage, s in status.get("stages_ms", {}).items():
-        for q in ("p50", "p95", "p99"):
-            lat.labels(stage, q).set(s.get(q, 0))
-    pool = Gauge("edged_pool", "frame pool figures", ["figure"], registry=reg)
-    for k in ("capacity_bytes", "used_bytes", "high_water_bytes", "fragmentation", "grows", "shrinks"):
-        pool.labels(k).set(status.get("pool", {}).get(k, 0))
-    Gauge("edged_queue_depth", "frames waiting for a worker", registry=reg).set(status.get("queue_depth", 0))
-    Gauge("edged_mqtt_connected", "1 while connected to the broker", registry=reg).set(
-        1 if status.get("mqtt", {}).get("connected") else 0)
-    Gauge("edged_uptime_seconds", "seconds since start", registry=reg).set(status.get("uptime_s", 0))
-    rss = Gauge("edged_rss_bytes", "resident memory", ["process"], registry=reg)
-    rss.labels("supervisor").set(status.get("memory", {}).get("rss_bytes", 0))
-    for w in status.get("workers", []):
-        rss.labels(f"worker{w.get('index')}").set(w.get("rss_bytes") or 0)
-    write_to_textfile(path, reg)
+    write_textfile(path, status)

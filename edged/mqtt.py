@@ -29,7 +29,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from edged.config import Config
-from edged.door import Door, Incoming
+from edged.door import Door, Incoming, filter_matches
 from edged.errors import ConfigError, MqttError
 from edged.ioloop import IoLoop
 
@@ -105,16 +105,16 @@ class MqttLink:
             biggest = max(biggest, int(cfg.model.update.max_mb * (1 << 20)))
         self.max_packet = min(MAX_PACKET, biggest + PACKET_HEADROOM)
         self.unrouted = 0
+        # other subscriptions (add_route): (filter, qos, handler); their messages never reach on_frame
+        self._routes: list[tuple[str, int, Callable[[str, bytes, bool], None]]] = []
+        share = cfg.mqtt.share
+        self._frame_prefixes = (f"{self.prefix}/in/",) + ((f"{share.prefix.rstrip('/')}/in/",) if share else ())
         self.oversized = 0
         self.connected = False
         self.reconnects = 0
         self.connects = 0
         self.overflows = 0
         self.status_payload = b'{"state": "starting"}'
-        # other subscriptions (add_route): (filter, qos, handler); their messages never reach the door or on_frame
-        self._routes: list[tuple[str, int, Callable[[str, bytes, bool], None]]] = []
-        share = cfg.mqtt.share
-        self._frame_prefixes = (f"{self.prefix}/in/",) + ((f"{share.prefix.rstrip('/')}/in/",) if share else ())
         self._lock = threading.RLock()
         self.client = new_client(cfg, cfg.client_id, manual_ack=True)
         # paho's own queue limit also counts results waiting for their PUBACK: a limit there drops
@@ -266,8 +266,7 @@ class MqttLink:
         share = self.cfg.mqtt.share
         if share is not None:
             subs.append((f"$share/{share.group}/{share.prefix.rstrip('/')}/in/+", opts))
-        # a route gets its retained message at every subscribe (a model update waiting for a device that was away)
-        subs.extend((f, SubscribeOptions(qos=q)) for f, q, _ in self._routes)
+        subs.extend((f, SubscribeOptions(qos=q)) for f, q, _h in self._routes)
         return subs
 
     def add_route(self, filters: list[tuple[str, int]], handler: Callable[[str, bytes, bool], None]) -> None:
@@ -275,18 +274,14 @@ class MqttLink:
         retained) on the loop thread, never to admission. Call before start()."""
         self._routes.extend((f, q, handler) for f, q in filters)
 
-    def _on_other(self, msg: paho.MQTTMessage) -> None:
+    def _on_other(self, topic: str, msg: paho.MQTTMessage) -> None:
         """A message that is not a frame: to the route whose filter matches, else dropped; never admitted."""
         self.ack(msg.mid, msg.qos)
-        for filt, _, handler in self._routes:
-            if paho.topic_matches_sub(filt, msg.topic):
-                try:
-                    handler(msg.topic, msg.payload, bool(msg.retain))
-                except Exception:  # a hostile message must not stop the I/O loop
-                    logger.exception("handling a message on %r failed", msg.topic[:200])
+        for filt, _q, handler in self._routes:
+            if filter_matches(filt, topic):
+                handler(topic, msg.payload, bool(msg.retain))
                 return
         self.unrouted += 1
-        logger.debug("message on %r matches no subscription of ours; dropped", msg.topic[:200])
 
     def _on_connect(self, client: paho.Client, userdata: object, flags: object, rc: paho.ReasonCode,
                     props: object) -> None:
@@ -335,7 +330,7 @@ class MqttLink:
             except UnicodeDecodeError:
                 topic = None  # the door refuses it as a stream name
             if self._routes and topic is not None and not topic.startswith(self._frame_prefixes):
-                self._on_other(msg)
+                self._on_other(topic, msg)
                 return
             inc = self.door.inspect(topic, msg.payload, msg.qos, msg.mid, bool(msg.retain),
                                     getattr(msg, "properties", None))
@@ -417,10 +412,13 @@ class MqttLink:
             self.client.publish(f"{self.prefix}/status", payload, qos=1, retain=True)
 
     def publish_message(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> bool:
-        """A message that is not a result (events, state): now if connected, else False (not held)."""
+        """A message that is not a result (discovery, entity states): now if connected, else False (not held)."""
         if not self.connected:
             return False
-        self.client.publish(topic, payload, qos=qos, retain=retain)
+        try:
+            self.client.publish(topic, payload, qos=qos, retain=retain)
+        except ValueError as exc:
+            raise MqttError(f"cannot publish to {topic[:100]!r}: {exc}") from None
         return True
 
     def publish_stats(self, payload: bytes) -> None:

@@ -1,19 +1,22 @@
 """Frame bytes to input tensor: sniff, decode, convert, resize, quantize.
 
 Runs in the worker, behind the sandbox: this is where untrusted bytes are
-parsed. Every failure is a FrameError with a result code.
+parsed. Every failure is a FrameError with a result code. What a frame may
+cost to decode (declared sizes, scans, chunks, CPU time) is edged.imagelimits:
+checked on the frame's own header before Pillow opens it, and while it decodes.
 """
 from __future__ import annotations
 
-import io
+import re
 import struct
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from PIL import BmpImagePlugin, Image, JpegImagePlugin, PngImagePlugin  # noqa: F401  (plugins loaded before the sandbox)
 
-from edged import modelfile
+from edged import imagelimits, modelfile
 from edged.errors import FrameError
 from edged.runtime import TensorInfo
 
@@ -21,9 +24,14 @@ MAGIC = ((b"\xff\xd8\xff", "jpeg"), (b"\x89PNG\r\n\x1a\n", "png"), (b"BM", "bmp"
 CONTENT_TYPES = {"image/jpeg": "jpeg", "image/jpg": "jpeg", "image/png": "png", "image/bmp": "bmp",
                  "image/x-ms-bmp": "bmp", "application/octet-stream": "raw"}
 PIL_FORMATS = {"jpeg": "JPEG", "png": "PNG", "bmp": "BMP"}
-MAX_PIXELS = 40_000_000  # a 40 MP frame is already far past any camera edged serves
+MAX_PIXELS = imagelimits.MAX_PIXELS
+DECODE_CPU_S = 1.0  # default per-frame decode budget; the worker passes sandbox.frame_timeout_s / 10
 
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+# Pillow's own caps on zTXt/iTXt/iCCP chunks (1 MiB each, 64 MiB in all by default): no frame needs that much text
+PngImagePlugin.MAX_TEXT_CHUNK = 512 << 10
+PngImagePlugin.MAX_TEXT_MEMORY = 2 << 20
+_FILE_REPR = re.compile(r" <[\w.]+ object at 0x[0-9a-f]+>")
 Image.init()  # registers every plugin now: no lazy import (a file open) under seccomp
 
 
@@ -92,8 +100,10 @@ def normalization(info: TensorInfo, metadata: tuple[tuple[float, ...], tuple[flo
 class Preprocessor:
     """Fills a model's input tensor from frame payloads."""
 
-    def __init__(self, info: TensorInfo, mean: Norm = 127.5, std: Norm = 127.5) -> None:
+    def __init__(self, info: TensorInfo, mean: Norm = 127.5, std: Norm = 127.5,
+                 decode_cpu_s: float = DECODE_CPU_S) -> None:
         self.info = info
+        self.decode_cpu_s = decode_cpu_s
         self.layout = Layout.of(info)
         # one value, or one per channel: shaped to broadcast over HWC or CHW pixels
         per_channel = (-1, 1, 1) if self.layout is not None and self.layout.nchw else (-1,)
@@ -127,17 +137,23 @@ class Preprocessor:
     def decode(self, payload: memoryview, kind: str) -> np.ndarray:
         lay = self.layout
         assert lay is not None
+        imagelimits.inspect(payload, kind)  # refused from its own header before Pillow reads it
+        budget = imagelimits.CpuBudget(self.decode_cpu_s, kind)
         try:
             with warnings.catch_warnings():
                 # every warning becomes an error: showing one reads a source file, which the sandbox kills
                 warnings.simplefilter("error")
-                img = Image.open(io.BytesIO(payload), formats=[PIL_FORMATS[kind]])
+                img = Image.open(imagelimits.BudgetedReader(payload, budget), formats=[PIL_FORMATS[kind]])
                 w, h = img.size
                 if w <= 0 or h <= 0 or w * h > MAX_PIXELS:
                     raise FrameError("too_large", f"{kind} image claims {w}x{h} pixels (limit {MAX_PIXELS})")
                 mode = "L" if lay.channels == 1 else "RGB"
                 if kind == "jpeg":
                     img.draft(mode, (lay.width, lay.height))  # DCT-domain downscale: decodes far fewer pixels
+                imagelimits.check_raster(kind, *img.size, max(len(img.getbands()), lay.channels))
+                img.decodermaxblock = imagelimits.READ_BLOCK  # the budget is checked between blocks
+                img.load()
+                budget.check()
                 img = _to_mode(img, mode)
                 if img.size != (lay.width, lay.height):
                     img = img.resize((lay.width, lay.height), Image.Resampling.BILINEAR)
@@ -147,7 +163,7 @@ class Preprocessor:
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise FrameError("too_large", f"{kind} image too large: {exc}") from None
         except (OSError, ValueError, SyntaxError, EOFError, IndexError, struct.error, Warning) as exc:
-            text = " ".join(str(exc).split()).replace(" <_io.BytesIO object", "").split(" at 0x")[0]
+            text = _FILE_REPR.sub("", " ".join(str(exc).split()))  # "cannot identify image file <... at 0x7f..>"
             raise FrameError("bad_payload", f"cannot decode {kind}: {text or type(exc).__name__}") from None
         except MemoryError:
             raise FrameError("too_large", f"{kind} image does not fit the worker's memory limit") from None
@@ -168,6 +184,82 @@ class Preprocessor:
         else:
             raise FrameError("bad_payload", f"model input dtype {dt} takes raw tensors only")
         dst[...] = out.reshape(dst.shape)
+
+
+class _RleDecoder(BmpImagePlugin.BmpRleDecoder):
+    """Pillow's BMP RLE4/RLE8 decoder, pixel for pixel, in time linear in the payload, under the budget.
+
+    Pillow's own pads an end-of-line or a delta one pixel at a time in Python
+    and reads the stream a byte per read() call: a 1 KB frame declaring a
+    long row took seconds. This one reads the stream once, pads with one
+    bytes multiplication, and checks the frame's CPU budget every 4096 codes.
+    The output is the same for every input (tests/test_decode_budget.py
+    compares the two on random streams).
+    """
+
+    def decode(self, buffer: Any) -> tuple[int, int]:
+        assert self.fd is not None
+        rle4 = self.args[1]
+        xsize = self.state.xsize
+        dest_length = xsize * self.state.ysize
+        budget = getattr(self.fd, "budget", None)
+        base = self.fd.tell()
+        src = self.fd.read()
+        n, i, x, ops = len(src), 0, 0, 0
+        data = bytearray()
+        while len(data) < dest_length:
+            ops += 1
+            if budget is not None and ops & 4095 == 0:
+                budget.check()
+            if i + 2 > n:
+                break
+            count, byte = src[i], src[i + 1]
+            i += 2
+            if count:  # a run
+                count = min(count, max(0, xsize - x))
+                if rle4:
+                    pair = bytes((byte >> 4, byte & 0x0F))
+                    data += pair * (count // 2) + pair[:count % 2]
+                else:
+                    data += bytes((byte,)) * count
+                x += count
+            elif byte == 0:  # end of line
+                data += bytes(-len(data) % xsize)
+                x = 0
+            elif byte == 1:  # end of bitmap
+                break
+            elif byte == 2:  # delta
+                if i + 2 > n:
+                    break
+                right, up = src[i], src[i + 1]
+                i += 2
+                data += bytes(max(0, min(dest_length - len(data), right + up * xsize)))
+                x = len(data) % xsize
+            else:  # absolute run of `byte` pixels
+                want = min(dest_length - len(data), byte)
+                need = (want + 1) // 2 if rle4 else want
+                got = src[i:i + need]
+                i += len(got)
+                if rle4:
+                    nibbles = bytearray()
+                    for k, b in enumerate(got):
+                        nibbles.append(b >> 4)
+                        if k * 2 + 1 < want:
+                            nibbles.append(b & 0x0F)
+                    data += nibbles
+                else:
+                    data += got
+                if len(got) < need or len(data) == dest_length:
+                    break
+                x += byte
+                if (base + i) % 2:  # absolute runs end on a 16-bit boundary
+                    i += 1
+        rawmode = "L" if self.mode in {"1", "L"} else "P"
+        self.set_as_raw(bytes(data), rawmode, (0, self.args[-1]))
+        return -1, 0
+
+
+Image.register_decoder("bmp_rle", _RleDecoder)
 
 
 def _to_mode(img: Image.Image, mode: str) -> Image.Image:

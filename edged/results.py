@@ -37,13 +37,17 @@ logger = logging.getLogger(__name__)
 
 class Results:
     def __init__(self, link: MqttLink, metrics: Metrics, result_buffer: int,
-                 model_name: Callable[[], str | None]) -> None:
+                 model_name: Callable[[], str | None],
+                 on_result: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.link = link
+        self.on_result = on_result  # sees each served result once it is out (Home Assistant's labels)
         self.metrics = metrics
         self.model_name = model_name
         self.waiting: collections.deque[_Item] = collections.deque()
         self.max_waiting = result_buffer
         self.waiting_qos0 = 0
+        self._said: dict[str, float] = {}  # when each kind of loss was last logged
+        self._quiet: dict[str, int] = {}  # and how many since
 
     def answer(self, frame: Frame, h: WorkerHandle, reply: Result) -> None:
         """The worker's reply for this frame, as the result JSON."""
@@ -64,6 +68,8 @@ class Results:
         if self._publish(frame, result):
             timing["publish"] = round((time.monotonic() - now) * 1e3, 3)
             self.metrics.observe(timing)
+            if self.on_result is not None:
+                self.on_result(result)
 
     def fail(self, frame: Frame, code: str, message: str, model: str | None = None) -> None:
         if frame.lease is not None:
@@ -111,14 +117,21 @@ class Results:
         return False
 
     def _not_held(self, frame: Frame) -> None:
+        key = "not_held" if frame.qos else "results_lost"
+        self.metrics.count(key)
+        now = time.monotonic()
+        self._quiet[key] = self._quiet.get(key, 0) + 1
+        if now - self._said.get(key, -1e9) < 1.0:
+            return  # one line a second at most: a flood must not become a log flood
+        n, self._quiet[key], self._said[key] = self._quiet[key], 0, now
         if frame.qos:
-            logger.warning("%d results already held (mqtt.result_buffer): frame %s stays "
-                           "unacknowledged, the broker delivers it again", self.max_waiting, frame.frame_id)
-            self.metrics.count("not_held")
+            logger.warning("%d results already held (mqtt.result_buffer): frame %s (and %d more since the last "
+                           "line) stays unacknowledged, the broker delivers it again", self.max_waiting,
+                           frame.frame_id, n - 1)
         else:
-            logger.warning("%d results already held (mqtt.result_buffer): the result of QoS 0 "
-                           "frame %s is lost", self.max_waiting, frame.frame_id)
-            self.metrics.count("results_lost")
+            logger.warning("%d results already held (mqtt.result_buffer): the result of QoS 0 frame %s (and %d "
+                           "more since the last line) is lost, counted in frames.results_lost", self.max_waiting,
+                           frame.frame_id, n - 1)
 
     def _refused(self, frame: Frame, is_error: bool, exc: MqttError) -> None:
         """The client library refused this answer (its topic, its size): answer internal_error where we may."""

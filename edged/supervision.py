@@ -99,6 +99,7 @@ class Workers:
         self.accel_info: dict[str, Any] = {}
         self.model: ModelSpec | None = None  # None: the config's model; else what edged.updates applied
         self._switching = threading.Lock()  # one reload or model swap at a time
+        self.on_reload: Callable[[config.Config], None] | None = None  # after a reload or swap, outside the lock
 
     # ---- queries (under the lock) -------------------------------------------------------------------------------
     def handles(self) -> list[WorkerHandle]:
@@ -329,6 +330,8 @@ class Workers:
             self._adopt(fresh[0])
             self.cond.notify_all()
         logger.info("now serving %s; retiring %d old worker(s)", fresh[0].model_name, len(old))
+        if self.on_reload is not None:
+            self.on_reload(new_cfg)
         threading.Thread(target=self._retire, args=(old,), name="retire", daemon=True).start()
 
     def _retire(self, handles: list[WorkerHandle]) -> None:

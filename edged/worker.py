@@ -64,7 +64,9 @@ class Worker:
                                                            cfg.model.mean, cfg.model.std)
         if self.model.input.dtype.startswith("float"):
             logger.info("float input: (pixel - %s) / %s, from %s", mean, std, source)
-        self.pre = preprocess.Preprocessor(self.model.input, mean, std)
+        # decoding one frame may take a tenth of the frame timeout: a costly frame is refused, not timed out
+        self.pre = preprocess.Preprocessor(self.model.input, mean, std,
+                                           decode_cpu_s=cfg.sandbox.frame_timeout_s / 10)
         self.post = postprocess
         self.model.warm_up()
         self._warm_decoders()
@@ -153,8 +155,10 @@ class Worker:
             self.frame(msg)
         elif isinstance(msg, protocol.SegmentAdd):
             fd = self.reader.take_fd()
-            self.segments[msg.id] = mmap.mmap(fd, msg.size)
-            os.close(fd)
+            try:  # read-only: the pool hands out sealed, read-only fds (edged.pool._seal)
+                self.segments[msg.id] = mmap.mmap(fd, msg.size, access=mmap.ACCESS_READ)
+            finally:
+                os.close(fd)
         elif isinstance(msg, protocol.SegmentDrop):
             seg = self.segments.pop(msg.id, None)
             if seg is not None:

@@ -120,7 +120,10 @@ def parse_prometheus(text: str) -> dict[str, float]:
             assert m, f"not a 'name value' line: {line!r}"
             name = m.group(1)
             labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
-            assert name in helped and name in typed, f"{name} has no HELP/TYPE before it"
+            family = re.sub(r"_(bucket|sum|count)$", "", name) if name not in typed else name
+            assert family in helped and family in typed, f"{name} has no HELP/TYPE before it"
+            if family != name:
+                assert typed[family] in ("histogram", "summary"), line
             k = key(name, **labels)
             assert k not in values, f"{k} twice"
             values[k] = float(m.group(3))
@@ -157,18 +160,29 @@ def test_write_prometheus_has_help_type_and_parses_as_name_value_lines(tmp_path)
     text = prometheus_file(tmp_path, status_like())
     assert text.endswith("\n")
     values = parse_prometheus(text)
-    assert values[key("edged_frames", kind="received")] == 5.0
-    assert values[key("edged_frames", kind="errors")] == 1.0
-    assert values[key("edged_frames", kind="completed")] == 3.0
+    assert values["edged_frames_received_total"] == 5.0
+    assert values[key("edged_frame_errors_total", code="bad_payload")] == 1.0
+    assert values[key("edged_frame_errors_total", code="timeout")] == 0.0  # known codes exported before they happen
+    assert values["edged_frames_completed_total"] == 3.0
     assert values["edged_queue_depth"] == 3.0 and values["edged_mqtt_connected"] == 1.0
     assert values["edged_uptime_seconds"] == 12.5
-    assert values[key("edged_pool", figure="capacity_bytes")] == float(1 << 20)
-    assert values[key("edged_pool", figure="fragmentation")] == 0.25
-    for stage in STAGES:
-        for q in ("p50", "p95", "p99"):
-            assert key("edged_latency_ms", stage=stage, quantile=q) in values
-    assert 30.0 <= values[key("edged_latency_ms", stage="inference", quantile="p99")] < 33.0
-    assert values[key("edged_rss_bytes", process="worker0")] == 40_000_000.0
+    assert values["edged_pool_capacity_bytes"] == float(1 << 20)
+    assert values["edged_pool_fragmentation_ratio"] == 0.25 and values["edged_pool_grows_total"] == 1.0
+    assert values[key("edged_resident_memory_bytes", process="worker0")] == 40_000_000.0
+
+
+def test_stage_latency_histograms_count_exactly_per_bucket_in_seconds(tmp_path):
+    m = Metrics()
+    for ms in (0.3, 10.0, 10.01, 24.0, 31_000.0):  # 10.0 lies on a bound: counted in le=0.01
+        m.observe({"inference": ms})
+    values = parse_prometheus(prometheus_file(tmp_path, {**m.snapshot(), "queue_depth": 0}))
+    b = lambda le, stage="inference": values[key("edged_stage_latency_seconds_bucket", le=le, stage=stage)]  # noqa: E731
+    assert (b("0.0005"), b("0.005"), b("0.01"), b("0.025"), b("30"), b("+Inf")) == (1, 1, 2, 4, 4, 5)
+    assert values[key("edged_stage_latency_seconds_count", stage="inference")] == 5
+    assert abs(values[key("edged_stage_latency_seconds_sum", stage="inference")] - 31.04431) < 1e-6
+    for stage in STAGES:  # every stage has a histogram, observed or not
+        assert values[key("edged_stage_latency_seconds_bucket", le="+Inf", stage=stage)] == (5 if stage == "inference"
+                                                                                            else 0)
 
 
 def test_write_prometheus_minimal_status_still_parses(tmp_path):

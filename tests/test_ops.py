@@ -165,8 +165,8 @@ def test_stats_topic_and_prometheus_textfile_follow_interval(daemon_factory, cli
     until(lambda: len(stats) >= 2 and stats[-1]["frames"]["completed"] >= 5, 10, "two stats messages, the last "
           "after the five frames", detail=lambda: str(stats[-2:]))
     # the textfile is written beside the same stats message: once it counts the five frames, it is current
-    until(lambda: prom.exists() and 'edged_frames{kind="completed"} 5.0' in prom.read_text(), 10,
+    until(lambda: prom.exists() and 'edged_frames_completed_total 5.0' in prom.read_text(), 10,
           "the textfile after the five frames", detail=lambda: prom.read_text() if prom.exists() else "absent")
     text = prom.read_text()
-    assert 'edged_frames{kind="completed"}' in text and "# TYPE edged_pool gauge" in text
-    assert 'edged_latency_ms{quantile="p99",stage="total"}' in text
+    assert "edged_frames_completed_total" in text and "# TYPE edged_pool_used_bytes gauge" in text
+    assert 'edged_stage_latency_seconds_bucket{le="+Inf",stage="total"}' in text

@@ -138,7 +138,7 @@ def test_alloc_past_base_grows_segment_and_calls_back_with_real_fd():
         big = pool.alloc(5 * MiB)                              # rounds up to 2 segment_bytes
         assert big.segment == 1 and base.segment == 0
         assert added == [((1, pool.segments()[1][1], 8 * MiB), 8 * MiB)]
-        other = mmap.mmap(os.dup(pool.segments()[1][1]), 8 * MiB)  # as a worker would map it
+        other = mmap.mmap(os.dup(pool.segments()[1][1]), 8 * MiB, access=mmap.ACCESS_READ)  # as a worker maps it
         pool.write(b"x")                                       # lands in segment 1 (base is full)
         with pool.view(big) as mv:
             mv[:3] = b"abc"

@@ -166,7 +166,17 @@ def flood(rig: Rig, n: int) -> dict[str, Any]:
                 got = counter.n
             if got != last:
                 last, stable_since = got, time.monotonic()
-        time.sleep(2.5)  # not a synchronisation: the broker's $SYS count after the flood
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # the daemon's answers all out and acknowledged by the broker
+            m = (rig.status() or {}).get("mqtt", {})
+            if not m.get("results_waiting") and not m.get("results_unacked"):
+                break
+            time.sleep(0.2)
+        while True:  # and all of them delivered to the counter: no new one for 2 s
+            n_before = counter.n
+            time.sleep(2.0)
+            if counter.n == n_before:
+                break
         st1 = rig.status() or {}
     finally:
         pub.loop_stop()
