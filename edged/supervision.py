@@ -318,9 +318,9 @@ class Workers:
             for i, h in enumerate(fresh):
                 h.index = h.logs.index = i
                 h.generation = self.generation
-            self._switch(fresh, self.cfg, self.config_text)
+            self._switch(fresh, self.cfg, self.config_text, "model swap")
 
-    def _switch(self, fresh: list[WorkerHandle], new_cfg: config.Config, text: str) -> None:
+    def _switch(self, fresh: list[WorkerHandle], new_cfg: config.Config, text: str, why: str = "reload") -> None:
         with self.cond:
             old = self.handles()
             for h in old:
@@ -329,7 +329,7 @@ class Workers:
             self.slots = [Slot(i, h) for i, h in enumerate(fresh)]
             self._adopt(fresh[0])
             self.cond.notify_all()
-        logger.info("now serving %s; retiring %d old worker(s)", fresh[0].model_name, len(old))
+        logger.info("%s: now serving %s; retiring %d old worker(s)", why, fresh[0].model_name, len(old))
         if self.on_reload is not None:
             self.on_reload(new_cfg)
         threading.Thread(target=self._retire, args=(old,), name="retire", daemon=True).start()

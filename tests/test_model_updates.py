@@ -265,6 +265,9 @@ def test_rejections_change_nothing_that_serves(daemon_factory: Any, client_facto
         assert d.proc.poll() is None
         assert d.status()["workers"][0]["restarts"] == 0
 
+        # `edged model push` says a rejection with exit 1 and the reason
+        r = push(d, keys, BUNDLED / "digits.tflite", 4)
+        assert r.returncode == 1 and "rejected" in r.stderr and "not greater than" in r.stderr, r.stderr
         # by hand: back to the config's model, then nothing left to go back to
         out = subprocess.run(edged_cmd("model", "rollback", "-c", str(d.cfg_path)), env=d.env,
                              capture_output=True, text=True, timeout=120)
