@@ -1,5 +1,6 @@
 """Accelerator choice: try each preferred kind in order, keep the reason for every skip.
 
+NAME:  a named external delegate of accelerator.delegates ({library, options}), like coral.
 coral: a TFLite external delegate, libedgetpu by default (accelerator.coral.library;
        its options plus "device": usb, pci, usb:N, pci:N). The report says how many
        of the model's ops the delegate took (partial delegation leaves the rest on the CPU).
@@ -44,26 +45,34 @@ def _coral(cfg: Config, path: str, device: str | None) -> Model:
     dev = device or coral.device
     if dev:
         opts["device"] = dev
-    delegate = load_delegate(coral.library, opts)
+    return _external(cfg, path, coral.library, opts)
+
+
+def _external(cfg: Config, path: str, library: str, options: dict[str, str]) -> Model:
+    """The model on a TFLite external delegate (libedgetpu, or a named one of accelerator.delegates)."""
+    delegate = load_delegate(library, options)
     model = Model(path, threads=cfg.model.threads, delegates=[delegate])
     if model.delegated_ops == 0:
-        logger.warning("%s took none of the %s ops of %s: the CPU runs all of it", coral.library,
+        logger.warning("%s took none of the %s ops of %s: the CPU runs all of it", library,
                        model.total_ops, model.name)
     elif model.partial:
-        logger.warning("%s took %s of %s ops of %s; the rest run on the CPU", coral.library,
+        logger.warning("%s took %s of %s ops of %s; the rest run on the CPU", library,
                        model.delegated_ops, model.total_ops, model.name)
     return model
 
 
-def choose(cfg: Config, coral_device: str | None = None) -> Choice:
-    """Load the model on the first preferred accelerator that works."""
+def choose(cfg: Config, coral_device: str | None = None, kinds: list[str] | None = None) -> Choice:
+    """Load the model on the first accelerator that works, of `kinds` (default: accelerator.prefer), in order."""
     path = cfg.model.path
     edgetpu = needs_edgetpu(path)
     skipped: list[tuple[str, str]] = []
-    for kind in cfg.accelerator.prefer:
+    named = cfg.accelerator.delegates
+    for kind in cfg.accelerator.prefer if kinds is None else kinds:
         try:
             if kind == "coral":
                 return Choice(_coral(cfg, path, coral_device), "coral", skipped)
+            if kind in named:
+                return Choice(_external(cfg, path, named[kind].library, dict(named[kind].options)), kind, skipped)
             if kind == "gpu":
                 if edgetpu:
                     skipped.append(("gpu", "the model is compiled for the Edge TPU"))
@@ -80,6 +89,7 @@ def choose(cfg: Config, coral_device: str | None = None) -> Choice:
                     skipped.append(("cpu", "the model is compiled for the Edge TPU"))
                     continue
                 return Choice(Model(path, threads=cfg.model.threads), "cpu", skipped)
+            skipped.append((kind, "not an accelerator of this config"))
         except ModelError as exc:
             if kind == "cpu":
                 raise

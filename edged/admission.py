@@ -22,7 +22,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from edged import protocol
 from edged.config import Config
 from edged.metrics import Metrics
 from edged.pool import FramePool, Lease
@@ -162,11 +161,17 @@ class Admission:
         """Under the lock: the next frame (streams in turn) and the least busy ready worker. O(1) in streams."""
         if not self.turns:
             return None
-        ready = self.ready_workers()
+        # a frame that outlived a worker's death runs alone: so does the poison among them, and it alone dies again
+        ready = [h for h in self.ready_workers() if not any(f.deaths for f in h.inflight.values())]
         if not ready:
             return None
-        stream = self.turns.popleft()
+        stream = self.turns[0]
         q = self.queues[stream]
+        if q[0].deaths:
+            ready = [h for h in ready if not h.inflight]
+            if not ready:
+                return None  # it waits at the head of its stream for an idle worker
+        self.turns.popleft()
         frame = q.popleft()
         if q:
             self.turns.append(stream)
@@ -216,13 +221,11 @@ class Admission:
             self.results.fail(frame, "expired", "message expiry passed before inference")
             return True
         block = frame.lease.block if frame.lease is not None else None
-        seg = self.pool.segment(block.segment) if block is not None else None
         with self.cond:
-            if worker.state != "ready" or seg is None or block is None:
+            if worker.state != "ready" or block is None or self.pool.segment(block.segment) is None:
                 self.requeue(frame)  # the lock is re-entrant
                 return False
             frame.t_dispatch = now
             worker.inflight[frame.seq] = frame
-        worker.ensure_segment(block.segment, *seg)
-        worker.send(protocol.FrameJob(frame.seq, block.segment, block.offset, frame.length, frame.content_type))
+        worker.send_frame(frame.seq, self.pool, block, frame.length, frame.content_type)
         return True

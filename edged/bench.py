@@ -279,16 +279,10 @@ class WorkerPath(Windowed):
             self.done(msg.seq)
 
     def submit(self, seq: int) -> None:
-        from edged.protocol import FrameJob
-
         lease = self.pool.lease(self.payload)
         assert lease is not None and lease.block is not None
-        b = lease.block
-        seg = self.pool.segment(b.segment)
-        assert seg is not None
-        self.h.ensure_segment(b.segment, *seg)
         self.leases[seq] = lease
-        self.h.send(FrameJob(seq, b.segment, b.offset, len(self.payload), None))
+        self.h.send_frame(seq, self.pool, lease.block, len(self.payload))
 
     def retire(self, seq: int) -> None:
         self.leases.pop(seq).release()

@@ -34,7 +34,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = _load(args)
     _setup_logging(cfg.logging.level, dict(os.environ))
-    logging.getLogger(__name__).info("edged %s starting: config %s, model %s", __version__, cfg.source, cfg.model.path)
+    log = logging.getLogger(__name__)
+    log.info("edged %s starting: config %s, model %s", __version__, cfg.source, cfg.model.path)
+    for warning in cfg.warnings:
+        log.warning("%s", warning)
     return Supervisor(cfg).run()
 
 
@@ -43,6 +46,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     cfg = _load(args)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    for warning in cfg.warnings:
+        print(f"edged check: warning: {warning}", file=sys.stderr)
     choice = accel.choose(cfg)
     model = choice.model
     labels = postprocess.load_labels(cfg.model.labels)
@@ -69,6 +74,38 @@ def cmd_check(args: argparse.Namespace) -> int:
     for kind, reason in choice.skipped:
         print(f"  skipped    {kind}: {reason}")
     print(f"mqtt         {cfg.mqtt.host}:{cfg.mqtt.port} topics {cfg.prefix}/in/+ -> {cfg.prefix}/out/<stream>")
+    return _check_selftest(cfg, choice)
+
+
+def _check_selftest(cfg: Any, choice: Any) -> int:
+    """`edged check`'s self-test line: the chosen accelerator against the expected outputs (the record, the expect
+    file, else the CPU now); a CPU mismatch is exit 78, as at `edged run`."""
+    from types import SimpleNamespace
+
+    from edged import preprocess, runtime, selftest
+
+    def answers(model: Any) -> dict[str, Any]:
+        mean, std, _src = preprocess.model_normalization(model.path, model.input, cfg.model.mean, cfg.model.std)
+        frames = selftest.payloads(cfg.model.selftest.frames, model.input.shape, model.input.dtype)
+        return selftest.run(model, preprocess.Preprocessor(model.input, mean, std), frames)
+
+    model = choice.model
+    got = answers(model)
+    expected = selftest.Expected.load(cfg, selftest.model_sha256(cfg.model.path))
+    if expected is None or (not cfg.model.selftest.expect and expected.frames != got["frames"]):
+        ref = model if choice.kind == "cpu" else runtime.Model(cfg.model.cpu_fallback or cfg.model.path,
+                                                               threads=cfg.model.threads)
+        rec = answers(ref)
+        expected = selftest.Expected(rec["outputs"], rec["frames"], "the CPU, now (nothing recorded yet)")
+    handle = SimpleNamespace(info={"selftest": got, "task": cfg.model.task, "model": model.describe()})
+    v = selftest.check(handle, expected, cfg.model.selftest.tolerance, cfg.model.score_threshold)
+    print(f"selftest     {'pass' if v.passed else 'FAIL'} on {choice.kind}: max diff {v.max_diff:g} step(s) "
+          f"(tolerance {cfg.model.selftest.tolerance:g}) against {expected.source}, {v.ms:g} ms"
+          + (f": {v.reason}" if v.reason else ""))
+    if not v.passed and choice.kind == "cpu":
+        print(f"edged check: model {cfg.model.path}: the self-test on the CPU does not give the expected outputs",
+              file=sys.stderr)
+        return EX_CONFIG
     return 0
 
 
@@ -79,7 +116,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if not path:
         path = _load(args).status.socket
     while True:
-        st = status.query(path)
+        st = status.query(path, timeout=args.timeout)
         if args.json:
             print(json.dumps(st, indent=None if args.watch else 2))
         else:
@@ -93,14 +130,14 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_send(args: argparse.Namespace) -> int:
+    from edged import userfiles
     from edged.send import send_frame
 
     cfg = _load(args)
-    try:
-        with open(args.file, "rb") as fh:
-            payload = fh.read()
-    except OSError as exc:
-        print(f"edged send: {args.file}: {exc.strerror}", file=sys.stderr)
+    try:  # /dev/zero or a huge file must not fill memory: the daemon answers too_large past this anyway
+        payload = userfiles.read_bytes(args.file, cfg.queue.max_frame_bytes, regular=False)
+    except userfiles.FileRefused as exc:
+        print(f"edged send: {exc}", file=sys.stderr)
         return 66
     result = send_frame(cfg, payload, args.stream, args.timeout)
     print(json.dumps(result, indent=2))
@@ -125,6 +162,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edged", description="Edge inference daemon: TFLite models over MQTT.")
     p.add_argument("--version", action="version", version=f"edged {__version__}")
@@ -140,6 +187,8 @@ def parser() -> argparse.ArgumentParser:
     s = add("status", "ask a running daemon for its state")
     s.add_argument("--json", action="store_true", help="print the status JSON")
     s.add_argument("--socket", help="status socket path (default: status.socket from the config)")
+    s.add_argument("--timeout", type=_positive, default=5.0, metavar="S",
+                   help="give up (exit 69) when no full answer came within S seconds (default 5)")
     s.add_argument("--watch", type=float, nargs="?", const=2.0, default=None, metavar="S",
                    help="refresh every S seconds (default 2)")
     s.set_defaults(fn=cmd_status)

@@ -4,10 +4,18 @@ Every section of INTERFACE.md is a dataclass; unknown keys and wrong types are
 errors that name the file, the line and the dotted key, all reported at once:
 ``edged.yaml:12 mqtt.port: must be an integer``. Relative paths are relative
 to the config file's folder.
+
+The file is hostile input like any other: it is read up to 1 MiB, YAML
+anchors and aliases are refused (an alias bomb of 1 KiB expands to GiBs),
+nesting deeper than 32 levels and more than 20,000 nodes are refused, all
+before any of it is turned into values. Checks across keys and against this
+host (topics, users, the status socket, secrets' modes) are in
+edged.configchecks; warnings go into ``Config.warnings``, for the CLI to print.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import socket
 import types
@@ -18,15 +26,22 @@ from typing import Any
 
 import yaml
 
+from edged import configchecks, topics, userfiles
 from edged.errors import ConfigError
 
 DEFAULT_CONFIG = "/etc/edged/edged.yaml"
 BUNDLED_MODEL = Path(__file__).resolve().parent / "models" / "digits.tflite"
 
 
+MAX_DEPTH = 32       # the schema is 4 levels deep (accelerator.coral.options.KEY)
+MAX_NODES = 20_000   # the shipped config has ~100
+
+
 def _f(default: Any = dataclasses.MISSING, *, choices: tuple[Any, ...] = (), lo: float | None = None,
-       path: bool = False, factory: Any = dataclasses.MISSING) -> Any:
-    meta = {"choices": choices, "lo": lo, "path": path}
+       hi: float | None = None, path: bool = False, regular: bool = False, factory: Any = dataclasses.MISSING) -> Any:
+    # regular: a file the daemon reads or replaces; naming an existing non-regular file is an error
+    # hi: the largest value (default _HI: what deque sizes, sleeps and mmap lengths take without overflowing)
+    meta = {"choices": choices, "lo": lo, "hi": hi, "path": path or regular, "regular": regular}
     if factory is not dataclasses.MISSING:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -34,9 +49,9 @@ def _f(default: Any = dataclasses.MISSING, *, choices: tuple[Any, ...] = (), lo:
 
 @dataclass(frozen=True)
 class TlsConfig:
-    ca: str | None = _f(None, path=True)
-    cert: str | None = _f(None, path=True)
-    key: str | None = _f(None, path=True)
+    ca: str | None = _f(None, regular=True)
+    cert: str | None = _f(None, regular=True)
+    key: str | None = _f(None, regular=True)
     insecure: bool = False
 
 
@@ -49,14 +64,14 @@ class ShareConfig:
 @dataclass(frozen=True)
 class MqttConfig:
     host: str = "127.0.0.1"
-    port: int = _f(1883, lo=1)
+    port: int = _f(1883, lo=1, hi=65535)
     topic_prefix: str = "edged/{device_id}"
     client_id: str | None = None
-    keepalive: int = _f(30, lo=5)
-    session_expiry: int = _f(3600, lo=0)
+    keepalive: int = _f(30, lo=5, hi=65535)  # MQTT: two bytes
+    session_expiry: int = _f(3600, lo=0, hi=0xFFFFFFFF)  # MQTT: four bytes
     qos: int = _f(1, choices=(0, 1, 2))
     username: str | None = None
-    password_file: str | None = _f(None, path=True)
+    password_file: str | None = _f(None, regular=True)
     tls: TlsConfig | None = None
     share: ShareConfig | None = None
     result_buffer: int = _f(1000, lo=1)
@@ -69,26 +84,37 @@ class UpdateConfig:
     """model.update: signed model bundles over MQTT (edged.updates)."""
 
     enabled: bool = False
-    public_key: str | None = _f(None, path=True)
+    public_key: str | None = _f(None, regular=True)
     max_mb: float = _f(64.0, lo=0.001)
     keep: int = _f(3, lo=1)
     probation_s: float = _f(300.0, lo=0)
 
 
 @dataclass(frozen=True)
+class SelftestConfig:
+    """The known-answer self-test (edged.selftest): its frames, its expected outputs, the tolerance."""
+
+    frames: tuple[str, ...] = _f((), path=True)  # files (images or raw tensors); empty: one built from the input
+    expect: str | None = _f(None, path=True)  # a JSON file of expected outputs; null: recorded from the CPU
+    tolerance: float = _f(2.0, lo=0)  # quantization steps (float outputs: steps of 1e-3 of the output's range)
+    interval_s: float = _f(600.0, lo=0)  # serving workers run it again this often, between frames (0: never)
+
+
+@dataclass(frozen=True)
 class ModelConfig:
-    path: str = _f(str(BUNDLED_MODEL), path=True)
-    labels: str | None = _f(str(BUNDLED_MODEL.with_name("digits_labels.txt")), path=True)
+    path: str = _f(str(BUNDLED_MODEL), regular=True)
+    labels: str | None = _f(str(BUNDLED_MODEL.with_name("digits_labels.txt")), regular=True)
     task: str = _f("classify", choices=("classify", "detect", "raw"))
     threads: int = _f(1, lo=1)
     top_k: int = _f(5, lo=1)
     score_threshold: float = _f(0.5, lo=0)
     mean: float = 127.5
     std: float = _f(127.5, lo=1e-9)
-    cpu_fallback: str | None = _f(None, path=True)
+    cpu_fallback: str | None = _f(None, regular=True)
     batch_max: int = _f(1, lo=1)  # >1: up to this many waiting frames in one invoke (resizable-batch CPU models)
     batch_wait_ms: float = _f(0.0, lo=0)  # how long a worker waits for a batch to fill (0: only frames already there)
     update: UpdateConfig = _f(factory=UpdateConfig)
+    selftest: SelftestConfig = _f(factory=SelftestConfig)
 
 
 @dataclass(frozen=True)
@@ -105,11 +131,32 @@ class GpuConfig:
 
 
 @dataclass(frozen=True)
+class DelegateConfig:
+    """A named TFLite external delegate (accelerator.delegates.NAME), usable in accelerator.prefer."""
+
+    library: str = ""
+    options: dict[str, str] = _f(factory=dict)
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    failures: int = _f(3, lo=1)  # failures of one accelerator within window_s before it is set aside
+    window_s: float = _f(300.0, lo=1)
+    probe_s: float = _f(60.0, lo=0.1)  # first probe of a set-aside accelerator; doubles up to probe_max_s
+    probe_max_s: float = _f(3600.0, lo=0.1)
+
+
+BUILTIN_KINDS = ("coral", "gpu", "cpu")
+
+
+@dataclass(frozen=True)
 class AccelConfig:
-    prefer: tuple[str, ...] = _f(("cpu",), choices=("coral", "gpu", "cpu"))
+    prefer: tuple[str, ...] = ("cpu",)  # coral, gpu, cpu or a name of accelerator.delegates (checked in parse)
     workers: int = _f(1, lo=1)
     coral: CoralConfig = _f(factory=CoralConfig)
     gpu: GpuConfig = _f(factory=GpuConfig)
+    delegates: dict[str, DelegateConfig] = _f(factory=dict)
+    health: HealthConfig = _f(factory=HealthConfig)
 
 
 @dataclass(frozen=True)
@@ -124,6 +171,7 @@ class SandboxConfig:
     max_restarts: int = _f(10, lo=1)
     restart_window_s: float = _f(60.0, lo=1)
     backoff_max_s: float = _f(5.0, lo=0)
+    user: str | None = None  # a daemon started as root runs its workers as this user (None: nobody)
 
 
 @dataclass(frozen=True)
@@ -140,7 +188,7 @@ class QueueConfig:
     max_per_stream: int = _f(256, lo=1)
     max_streams: int = _f(256, lo=1)  # streams that may hold queued frames at once
     policy: str = _f("drop_oldest", choices=("drop_oldest", "reject"))
-    max_frame_bytes: int = _f(32 << 20, lo=1)
+    max_frame_bytes: int = _f(32 << 20, lo=1, hi=268435455)  # MQTT's largest packet
     inflight_per_worker: int = _f(2, lo=1)
     drain_timeout_s: float = _f(10.0, lo=0)
 
@@ -149,7 +197,7 @@ class QueueConfig:
 class StatusConfig:
     socket: str = _f("/run/edged/edged.sock", path=True)
     interval: float = _f(10.0, lo=0)
-    prometheus_file: str | None = _f(None, path=True)
+    prometheus_file: str | None = _f(None, regular=True)
     prometheus_port: int | None = _f(None, lo=1)  # an HTTP /metrics listener; off by default
     prometheus_bind: str = "127.0.0.1"
 
@@ -178,8 +226,9 @@ class Config:
     status: StatusConfig = _f(factory=StatusConfig)
     logging: LoggingConfig = _f(factory=LoggingConfig)
     homeassistant: HomeAssistantConfig = _f(factory=HomeAssistantConfig)
-    state_dir: str = _f("/var/lib/edged", path=True)  # the model store, self-test records
-    source: str = field(default="", compare=False)
+    state_dir: str = _f("/var/lib/edged", path=True)  # what edged keeps across restarts (self-test records)
+    source: str = field(default="", compare=False, metadata={"internal": True})
+    warnings: tuple[str, ...] = field(default=(), compare=False, metadata={"internal": True})
 
     @property
     def prefix(self) -> str:
@@ -205,11 +254,54 @@ class Config:
     @property
     def model_name(self) -> str:
         name = Path(self.model.path).name
-        return name[: -len(".tflite")] if name.endswith(".tflite") else name
+        return name.removesuffix(".tflite")
 
 
 def default_path(env: typing.Mapping[str, str]) -> str:
     return env.get("EDGED_CONFIG") or DEFAULT_CONFIG
+
+
+class _Refused(yaml.YAMLError, ConfigError):
+    """YAML that is well-formed but not accepted in a config (aliases, too deep, too many nodes); it is
+    raised inside PyYAML's composer, so it is a YAMLError to it, and a ConfigError to us."""
+
+    def __init__(self, mark: yaml.Mark, problem: str) -> None:
+        super().__init__(problem)
+        self.problem_mark = mark
+        self.problem = problem
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's composer, refusing anchors and aliases and capping depth and node count.
+
+    Composing recurses once per nesting level (2,000 levels were a RecursionError) and an
+    alias makes one node appear many times in the tree (a 1 KiB alias bomb took the
+    supervisor to 979 MiB): both are refused at the first event that would go too far.
+    """
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self._depth = 0
+        self._nodes = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            raise _Refused(event.start_mark, f"YAML aliases (*{event.anchor}) are not allowed in an edged config")
+        anchor = getattr(event, "anchor", None)
+        if anchor is not None:
+            raise _Refused(event.start_mark, f"YAML anchors (&{anchor}) are not allowed in an edged config")
+        self._nodes += 1
+        if self._nodes > MAX_NODES:
+            raise _Refused(event.start_mark, f"more than {MAX_NODES} values in one config")
+        if self._depth >= MAX_DEPTH:
+            raise _Refused(event.start_mark, f"nested deeper than {MAX_DEPTH} levels")
+        self._depth += 1
+        try:
+            node: yaml.Node = super().compose_node(parent, index)  # type: ignore[no-untyped-call]
+            return node
+        finally:
+            self._depth -= 1
 
 
 class _Loader:
@@ -219,11 +311,19 @@ class _Loader:
         self.fname = fname
         self.base = base
         self.errors: list[str] = []
+        self.lines: dict[str, int] = {}  # dotted key -> line of its value, for checks across keys
 
     def err(self, node: yaml.Node | None, key: str, msg: str) -> None:
         line = f":{node.start_mark.line + 1}" if node is not None else ""
+        self.err_at(line, key, msg)
+
+    def err_at(self, line: str, key: str, msg: str) -> None:
         shown = key if key.isprintable() else repr(key)
         self.errors.append(" ".join(f"{self.fname}{line} {shown}: {msg}".split()))
+
+    def where(self, key: str) -> str:
+        """':LINE' of a key's value, '' when the key is not in the file (a default)."""
+        return f":{self.lines[key]}" if key in self.lines else ""
 
     def build(self, cls: type, node: yaml.Node | None, key: str) -> Any:
         if node is None or (isinstance(node, yaml.ScalarNode) and node.tag.endswith(":null")):
@@ -232,7 +332,7 @@ class _Loader:
             self.err(node, key or "(top level)", "must be a mapping")
             return cls()
         hints = typing.get_type_hints(cls)
-        fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
+        fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
         values: dict[str, Any] = {}
         for knode, vnode in node.value:
             name = str(knode.value)
@@ -241,13 +341,28 @@ class _Loader:
                 self.err(knode, dotted, f"unknown key (known: {', '.join(fields)})")
                 continue
             values[name] = self.value(hints[name], fields[name], vnode, dotted)
+        if cls is AccelConfig:
+            self.check_prefer(node, values, key)
         try:
             return cls(**{k: v for k, v in values.items() if v is not _BAD})
         except TypeError as exc:  # pragma: no cover - fields are all defaulted
             self.err(node, key, str(exc))
             return cls()
 
+    def check_prefer(self, node: yaml.MappingNode, values: dict[str, Any], key: str) -> None:
+        """accelerator.prefer names built-in kinds or names of accelerator.delegates."""
+        delegates = values.get("delegates")
+        known = (*BUILTIN_KINDS, *(delegates if isinstance(delegates, dict) else ()))
+        for knode, vnode in node.value:
+            if str(knode.value) != "prefer" or not isinstance(vnode, yaml.SequenceNode):
+                continue
+            for i, item in enumerate(vnode.value):
+                if isinstance(item, yaml.ScalarNode) and item.value not in known:
+                    self.err(item, f"{key}.prefer[{i}]", f"must be one of {', '.join(known)}, got {item.value!r}")
+                    values["prefer"] = _BAD
+
     def value(self, hint: Any, f: dataclasses.Field, node: yaml.Node, key: str) -> Any:
+        self.lines[key] = node.start_mark.line + 1
         optional = False
         if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
             args = [a for a in typing.get_args(hint) if a is not type(None)]
@@ -261,7 +376,7 @@ class _Loader:
             return _BAD
         if dataclasses.is_dataclass(hint):
             return self.build(hint, node, key)
-        meta = {"choices": (), "lo": None, "path": False, **f.metadata}
+        meta = {"choices": (), "lo": None, "hi": None, "path": False, "regular": False, **f.metadata}
         origin = typing.get_origin(hint)
         if origin is tuple:
             if not isinstance(node, yaml.SequenceNode):
@@ -273,6 +388,13 @@ class _Loader:
             if not isinstance(node, yaml.MappingNode):
                 self.err(node, key, "must be a mapping")
                 return _BAD
+            item = typing.get_args(hint)[1]
+            if dataclasses.is_dataclass(item):  # NAME: {section}
+                return {str(k.value): self.build(item, v, f"{key}.{k.value}") for k, v in node.value}
+            nested = [n for pair in node.value for n in pair if not isinstance(n, yaml.ScalarNode)]
+            if nested:
+                self.err(nested[0], key, "keys and values must be plain scalars (they are passed on as strings)")
+                return _BAD
             return {str(k.value): str(v.value) for k, v in node.value}
         return self.scalar(hint, meta, node, key)
 
@@ -281,7 +403,7 @@ class _Loader:
             self.err(node, key, f"must be {_NAMES[hint]}")
             return _BAD
         try:
-            raw = yaml.constructor.SafeConstructor().construct_object(node)
+            raw: Any = yaml.constructor.SafeConstructor().construct_object(node)
         except (yaml.YAMLError, ValueError, TypeError, KeyError, AttributeError):
             self.err(node, key, f"cannot read {node.value!r} (tag {node.tag})")
             return _BAD
@@ -295,85 +417,79 @@ class _Loader:
         if meta["choices"] and raw not in meta["choices"]:
             self.err(node, key, f"must be one of {', '.join(map(str, meta['choices']))}, got {raw!r}")
             return _BAD
+        return self.checked(typing.cast(Any, raw), hint, meta, node, key)
+
+    def checked(self, raw: Any, hint: type, meta: typing.Mapping[str, Any], node: yaml.Node, key: str) -> Any:
+        """A value of the right type, checked against its field's range and, for paths, resolved."""
+        if hint is float and not math.isfinite(raw):  # NaN passes every comparison; inf overflows sleeps
+            self.err(node, key, f"must be a finite number, got {node.value!r}")
+            return _BAD
         if meta["lo"] is not None and raw < meta["lo"]:
             self.err(node, key, f"must be >= {meta['lo']}, got {raw!r}")
+            return _BAD
+        hi = meta["hi"] if meta["hi"] is not None else _HI.get(hint)
+        if hi is not None and raw > hi:
+            self.err(node, key, f"must be <= {hi:g}, got {raw!r}" if hint is float else f"must be <= {hi}, got {raw!r}")
             return _BAD
         if meta["path"] and raw:
             try:
                 raw = str((self.base / os.path.expanduser(raw)).resolve())
-            except (ValueError, OSError) as exc:
+            except (ValueError, OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop (Python < 3.13)
                 self.err(node, key, f"not a usable path ({exc})")
+                return _BAD
+            why = userfiles.not_regular(raw) if meta["regular"] else None
+            if why:
+                self.err(node, key, why)
                 return _BAD
         return raw
 
 
 _BAD = object()
 _NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+_HI: dict[type, float] = {int: 2**31 - 1, float: 1e9}
 
 
 def parse(text: str, fname: str = "<config>", base: Path | None = None) -> Config:
     """Parse and validate config text; raise ConfigError listing every problem."""
     short = Path(fname).name
+    if len(text) > userfiles.CONFIG_MAX_BYTES:
+        raise ConfigError(f"{short}: {len(text)} characters, more than the {userfiles.CONFIG_MAX_BYTES} allowed")
+    composer: _BoundedLoader | None = None
     try:
-        node = yaml.compose(text)
+        composer = _BoundedLoader(text)  # the reader checks the characters here
+        node = composer.get_single_node()
+    except _Refused as exc:
+        raise ConfigError(f"{short}:{exc.problem_mark.line + 1}: {exc.problem}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}" if mark else ""
         problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
         raise ConfigError(f"{short}{where}: not valid YAML: {problem}") from None
+    finally:
+        if composer is not None:
+            composer.dispose()
     loader = _Loader(short, base or Path.cwd())
-    cfg = loader.build(Config, node, "")
-    if loader.errors:
-        raise ConfigError("; ".join(loader.errors))
+    cfg = loader.build(Config, node, "")  # a value in error is left at its default: the checks below still run
     if not cfg.device_id:
         cfg = dataclasses.replace(cfg, device_id=socket.gethostname().split(".")[0] or "edged")
-    if "{device_id}" not in cfg.mqtt.topic_prefix and not cfg.mqtt.topic_prefix.strip("/"):
-        raise ConfigError(f"{short} mqtt.topic_prefix: must not be empty")
+    configchecks.check(cfg, loader)
     for i, filt in enumerate(cfg.mqtt.response_topics):
-        if not _valid_filter(filt):
-            raise ConfigError(f"{short} mqtt.response_topics[{i}]: {filt!r} is not an MQTT topic filter")
-    if cfg.mqtt.tls is not None and bool(cfg.mqtt.tls.cert) != bool(cfg.mqtt.tls.key):
-        raise ConfigError(f"{short} mqtt.tls: cert and key go together")
-    if cfg.sandbox.in_process and cfg.sandbox.enabled:
-        raise ConfigError(f"{short} sandbox.in_process: needs sandbox.enabled: false (the daemon itself cannot be "
-                          "filtered)")
-    if cfg.model.update.enabled and not cfg.model.update.public_key:
-        raise ConfigError(f"{short} model.update.public_key: required when model.update.enabled is true")
-    if cfg.model.task != "raw" and cfg.model.task == "detect" and cfg.model.score_threshold > 1:
-        raise ConfigError(f"{short} model.score_threshold: must be <= 1")
-    _check_homeassistant(cfg, short)
-    return dataclasses.replace(cfg, source=str(fname))
-
-
-def _valid_filter(filt: str) -> bool:
-    """An MQTT topic filter: `+` alone in its level, `#` alone and last."""
-    if not filt or "\0" in filt:
-        return False
-    levels = filt.split("/")
-    for i, level in enumerate(levels):
-        if ("+" in level and level != "+") or ("#" in level and (level != "#" or i != len(levels) - 1)):
-            return False
-    return True
-
-
-def _topic_problem(topic: str, *, level: bool = False) -> str | None:
-    """Why `topic` cannot be a topic name edged publishes to (level: a single topic level), or None."""
-    if not topic:
-        return "must not be empty"
-    if len(topic.encode()) > (128 if level else 1024):
-        return f"is longer than {128 if level else 1024} bytes"
-    if any(c in topic for c in "+#\0") or not topic.isprintable():
-        return "must not contain +, #, NUL or control characters"
-    if level and "/" in topic:
-        return "must not contain /"
-    if not level and (topic.startswith("/") or topic.endswith("/") or "//" in topic):
-        return "must not start or end with / or have an empty level"
-    return None
+        why = topics.filter_problem(filt)
+        if why:
+            loader.errors.append(f"{short} mqtt.response_topics[{i}]: {filt[:64]!r} {why}")
+    for check in (_check_homeassistant, _check_accelerators):
+        try:
+            check(cfg, short)
+        except ConfigError as exc:
+            loader.errors.append(str(exc))
+    if loader.errors:
+        raise ConfigError("; ".join(loader.errors))
+    return dataclasses.replace(cfg, source=str(fname), warnings=tuple(configchecks.warnings(cfg, loader)))
 
 
 def _check_homeassistant(cfg: Config, short: str) -> None:
     ha = cfg.homeassistant
-    why = _topic_problem(ha.discovery_prefix)
+    why = topics.prefix_problem(ha.discovery_prefix)
     if why:
         raise ConfigError(f"{short} homeassistant.discovery_prefix: {why}")
     ours = [cfg.prefix] + ([cfg.mqtt.share.prefix.rstrip("/")] if cfg.mqtt.share is not None else [])
@@ -382,7 +498,7 @@ def _check_homeassistant(cfg: Config, short: str) -> None:
         if d == p or d.startswith(p + "/") or p.startswith(d + "/"):
             raise ConfigError(f"{short} homeassistant.discovery_prefix: {d!r} overlaps edged's own topics ({p}/...)")
     for i, s in enumerate(ha.streams):
-        why = _topic_problem(s, level=True)
+        why = topics.level_problem(s)
         if why:
             raise ConfigError(f"{short} homeassistant.streams[{i}]: {why}")
     if len(set(ha.streams)) != len(ha.streams):
@@ -391,13 +507,34 @@ def _check_homeassistant(cfg: Config, short: str) -> None:
         raise ConfigError(f"{short} homeassistant.streams: at most 64 streams")
 
 
+def _check_accelerators(cfg: Config, short: str) -> None:
+    """accelerator.prefer names built-in kinds or named delegates; a delegate names its library."""
+    acc = cfg.accelerator
+    for name, d in acc.delegates.items():
+        if name in BUILTIN_KINDS or not name or not all(c.isalnum() or c in "_-" for c in name) or len(name) > 32:
+            raise ConfigError(f"{short} accelerator.delegates.{name}: a delegate's name is letters, digits, - or _ "
+                              f"(at most 32) and not one of {', '.join(BUILTIN_KINDS)}")
+        if not d.library:
+            raise ConfigError(f"{short} accelerator.delegates.{name}.library: must name the delegate's library")
+    if not acc.prefer:
+        raise ConfigError(f"{short} accelerator.prefer: must name at least one accelerator")
+    if len(set(acc.prefer)) != len(acc.prefer):
+        raise ConfigError(f"{short} accelerator.prefer: names an accelerator twice")
+    if len(cfg.model.selftest.frames) > 16:
+        raise ConfigError(f"{short} model.selftest.frames: at most 16 frames")
+    if acc.health.probe_max_s < acc.health.probe_s:
+        raise ConfigError(f"{short} accelerator.health.probe_max_s: must be >= probe_s")
+
+
 def load(path: str | os.PathLike[str]) -> Config:
-    """Read and validate a config file."""
+    """Read and validate a config file: a regular file of at most CONFIG_MAX_BYTES."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{p}: cannot read config: {exc.strerror}") from None
+        data = userfiles.read_bytes(p, userfiles.CONFIG_MAX_BYTES)
+    except userfiles.FileRefused as exc:
+        raise ConfigError(f"{exc.path}: cannot read config: {exc.why}") from None
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{p}: not UTF-8 text (byte {exc.start})") from None
     return parse(text, str(p), p.resolve().parent)

@@ -38,7 +38,7 @@ from edged.notify import Notifier
 from edged.pool import FramePool
 from edged.results import Results
 from edged.status import StatusServer
-from edged.supervision import Workers
+from edged.supervision import UNBLAMED, Workers
 from edged.updates import ModelUpdates
 from edged.watchdog import Progress
 from edged.workers import WorkerHandle
@@ -66,6 +66,7 @@ class Supervisor:
         self.metrics = Metrics()
         self.cond = threading.Condition()
         self.state = "starting"
+        self.state_reason: str | None = None  # why the state is degraded (an accelerator set aside)
         self.started = time.monotonic()
         self.stopping = False
         self._reload_requested = False
@@ -79,7 +80,7 @@ class Supervisor:
                               frag_threshold=p.frag_threshold, on_segment_released=self._segment_released)
         self.loop = IoLoop()
         self.workers = Workers(cfg, self.cond, self.loop, on_message=self._on_worker_message,
-                               on_orphans=self._on_orphans, wake=self._wake)
+                               on_orphans=self._on_orphans, wake=self._wake, on_event=self._on_event)
         self.link = MqttLink(cfg, self._admit, self._on_connection, loop=self.loop,
                              door=Door(cfg, cfg.homeassistant.discovery_prefix), on_room=self._on_room)
         self.ha = HomeAssistant(cfg, self.link.publish_message)  # discovery and entity states (edged.homeassistant)
@@ -117,6 +118,7 @@ class Supervisor:
         if frame is None:
             raise ProtocolError(f"worker {h.index} answered frame {msg.seq}, which it does not hold")
         h.served += 1
+        h.inference_ms += msg.inference_ms
         if msg.batch > 1:
             h.batched += 1
         if frame.lease is not None:
@@ -131,6 +133,11 @@ class Supervisor:
     def _on_orphans(self, h: WorkerHandle, frames: list[Frame]) -> None:
         """The frames a dead worker held: each runs once more; at its second death it is answered."""
         cause, cause_seq = h.kill_cause or ("crash", None)
+        if cause in UNBLAMED:  # its accelerator was set aside, or answered its self-test wrong: not the frames' fault
+            for f in sorted(frames, key=lambda f: f.seq, reverse=True):
+                self.admission.requeue(f)
+            self.metrics.count("retried", len(frames))
+            return
         again = []
         for f in frames:
             f.deaths += 1
@@ -145,6 +152,10 @@ class Supervisor:
             self.admission.requeue(f)
         if again:
             self.metrics.count("retried", len(again))
+
+    def _on_event(self, event: dict[str, Any]) -> None:
+        """An accelerator-health event (edged.supervision): P/events, QoS 1, not retained."""
+        self.link.publish_event(json.dumps(event).encode())
 
     def _on_room(self) -> None:
         if self.results.waiting:
@@ -182,15 +193,17 @@ class Supervisor:
             new = "stopping"
         elif not self.link.connected or not self.workers.slots:
             new = "starting"  # INTERFACE: starting = model loading or broker not (yet) connected
-        elif self.workers.all_ready():
+        elif self.workers.all_ready() and not self.workers.degraded_reason():
             new = "online"
         else:
             new = "degraded"
-        if new != self.state:
-            logger.info("state %s -> %s", self.state, new)
-            self.state = new
+        reason = self.workers.degraded_reason() if new == "degraded" else None
+        if new != self.state or reason != self.state_reason:
+            logger.info("state %s -> %s%s", self.state, new, f" ({reason})" if reason else "")
+            self.state, self.state_reason = new, reason
             name = self.workers.model_info.get("name")
             self.link.set_status(json.dumps({"state": new, "version": __version__, "model": name,
+                                             **({"reason": reason} if reason else {}),
                                              "ts": round(time.time(), 3)}).encode())
             self.notifier.status(f"{new}: {name} on {self.workers.accel_info.get('chosen')}")
 
@@ -207,7 +220,10 @@ class Supervisor:
                         "batch_max": int(s.handle.info.get("batch", 1)) if s.handle else 1,
                         "batched": s.handle.batched if s.handle else 0,
                         "accelerator": s.handle.accelerator if s.handle else None,
-                        "model": s.handle.model_name if s.handle else None} for s in self.workers.slots]
+                        "model": s.handle.model_name if s.handle else None,
+                        "selftest": s.handle.selftest.report() if s.handle and s.handle.selftest else None}
+                       for s in self.workers.slots]
+            accelerator = {**self.workers.accel_info, **self.workers.accelerator_report()}
             depth = self.queue_depth()
             streams = self.admission.streams()
         mem: dict[str, Any] = {"rss_bytes": psutil.Process().memory_info().rss, "workers": {}}
@@ -219,10 +235,11 @@ class Supervisor:
             mem["workers"][str(w["pid"])] = w["rss_bytes"]
         m = self.metrics.snapshot()
         model = self.workers.model_info
-        return {"state": self.state, "version": __version__, "device_id": self.cfg.device_id,
+        return {"state": self.state, "state_reason": self.state_reason,
+                "version": __version__, "device_id": self.cfg.device_id,
                 "uptime_s": round(time.monotonic() - self.started, 1),
                 "model": {k: model.get(k) for k in ("name", "path", "task", "input", "outputs", "backend")},
-                "accelerator": self.workers.accel_info, "frames": m["frames"], "errors_by_code": m["errors_by_code"],
+                "accelerator": accelerator, "frames": m["frames"], "errors_by_code": m["errors_by_code"],
                 "latency_ms": m["latency_ms"], "stages_ms": m["stages_ms"], "queue_depth": depth,
                 "streams_queued": streams, "watchdog": {"stalled": self.stalled}, "pool": self.pool.stats(), "workers": workers, "memory": mem,
                 "mqtt": {"connected": self.link.connected, "reconnects": self.link.reconnects,
@@ -367,7 +384,7 @@ class Supervisor:
         """The store's current model (edged.updates), else the config's; a stored model that no longer loads
         is rolled back to the one before it, down to model.path (whose failure is exit 78)."""
         while True:
-            self.workers.model = self.updates.open()
+            self.workers.set_model(self.updates.open())
             try:
                 self.workers.start_all()
                 return

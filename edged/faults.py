@@ -12,7 +12,8 @@ exploit: the supervisor sees exactly what such a worker could send.
                    else nothing (the frame goes on, and is answered as the bad image it is)
   hang_if:NAME     hang (as below) if this worker serves model NAME; else nothing
   syscall          call socket(): killed by the filter (SIGSYS)
-  hang             stop answering (spin inside the frame, as a stuck delegate)
+  hang             stop answering (spin inside the frame, as a stuck delegate); a model file whose
+                   name holds edged.worker.LOAD_HANG does the same while it loads
   fds:N            pass N file descriptors back over the control channel
   forge            a result whose body sets frame_id and timing (fields the supervisor owns)
   stranger         a result for a frame the worker does not hold

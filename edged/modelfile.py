@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import math
 import mmap
-import os
 import struct
 
+from edged import userfiles
 from edged.errors import ModelError
 
 # Where the TFLite schema (schema.fbs) holds offsets, by table: field index -> kind.
@@ -118,17 +118,20 @@ def check_structure(path: str, name: str) -> None:
     a bounds check of the parts the interpreter reads, not a full verifier.
     """
     try:
-        with open(path, "rb") as fh:
-            size = os.fstat(fh.fileno()).st_size
-            if size < 8:
-                raise ModelError(f"model {name} cannot load: {size} bytes is too short for a TFLite model")
-            with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-                b = _Bounds(buf)
-                b.table(b.u32(0, "root offset"), "Model")
+        mapped = userfiles.map_regular(path)
+    except userfiles.FileRefused as exc:
+        raise ModelError(f"model {name} cannot load: {exc.why}") from None
+    size = len(mapped) if mapped is not None else 0
+    if mapped is None or size < 8:
+        if mapped is not None:
+            mapped.close()
+        raise ModelError(f"model {name} cannot load: {size} bytes is too short for a TFLite model")
+    try:
+        with mapped as buf:
+            b = _Bounds(buf)
+            b.table(b.u32(0, "root offset"), "Model")
     except ValueError as exc:
         raise ModelError(f"model {name} cannot load: not a valid TFLite file ({exc})") from None
-    except OSError as exc:
-        raise ModelError(f"model {name} cannot load: {exc.strerror}") from None
 
 
 # --- TFLite model metadata (metadata_schema.fbs) ----------------------------------------------------
@@ -237,7 +240,10 @@ def input_normalization(path: str) -> tuple[tuple[float, ...], tuple[float, ...]
     config's model.mean / model.std apply then. Each tuple holds one value or one per channel.
     """
     try:
-        with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        mapped = userfiles.map_regular(path)
+        if mapped is None:
+            return None
+        with mapped as buf:
             blob = metadata_blob(buf)
         if not blob:
             return None

@@ -15,6 +15,7 @@ daemon and for `edged send` alike.
 """
 from __future__ import annotations
 
+import collections
 import logging
 import socket
 import ssl
@@ -28,6 +29,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from edged import userfiles
 from edged.config import Config
 from edged.door import Door, Incoming, filter_matches
 from edged.errors import ConfigError, MqttError
@@ -37,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 PACKET_HEADROOM = 64 << 10  # topic and properties around a frame's payload
 MAX_PACKET = 268_435_455  # MQTT's own limit
+EVENTS_HELD = 100  # P/events messages kept while the broker is away
 
 
 def _password(cfg: Config) -> str | None:
@@ -44,10 +47,9 @@ def _password(cfg: Config) -> str | None:
     if not pf:
         return None
     try:
-        with open(pf, encoding="utf-8") as fh:
-            return fh.readline().rstrip("\r\n")
-    except OSError as exc:
-        raise ConfigError(f"{cfg.source} mqtt.password_file: cannot read {pf}: {exc.strerror}") from None
+        return userfiles.first_line(pf)
+    except userfiles.FileRefused as exc:
+        raise ConfigError(f"{cfg.source} mqtt.password_file: {exc}") from None
 
 
 def new_client(cfg: Config, client_id: str, *, manual_ack: bool = False) -> paho.Client:
@@ -105,6 +107,7 @@ class MqttLink:
             biggest = max(biggest, int(cfg.model.update.max_mb * (1 << 20)))
         self.max_packet = min(MAX_PACKET, biggest + PACKET_HEADROOM)
         self.unrouted = 0
+        self._last_failure: str | None = None  # the last connect failure said at WARNING
         # other subscriptions (add_route): (filter, qos, handler); their messages never reach on_frame
         self._routes: list[tuple[str, int, Callable[[str, bytes, bool], None]]] = []
         share = cfg.mqtt.share
@@ -115,6 +118,7 @@ class MqttLink:
         self.connects = 0
         self.overflows = 0
         self.status_payload = b'{"state": "starting"}'
+        self.events_held: collections.deque[bytes] = collections.deque(maxlen=EVENTS_HELD)
         self._lock = threading.RLock()
         self.client = new_client(cfg, cfg.client_id, manual_ack=True)
         # paho's own queue limit also counts results waiting for their PUBACK: a limit there drops
@@ -160,8 +164,11 @@ class MqttLink:
         try:
             ok = self.client.reconnect() == paho.MQTT_ERR_SUCCESS
         except (OSError, ssl.SSLError, ValueError) as exc:
-            level = logging.WARNING if self.connects == 0 or self.connected else logging.DEBUG
-            logger.log(level, "connecting to %s:%s failed: %s", self.cfg.mqtt.host, self.cfg.mqtt.port, exc)
+            # said at WARNING the first time and whenever the reason changes; the retries in between quietly
+            why = f"{type(exc).__name__}: {exc}"
+            level = logging.WARNING if why != self._last_failure else logging.DEBUG
+            self._last_failure = why
+            logger.log(level, "connecting to %s:%s failed: %s; retrying", self.cfg.mqtt.host, self.cfg.mqtt.port, why)
             ok = False
         self.loop.call_soon(self._connect_done, ok)
 
@@ -295,6 +302,7 @@ class MqttLink:
         except OSError:
             pass
         self._delay = 1.0  # the next loss starts its back-off afresh
+        self._last_failure = None
         self.connects += 1
         if self.connects > 1:
             self.reconnects += 1
@@ -305,6 +313,7 @@ class MqttLink:
         if rc != paho.MQTT_ERR_SUCCESS:
             logger.error("subscribing failed: %s", paho.error_string(rc))
         client.publish(f"{self.prefix}/status", self.status_payload, qos=1, retain=True)
+        self._flush_events()
         if self.on_connection:
             self.on_connection(True)
 
@@ -420,6 +429,17 @@ class MqttLink:
         except ValueError as exc:
             raise MqttError(f"cannot publish to {topic[:100]!r}: {exc}") from None
         return True
+
+    def publish_event(self, payload: bytes) -> None:
+        """P/events: QoS 1, not retained; held (at most EVENTS_HELD, oldest dropped) while the broker is away."""
+        self.events_held.append(payload)
+        if self.connected:
+            self._flush_events()
+
+    def _flush_events(self) -> None:
+        with self._lock:
+            while self.events_held and self.connected:
+                self.client.publish(f"{self.prefix}/events", self.events_held.popleft(), qos=1, retain=False)
 
     def publish_stats(self, payload: bytes) -> None:
         if self.connected:

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import math
 import re
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from edged import userfiles
 from edged.errors import ModelError
 from edged.runtime import Model, dequantize
 
@@ -18,13 +18,17 @@ _ID_LINE = re.compile(r"^\s*(\d+)[\s:,]+(.+?)\s*$")
 
 
 def load_labels(path: str | None) -> dict[int, str]:
-    """Labels as plain lines (line i = class i) or as 'id label' lines."""
+    """Labels as plain lines (line i = class i) or as 'id label' lines.
+
+    The file must be a regular file of at most userfiles.LABELS_MAX_BYTES.
+    """
     if not path:
         return {}
     try:
-        lines = Path(path).read_text(encoding="utf-8-sig", errors="replace").splitlines()
-    except OSError as exc:
-        raise ModelError(f"labels {path}: {exc.strerror}") from None
+        data = userfiles.read_bytes(path, userfiles.LABELS_MAX_BYTES)
+    except userfiles.FileRefused as exc:
+        raise ModelError(f"labels {exc}") from None
+    lines = data.decode("utf-8-sig", errors="replace").splitlines()
     while lines and not lines[-1].strip():
         lines.pop()
     filled = [ln for ln in lines if ln.strip()]

@@ -112,6 +112,24 @@ def _accelerator(acc: dict[str, Any]) -> Iterator[Metric]:
             if isinstance(s, dict):
                 aside.add_metric([str(s.get("kind"))], 1)
         yield aside
+    kinds = acc.get("kinds") if isinstance(acc.get("kinds"), dict) else {}
+    if kinds:  # accelerator health: failures, frames and inference time per accelerator kind
+        fails = CounterMetricFamily("edged_accelerator_failures", "failures of each accelerator since start, by cause",
+                                    labels=["kind", "cause"])
+        served = CounterMetricFamily("edged_accelerator_frames", "frames served on each accelerator", labels=["kind"])
+        inf = GaugeMetricFamily("edged_accelerator_inference_seconds", "mean inference time on each accelerator",
+                                labels=["kind"])
+        for kind, k in kinds.items():
+            if not isinstance(k, dict):
+                continue
+            for cause, n in (k.get("failures") or {}).items():
+                fails.add_metric([str(kind), str(cause)], _num(n))
+            served.add_metric([str(kind)], _num(k.get("frames")))
+            if isinstance(k.get("inference_ms_mean"), (int, float)):
+                inf.add_metric([str(kind)], k["inference_ms_mean"] / 1e3)
+        yield fails
+        yield served
+        yield inf
     if isinstance(acc.get("temperature_c"), (int, float)):
         yield GaugeMetricFamily("edged_accelerator_temperature_celsius", "the accelerator's temperature",
                                 value=float(acc["temperature_c"]))

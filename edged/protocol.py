@@ -14,8 +14,8 @@ owns (frame id, topic, timing...) is a ProtocolError, and the supervisor ends
 a worker that sends one (INTERFACE.md: "whatever it sends back that is not a
 well-formed reply for a frame it holds ends that worker").
 
-  supervisor -> worker: Init, SegmentAdd (+fd), SegmentDrop, FrameJob, Ping, Stop
-  worker -> supervisor: Ready, Fatal, Result, Pong, Log
+  supervisor -> worker: Init, SegmentAdd (+fd), SegmentDrop, FrameJob, Ping, SelfTest, Stop
+  worker -> supervisor: Loaded, Ready, Fatal, Result, Pong, SelfTestReport, Log
 """
 from __future__ import annotations
 
@@ -56,6 +56,10 @@ def _nonneg(v: Any) -> bool:
     return v >= 0
 
 
+def _kinds(v: list[Any]) -> bool:
+    return len(v) <= 16 and all(isinstance(k, str) and 0 < len(k) <= 32 for k in v)
+
+
 @dataclass(frozen=True, slots=True)
 class Init(Message):
     """The worker's whole brief: the config as text (the worker parses it, the supervisor never re-reads it)."""
@@ -75,13 +79,14 @@ class Init(Message):
     model_path: str | None = None
     model_task: str | None = None  # set by a model update: then model_labels replaces model.labels (None: no labels)
     model_labels: str | None = None
+    accelerators: list[str] | None = None  # the kinds to try, in order (None: accelerator.prefer)
     FIELDS = {"config_text": ((str,), None), "config_name": ((str,), None), "config_base": ((str,), None),
               "sandbox": ((bool,), None), "sandbox_mode": ((str,), None), "memory_limit": ((int,), _nonneg),
               "batch_max": ((int,), _nonneg), "batch_wait_ms": ((int, float), _nonneg), "max_fds": ((int,), _nonneg),
               "log_level": ((int,), None), "coral_device": ((str, type(None)), None),
               "model_path": ((str, type(None)), None),
               "model_task": ((str, type(None)), lambda v: v in (None, "classify", "detect", "raw")),
-              "model_labels": ((str, type(None)), None)}
+              "model_labels": ((str, type(None)), None), "accelerators": ((list, type(None)), _kinds)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +126,14 @@ class Ping(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class SelfTest(Message):
+    """Run the self-test frames again now, between frames (the in-service check, model.selftest.interval_s)."""
+
+    TAG = "selftest"
+    FIELDS = {}
+
+
+@dataclass(frozen=True, slots=True)
 class Stop(Message):
     TAG = "stop"
     FIELDS = {}
@@ -128,6 +141,32 @@ class Stop(Message):
 
 def _info(v: dict[str, Any]) -> bool:
     return len(json.dumps(v)) <= 1 << 16
+
+
+SELFTEST_MAX_VALUES = 1 << 14  # what one self-test report may carry, over all frames and outputs
+
+
+def _selftest(v: dict[str, Any]) -> bool:
+    """{"outputs": [[[number, ...] per output] per frame], "ms": number, "frames": digest}, bounded."""
+    if v.keys() != {"outputs", "ms", "frames"} or not isinstance(v["ms"], (int, float)) or not _ms(v["ms"]):
+        return False
+    if not isinstance(v["frames"], str) or len(v["frames"]) > 128:
+        return False
+    frames = v["outputs"]
+    if not isinstance(frames, list) or not 0 < len(frames) <= 16:
+        return False
+    total = 0
+    for outs in frames:
+        if not isinstance(outs, list) or not 0 < len(outs) <= 64:
+            return False
+        for data in outs:
+            if not isinstance(data, list):
+                return False
+            total += len(data)
+            if total > SELFTEST_MAX_VALUES or not all(
+                    isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in data):
+                return False
+    return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,9 +180,31 @@ class Ready(Message):
     batch: int
     sandboxed: bool
     sandbox_profile: str
+    selftest: dict[str, Any] | None = None  # the self-test's outputs (edged.selftest.run), checked by the supervisor
     FIELDS = {"model": ((dict,), _info), "accelerator": ((dict,), _info), "task": ((str,), _short(16)),
               "batch": ((int,), lambda v: 1 <= v <= 4096), "sandboxed": ((bool,), None),
-              "sandbox_profile": ((str,), _short(32))}
+              "sandbox_profile": ((str,), _short(32)), "selftest": ((dict, type(None)), _selftest)}
+
+
+@dataclass(frozen=True, slots=True)
+class Loaded(Message):
+    """The model is loaded on `accelerator`; warm-up and the self-test follow (each invoke within the frame deadline)."""
+
+    TAG = "loaded"
+    accelerator: str
+    invokes: int
+    FIELDS = {"accelerator": ((str,), _short(32)), "invokes": ((int,), lambda v: 0 <= v <= 64)}
+
+
+
+
+@dataclass(frozen=True, slots=True)
+class SelfTestReport(Message):
+    """The answers to a SelfTest: the same report as Ready.selftest."""
+
+    TAG = "selftested"
+    report: dict[str, Any]
+    FIELDS = {"report": ((dict,), _selftest)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,8 +264,8 @@ class Log(Message):
     FIELDS = {"level": ((int,), lambda v: 0 <= v <= 50), "msg": ((str,), _short(4096))}
 
 
-TO_WORKER: tuple[type[Message], ...] = (Init, SegmentAdd, SegmentDrop, FrameJob, Ping, Stop)
-FROM_WORKER: tuple[type[Message], ...] = (Ready, Fatal, Result, Pong, Log)
+TO_WORKER: tuple[type[Message], ...] = (Init, SegmentAdd, SegmentDrop, FrameJob, Ping, SelfTest, Stop)
+FROM_WORKER: tuple[type[Message], ...] = (Loaded, Ready, Fatal, Result, Pong, SelfTestReport, Log)
 _BY_TAG: dict[str, type[Message]] = {c.TAG: c for c in (*TO_WORKER, *FROM_WORKER)}
 _NAMES: dict[type[Message], tuple[str, ...]] = {c: tuple(f.name for f in dataclasses.fields(c))  # type: ignore[arg-type]
                                                 for c in _BY_TAG.values()}

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from edged import userfiles
 from edged.errors import ModelError
 from edged.modelfile import check_structure
 
@@ -82,12 +83,19 @@ def backend_name(module: Any) -> str:
 
 
 def needs_edgetpu(path: str) -> bool:
-    """True when the model file holds the Edge TPU custom op (it cannot run without a Coral)."""
+    """True when the model file holds the Edge TPU custom op (it cannot run without a Coral).
+
+    The file is mapped, not read: a model of any size costs no memory here, and a
+    path that is not a regular file (/dev/zero, a FIFO) is a ModelError at once.
+    """
     try:
-        with open(path, "rb") as fh:
-            return EDGETPU_OP.encode() in fh.read()
-    except OSError:
+        buf = userfiles.map_regular(path)
+    except userfiles.FileRefused as exc:
+        raise ModelError(f"model {exc}") from None
+    if buf is None:
         return False
+    with buf:
+        return buf.find(EDGETPU_OP.encode()) != -1
 
 
 def _info(d: dict[str, Any]) -> TensorInfo:
@@ -106,7 +114,7 @@ class Model:
         mod = backend_module(backend)
         self.backend = backend_name(mod)
         if not Path(path).is_file():
-            raise ModelError(f"model {path}: no such file")
+            raise ModelError(f"model {userfiles.not_regular(path) or f'{path}: no such file'}")
         self.delegated_ops: int | None = None
         self.total_ops: int | None = None
         if self.backend == "tflite-runtime":

@@ -1,11 +1,15 @@
-"""The worker's sandbox: rlimits, fd hygiene and the seccomp allowlist.
+"""The worker's sandbox: rlimits, fd hygiene, privileges and the seccomp allowlist.
 
 The only module that imports pyseccomp. The worker calls, in this order and
 only after it loaded the model, allocated tensors, ran one warm-up invoke,
 called ``Image.init()`` and decoded one tiny JPEG, PNG and BMP:
 
-    harden(memory_limit_bytes=..., keep_fds=(control_socket_fd,))
+    harden(memory_limit_bytes=..., keep_fds=(control_socket_fd,), user=cfg.sandbox.user)
     install_filter("kill")
+
+harden() ends with edged.privileges.drop_privileges(): a worker of a daemon
+started as root runs on as an unprivileged user (``sandbox.user``, else
+``nobody``) with no capabilities, in every thread.
 
 Afterwards it can read/write/recvmsg/sendmsg on fds it holds, receive fds
 (SCM_RIGHTS), mmap them without PROT_EXEC, close fds, allocate memory, wait
@@ -64,10 +68,12 @@ from collections.abc import Collection
 from types import ModuleType
 
 from edged.errors import SandboxError
+from edged.privileges import PrivilegeError, capabilities, drop_privileges
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GPU_EXTRA", "SandboxError", "allowed_syscalls", "device_fds", "harden", "install_filter", "seccomp_mode"]
+__all__ = ["GPU_EXTRA", "SandboxError", "allowed_syscalls", "capabilities", "device_fds", "drop_privileges", "harden",
+           "install_filter", "seccomp_mode"]
 
 
 # Conditions on a row of the table; the argument index is per syscall (below).
@@ -202,7 +208,8 @@ def seccomp_mode(pid: int | str = "self") -> int:
     return 0  # a kernel without CONFIG_SECCOMP has no such line
 
 
-def harden(*, memory_limit_bytes: int | None, max_open_files: int = 64, keep_fds: Collection[int] = ()) -> None:
+def harden(*, memory_limit_bytes: int | None, max_open_files: int = 64, keep_fds: Collection[int] = (),
+           user: str | None = None) -> None:
     """Shed what the worker must not keep, before install_filter().
 
     Sets PR_SET_NO_NEW_PRIVS, RLIMIT_CORE=0, closes every fd except 0, 1, 2
@@ -210,7 +217,7 @@ def harden(*, memory_limit_bytes: int | None, max_open_files: int = 64, keep_fds
     memory_limit_bytes is given, RLIMIT_DATA (see _MEMORY_RLIMIT for why
     not RLIMIT_AS). Received fds count against RLIMIT_NOFILE: past it the
     kernel drops them and sets MSG_CTRUNC. Limits are set hard and soft, so
-    the worker cannot raise them again.
+    the worker cannot raise them again. Last, drop_privileges(user).
     """
     keep = {0, 1, 2}
     for fd in keep_fds:
@@ -237,8 +244,18 @@ def harden(*, memory_limit_bytes: int | None, max_open_files: int = 64, keep_fds
             raise SandboxError(f"memory limit {memory_limit_bytes >> 20} MiB is below the "
                                f"{used >> 20} MiB ({_MEMORY_STATUS_KEY}) the worker already uses")
         _setrlimit(_MEMORY_RLIMIT, memory_limit_bytes, "RLIMIT_DATA")
-    logger.debug("hardened: no_new_privs, core 0, nofile %d, memory %s, fds kept %s",
-                 max_open_files, memory_limit_bytes, sorted(keep))
+    # the filter's library is imported now: the user dropped to below may not read this venv
+    try:
+        _pyseccomp()
+    except SandboxError:
+        pass  # install_filter() says so
+    # last: a process whose uid changed is no longer dumpable, and /proc/self/fd (used above) turns root-only
+    try:
+        became = drop_privileges(user)
+    except PrivilegeError as exc:
+        raise SandboxError(str(exc)) from exc
+    logger.debug("hardened: no_new_privs, core 0, nofile %d, memory %s, fds kept %s, user %s",
+                 max_open_files, memory_limit_bytes, sorted(keep), became or "unchanged")
 
 
 #: A worker that batches waits for the next frame with a timeout (poll on its control socket).

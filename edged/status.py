@@ -1,7 +1,11 @@
 """The local status socket: the daemon answers each connection with its status JSON.
 
 Server: a Unix stream socket (mode 0660) in the runtime directory; each client
-gets one JSON document and the connection is closed. Client: `edged status`.
+gets one JSON document and the connection is closed. Only a socket is ever
+replaced at that path: a stale one nobody answers on is removed, anything
+else there (a regular file, a folder) is refused and left alone.
+Client: `edged status`, with one deadline for the whole exchange and a cap
+on the answer, so a server that trickles bytes cannot hold it.
 A client may instead send one command line at once after connecting (e.g.
 `model-rollback`); it gets that command's JSON answer. A client that sends
 nothing within COMMAND_WAIT_S gets the status, as before.
@@ -12,13 +16,16 @@ import json
 import logging
 import os
 import socket
+import stat
 import threading
+import time
 from typing import Any, Callable
 
-from edged.errors import UnavailableError
+from edged.errors import ConfigError, UnavailableError
 
 logger = logging.getLogger(__name__)
 
+MAX_STATUS_BYTES = 16 << 20  # a status with 64 workers is ~40 KiB
 COMMAND_WAIT_S = 0.2  # how long the server waits for a command line before it sends the status
 
 
@@ -33,7 +40,13 @@ class StatusServer:
 
     def start(self) -> None:
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        if os.path.exists(self.path):
+        try:
+            mode: int | None = os.lstat(self.path).st_mode
+        except FileNotFoundError:
+            mode = None
+        if mode is not None:
+            if not stat.S_ISSOCK(mode):
+                raise ConfigError(f"{self.path} exists and is not a socket (edged replaces only a stale socket)")
             if _alive(self.path):
                 raise UnavailableError(f"status.socket {self.path}: another edged already answers there")
             os.unlink(self.path)
@@ -120,8 +133,8 @@ def command(path: str, cmd: str, timeout: float = 180.0) -> dict[str, Any]:
                 s.settimeout(timeout)
                 s.connect(path)
                 s.sendall(cmd.encode() + b"\n")
-                chunks = []
-                while True:
+                chunks: list[bytes] = []
+                while sum(map(len, chunks)) <= MAX_STATUS_BYTES:
                     data = s.recv(65536)
                     if not data:
                         break
@@ -147,18 +160,34 @@ def _alive(path: str) -> bool:
         return False
 
 
-def query(path: str, timeout: float = 5.0) -> dict[str, Any]:
-    """Ask a running daemon for its status; UnavailableError when nothing answers."""
+def query(path: str, timeout: float = 5.0, limit: int = MAX_STATUS_BYTES) -> dict[str, Any]:
+    """Ask a running daemon for its status; UnavailableError when nothing answers in `timeout` seconds.
+
+    `timeout` bounds the whole exchange (connect and every read), not each read.
+    """
+    deadline = time.monotonic() + timeout
+    chunks: list[bytes] = []
+    got = 0
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(timeout)
             s.connect(path)
-            chunks = []
             while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise UnavailableError(f"edged on {path} sent no complete status within {timeout:g} s "
+                                           f"({got} bytes)")
+                s.settimeout(left)
                 data = s.recv(65536)
                 if not data:
                     break
+                got += len(data)
+                if got > limit:
+                    raise UnavailableError(f"edged on {path} sent more than {limit} bytes of status")
                 chunks.append(data)
+    except TimeoutError:
+        raise UnavailableError(f"edged on {path} sent no complete status within {timeout:g} s ({got} bytes)") \
+            from None
     except OSError as exc:
         raise UnavailableError(f"no edged answers on {path}: {exc.strerror or exc}") from None
     try:
@@ -176,13 +205,17 @@ def render(st: dict[str, Any]) -> str:
     pool = st.get("pool", {})
     acc = st.get("accelerator", {})
     rows = [
-        ("state", st.get("state")),
+        ("state", f"{st.get('state')}" + (f" ({st['state_reason']})" if st.get("state_reason") else "")),
         ("version", st.get("version")),
         ("uptime", f"{st.get('uptime_s', 0):.0f} s"),
         ("model", f"{m.get('name', '')} ({m.get('task')}) {m.get('path', '')}"),
         ("input", f"{inp.get('shape')} {inp.get('dtype')}"),
         ("accelerator", f"{acc.get('chosen')}" + "".join(f"; {s['kind']} skipped: {s['reason']}"
                                                           for s in acc.get("skipped", []))),
+        *[("set aside", f"{a.get('kind')} since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(a.get('since', 0)))}"
+                         f", next probe in {a.get('next_probe_s')} s: {a.get('reason')}")
+          for a in acc.get("set_aside") or []],
+        *([("temperature", f"{acc['temperature_c']} °C")] if acc.get("temperature_c") is not None else []),
         ("frames", f"received {fr.get('received', 0)}  completed {fr.get('completed', 0)}  "
                    f"errors {fr.get('errors', 0)}  dropped {fr.get('dropped', 0)}"),
         ("latency", f"p50 {lat.get('p50', 0)} ms  p95 {lat.get('p95', 0)} ms  p99 {lat.get('p99', 0)} ms"),
@@ -198,6 +231,9 @@ def render(st: dict[str, Any]) -> str:
                      f"sandboxed {'yes' if w.get('sandboxed') else 'no'}"
                      + (f" ({w['sandbox_profile']})" if w.get("sandbox_profile") not in (None, "default", "off") else "")
                      + f"  RSS {(w.get('rss_bytes') or 0) >> 20} MiB"
-                     + (f"  batch {w['batch_max']} ({w.get('batched', 0)} batched)" if w.get("batch_max", 1) > 1 else "")))
+                     + (f"  batch {w['batch_max']} ({w.get('batched', 0)} batched)" if w.get("batch_max", 1) > 1 else "")
+                     + (f"  on {w['accelerator']}" if w.get("accelerator") else "")
+                     + (f"  self-test {w['selftest'].get('result')} (max diff {w['selftest'].get('max_diff')})"
+                        if isinstance(w.get("selftest"), dict) else "")))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

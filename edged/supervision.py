@@ -8,6 +8,14 @@ backoff; the frames it held go back to whoever owns frames (the daemon's
 config before the old ones retire. Workers always start from the config
 held in memory (the text last loaded), never from the file as it is now.
 
+Accelerator health (edged.health keeps the books): every worker starts on
+the best kind not set aside and answers the known-answer self-test
+(edged.selftest) before it takes frames. A crash, a hang, a load failure or a
+wrong self-test counts against the worker's accelerator; past the limit the
+accelerator is set aside, workers still on it are replaced on the next kind,
+and a probe thread later tries it in a worker of its own; when that passes,
+fresh workers on it replace the serving ones as a reload does.
+
 It does not import the daemon or admission: frames are opaque to it (it
 reads their `t_dispatch` and `seq`), and every event goes out through the
 callbacks it was given.
@@ -24,9 +32,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edged import config, protocol
-from edged.errors import ConfigError, EdgedError
+from edged import config, protocol, selftest
+from edged.errors import ConfigError, EdgedError, ModelError
+from edged.health import Health
 from edged.ioloop import IoLoop
+from edged.probes import Prober
 from edged.workers import InProcessWorkerHandle, WorkerHandle
 
 logger = logging.getLogger(__name__)
@@ -41,7 +51,7 @@ def read_config_text(cfg: config.Config) -> str:
 
 def init_message(cfg: config.Config, config_text: str, coral_device: str | None = None, *,
                  sandbox: bool | None = None, model_path: str | None = None,
-                 model: ModelSpec | None = None) -> protocol.Init:
+                 accelerators: list[str] | None = None, model: ModelSpec | None = None) -> protocol.Init:
     """What a worker is told at start: the one builder, for the daemon and the bench alike."""
     src = Path(cfg.source)
     return protocol.Init(config_text=config_text, config_name=str(src), config_base=str(src.resolve().parent),
@@ -51,7 +61,7 @@ def init_message(cfg: config.Config, config_text: str, coral_device: str | None 
                          max_fds=32 + int(cfg.pool.max_mb / max(cfg.pool.segment_mb, 0.0625)) + 1,
                          log_level=logging.getLevelName(cfg.logging.level), coral_device=coral_device,
                          model_path=model.path if model else model_path, model_task=model.task if model else None,
-                         model_labels=model.labels if model else None)
+                         model_labels=model.labels if model else None, accelerators=accelerators)
 
 
 @dataclass(frozen=True)
@@ -61,6 +71,14 @@ class ModelSpec:
     path: str
     labels: str | None
     task: str
+
+
+def with_model(cfg: config.Config, model: ModelSpec | None) -> config.Config:
+    """The config as the workers serve it: model.path, .labels and .task those of `model` (None: as written)."""
+    if model is None:
+        return cfg
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=model.path, labels=model.labels,
+                                                              task=model.task))
 
 
 @dataclass
@@ -77,13 +95,21 @@ class Slot:
 
 OnMessage = Callable[[WorkerHandle, "protocol.Result | protocol.Pong"], None]
 OnOrphans = Callable[[WorkerHandle, list[Any]], None]
+OnEvent = Callable[[dict[str, Any]], None]
+class SelftestFailed(ModelError):
+    """A worker of a new model loaded but its self-test answered wrong (edged.updates: a `selftest` rejection)."""
+
+
+SET_ASIDE = "set_aside"  # kill cause: its accelerator was set aside under it (its frames are not to blame)
+SELFTEST = "selftest"  # kill cause: its in-service self-test answered wrong
+UNBLAMED = (SET_ASIDE, SELFTEST)  # kills whose frames run again without counting as their death
 
 
 class Workers:
     """The worker slots and their lifecycle; see the module docstring. `cond` is the supervisor's one lock."""
 
     def __init__(self, cfg: config.Config, cond: threading.Condition, loop: IoLoop, *, on_message: OnMessage,
-                 on_orphans: OnOrphans, wake: Callable[[], None]) -> None:
+                 on_orphans: OnOrphans, wake: Callable[[], None], on_event: OnEvent | None = None) -> None:
         self.cfg = cfg
         self.config_text = read_config_text(cfg)
         self.cond = cond
@@ -97,9 +123,17 @@ class Workers:
         self.fatal: str | None = None
         self.model_info: dict[str, Any] = {}
         self.accel_info: dict[str, Any] = {}
-        self.model: ModelSpec | None = None  # None: the config's model; else what edged.updates applied
-        self._switching = threading.Lock()  # one reload or model swap at a time
+        self.on_event: OnEvent = on_event or (lambda _e: None)
+        self.health = Health(cfg.accelerator.prefer, cfg.accelerator.health)
+        self.expected: selftest.Expected | None = None
+        self.model_sha = ""
+        self.prober = Prober(self)
         self.on_reload: Callable[[config.Config], None] | None = None  # after a reload or swap, outside the lock
+        # model updates (edged.updates): the model serving instead of the config's; self.cfg is the config with
+        # it filled in (with_model), so the self-test, probes and status all see the model that serves
+        self.model: ModelSpec | None = None
+        self.config_model = cfg.model  # model as the config file says (the fallback)
+        self._switching = threading.Lock()  # one reload or model swap at a time
 
     # ---- queries (under the lock) -------------------------------------------------------------------------------
     def handles(self) -> list[WorkerHandle]:
@@ -117,11 +151,17 @@ class Workers:
         return bool(self.slots) and all(s.handle is not None and s.handle.state == "ready" for s in self.slots)
 
     # ---- starting -----------------------------------------------------------------------------------------------
-    def _spawn(self, index: int, cfg: config.Config, text: str) -> WorkerHandle:
-        init = init_message(cfg, text, cfg.coral_device(index), model=self.model)
+    def _spawn(self, index: int, cfg: config.Config, text: str, kinds: list[str] | None = None,
+               model: ModelSpec | None | str = "serving") -> WorkerHandle:
+        spec = self.model if model == "serving" else model
+        init = init_message(cfg, text, cfg.coral_device(index), accelerators=kinds,
+                            model=spec if isinstance(spec, ModelSpec) else None)
         kind = InProcessWorkerHandle if cfg.sandbox.in_process else WorkerHandle
         h = kind(index, init, self._deliver, self._on_exit, self.generation, loop=self.loop)
+        h.invoke_timeout_s = cfg.sandbox.frame_timeout_s
+        h.on_selftest = self._on_selftest_report
         h.start(timeout=cfg.sandbox.start_timeout_s)
+        h.last_selftest = time.monotonic()
         # a batching worker gets two batches' worth, so the next batch is waiting while one runs
         h.window = max(cfg.queue.inflight_per_worker, 2 * int(h.info.get("batch", 1)))
         logger.info("worker %d ready: pid %s, model %s on %s, sandboxed %s", index, h.pid, h.model_name,
@@ -136,27 +176,115 @@ class Workers:
         else:
             self.on_message(h, msg)
 
-    def candidate(self, model: ModelSpec | None) -> WorkerHandle:
-        """A started worker on `model` in no slot (it takes no frames): its replies go to h.probe_sink.
+    def set_model(self, model: ModelSpec | None) -> None:
+        """Before start_all: serve `model` (None: the config's)."""
+        self.model = model
+        self.cfg = with_model(dataclasses.replace(self.cfg, model=self.config_model), model)
 
-        swap_model(model, [h]) makes it a serving worker; else the caller stops it.
-        """
-        saved, self.model = self.model, model
+    def candidate(self, model: ModelSpec | None) -> WorkerHandle:
+        """A started, self-tested worker on `model` in no slot (it takes no frames); its replies go to
+        h.probe_sink. swap_model(model, [h]) makes it a serving worker; else the caller stops it.
+        A model that does not load: ModelError; one whose self-test fails: SelftestFailed."""
+        cfg = with_model(dataclasses.replace(self.cfg, model=self.config_model), model)
+        sha, expected = self._expected_for(cfg)
+        kinds = self.health.candidates() or None
+        h = self._spawn(0, cfg, self.config_text, kinds, model=model)
         try:
-            return self._spawn(0, self.cfg, self.config_text)
-        finally:
-            self.model = saved
+            if not self._usable(expected, h, cfg):
+                expected = self._reference(h, cfg, self.config_text, sha, model)
+            v = self._verdict(h, cfg, expected)
+        except BaseException:
+            h.stop()
+            raise
+        if not v.passed:
+            h.stop()
+            raise SelftestFailed(f"the self-test on {h.accelerator} failed: {v.reason} (expected outputs from "
+                                 f"{expected.source})")
+        h.candidate_expected = (sha, expected)
+        return h
 
     def _adopt(self, h: WorkerHandle) -> None:
         self.model_info = dict(h.info.get("model", {}), task=h.info.get("task"), name=h.model_name)
         self.accel_info = h.info.get("accelerator", {})
+
+    # ---- the self-test --------------------------------------------------------------------------------------------
+    def _expected_for(self, cfg: config.Config) -> tuple[str, selftest.Expected | None]:
+        """The model's sha256 and its expected self-test outputs, if known yet (a bad expect file: ConfigError)."""
+        try:
+            sha = selftest.model_sha256(cfg.model.path)
+        except OSError as exc:
+            raise ModelError(f"model {cfg.model.path}: {exc.strerror}") from None
+        return sha, selftest.Expected.load(cfg, sha)
+
+    def _reference(self, h: WorkerHandle, cfg: config.Config, text: str, sha: str,
+                   model: ModelSpec | None | str = "serving") -> selftest.Expected:
+        """Expected outputs recorded on the CPU: this worker's when it runs there, else a CPU worker's of its own."""
+        if h.accelerator == "cpu":
+            return selftest.Expected.record(cfg, sha, h)
+        try:
+            ref = self._spawn(h.index, cfg, text, ["cpu"], model=model)
+        except EdgedError as exc:
+            logger.warning("self-test: the model does not run on the CPU here (%s); the answers of %s become the "
+                           "expected ones", exc, h.accelerator)
+            return selftest.Expected.record(cfg, sha, h)
+        try:
+            return selftest.Expected.record(cfg, sha, ref)
+        finally:
+            ref.stop()
+
+    @staticmethod
+    def _usable(expected: selftest.Expected | None, h: WorkerHandle, cfg: config.Config) -> bool:
+        """A record of other self-test frames (model.selftest.frames changed) is recorded again; an expect file is
+        what the user said and stays."""
+        if expected is None:
+            return False
+        rep = h.info.get("selftest") or {}
+        return bool(cfg.model.selftest.expect) or expected.frames is None or rep.get("frames") == expected.frames
+
+    def _verdict(self, h: WorkerHandle, cfg: config.Config, expected: selftest.Expected,
+                 report: dict[str, Any] | None = None) -> selftest.Verdict:
+        v = selftest.check(h, expected, cfg.model.selftest.tolerance, cfg.model.score_threshold, report)
+        h.selftest = v
+        if v.passed:
+            logger.info("worker %d self-test passed on %s: max diff %.1f step(s), %.1f ms", h.index, h.accelerator,
+                        v.max_diff, v.ms)
+        else:
+            logger.warning("worker %d self-test FAILED on %s: %s (expected outputs from %s)", h.index, h.accelerator,
+                           v.reason, expected.source)
+            self.on_event({"event": "selftest_failed", "ts": round(time.time(), 3), "accelerator": h.accelerator,
+                           "model": cfg.model_name, "reason": v.reason, "max_diff": round(v.max_diff, 3)})
+        return v
+
+    def _start_slot(self, index: int, cfg: config.Config, text: str) -> WorkerHandle:
+        """At start: the best kind that loads and passes; a kind that fails its self-test is set aside at once."""
+        while True:
+            kinds = self.health.candidates()
+            h = self._spawn(index, cfg, text, kinds)  # no kind loads: ModelError, exit 78
+            chosen = h.accelerator
+            for skip in h.info.get("accelerator", {}).get("skipped", []):
+                if isinstance(skip, dict) and skip.get("kind") != chosen:
+                    self.health.skip(str(skip.get("kind")), str(skip.get("reason")))
+            if not self._usable(self.expected, h, cfg):
+                self.expected = self._reference(h, cfg, text, self.model_sha)
+            v = self._verdict(h, cfg, self.expected)
+            if v.passed:
+                return h
+            h.stop()
+            if chosen == "cpu" or chosen not in kinds or kinds == [chosen]:
+                where = "the CPU" if chosen == "cpu" else f"{chosen}, the last kind of accelerator.prefer left,"
+                raise ModelError(f"model {cfg.model.path}: the self-test on {where} does not give the expected "
+                                 f"outputs ({v.reason}; expected from {self.expected.source})")
+            with self.cond:
+                a = self.health.set_aside(chosen, f"self-test failed at start: {v.reason}")
+            self._announce_set_aside(a.kind, a.reason)
 
     def start_all(self) -> None:
         """Start every worker; a model or config error here is fatal (exit 78)."""
         if self.cfg.sandbox.in_process:
             logger.warning("sandbox.in_process: inference runs on threads of this process, unfiltered and without "
                            "crash isolation (for debugging only)")
-        handles = [self._spawn(i, self.cfg, self.config_text) for i in range(self.cfg.worker_count)]
+        self.model_sha, self.expected = self._expected_for(self.cfg)
+        handles = [self._start_slot(i, self.cfg, self.config_text) for i in range(self.cfg.worker_count)]
         with self.cond:
             self.slots = [Slot(i, h) for i, h in enumerate(handles)]
             self._adopt(handles[0])
@@ -172,8 +300,14 @@ class Workers:
             h.inflight.clear()
             expected = h.state in ("stopping", "stopped") or h.retiring
             h.state = "dead" if not expected else "stopped"
+            self.health.served(h.accelerator, h.served, h.inference_ms)
             slot = next((s for s in self.slots if s.handle is h), None)
-            if slot is not None and not self.stopping:
+            moved = h.kill_cause is not None and h.kill_cause[0] in UNBLAMED
+            if slot is not None and not self.stopping and moved:
+                slot.last_exit = (f"moved off {h.accelerator} (set aside)" if h.kill_cause[0] == SET_ASIDE  # type: ignore[index]
+                                  else f"stopped: its self-test on {h.accelerator} answered wrong")
+                slot.next_start = time.monotonic()
+            elif slot is not None and not self.stopping:
                 slot.last_exit = h.exit_description()
                 now = time.monotonic()
                 while slot.restart_times and now - slot.restart_times[0] > self.cfg.sandbox.restart_window_s:
@@ -185,9 +319,11 @@ class Workers:
                     self.fatal = (f"worker {slot.index} died {len(slot.restart_times)} times in "
                                   f"{self.cfg.sandbox.restart_window_s:.0f} s (last: {slot.last_exit}); giving up")
             self.cond.notify_all()
-        if slot is not None and not expected:
+        if slot is not None and not expected and not moved:
             logger.error("worker %d (pid %s) %s with %d frame(s) in flight", h.index, h.pid,
                          h.exit_description(), len(frames))
+            hang = h.kill_cause is not None and h.kill_cause[0] in ("timeout", "heartbeat")
+            self._failed(h.accelerator, "hang" if hang else "crash", h.exit_description())
         if frames:
             self.on_orphans(h, frames)
         self.wake()
@@ -202,19 +338,33 @@ class Workers:
                 continue
             slot.next_start = None
             threading.Thread(target=self._restart, args=(slot,), name=f"restart-{slot.index}", daemon=True).start()
+        self.prober.due(now)
 
     def _restart(self, slot: Slot) -> None:
+        kind = self.health.current()
+        cfg, text, expected = self.cfg, self.config_text, self.expected
+        why = ""
         try:
-            h = self._spawn(slot.index, self.cfg, self.config_text)
+            h = self._spawn(slot.index, cfg, text, [kind] if kind else None)
+            v = self._verdict(h, cfg, expected) if expected is not None else None
+            if v is not None and not v.passed:
+                h.stop()
+                why = f"self-test failed: {v.reason}"
+                raise ModelError(why)
         except Exception as exc:  # top of the restart thread: it must never die with the slot left dead
             if not isinstance(exc, EdgedError):
                 logger.exception("worker %d restart failed", slot.index)
             else:
-                logger.error("worker %d restart failed: %s", slot.index, exc)
+                logger.error("worker %d restart on %s failed: %s", slot.index, kind, exc)
+            moved = self._failed(kind, "selftest" if why else getattr(exc, "cause", "load"), str(exc))
             with self.cond:
-                slot.restart_times.append(time.monotonic())
-                slot.next_start = time.monotonic() + self.cfg.sandbox.backoff_max_s
-                if len(slot.restart_times) > self.cfg.sandbox.max_restarts:
+                now = time.monotonic()
+                while slot.restart_times and now - slot.restart_times[0] > cfg.sandbox.restart_window_s:
+                    slot.restart_times.popleft()
+                slot.restart_times.append(now)
+                backoff = min(cfg.sandbox.backoff_max_s, 0.25 * (2 ** len(slot.restart_times)))
+                slot.next_start = now + (0 if moved else backoff)  # set aside: on the next kind at once
+                if len(slot.restart_times) > cfg.sandbox.max_restarts:
                     self.fatal = f"worker {slot.index} cannot be restarted: {exc}"
             self.wake()
             return
@@ -222,14 +372,52 @@ class Workers:
             if self.stopping or slot not in self.slots or \
                     slot.handle is not None and slot.handle.state not in ("dead", "stopped"):
                 stale: WorkerHandle | None = h
+            elif h.accelerator in self.health.aside:  # set aside while it started: on the next kind instead
+                stale = h
+                slot.next_start = time.monotonic()
             else:
                 stale = None
                 slot.handle = h
                 slot.restarts += 1
+                if slot is self.slots[0]:
+                    self._adopt(h)  # what status shows: the accelerator may be another one now
                 self.cond.notify_all()
         if stale is not None:
             stale.stop()
         self.wake()
+
+    # ---- accelerator health -------------------------------------------------------------------------------------
+    def _failed(self, kind: str | None, cause: str, detail: str) -> bool:
+        """One failure of `kind`; True when it set the kind aside (workers still on it are moved off)."""
+        with self.cond:
+            a = self.health.failure(kind, cause, detail)
+            victims = [s.handle for s in self.slots if a is not None and s.handle is not None
+                       and s.handle.state == "ready" and s.handle.accelerator == kind]
+        if a is None:
+            return False
+        self._announce_set_aside(a.kind, a.reason)
+        for h in victims:  # a wrong answer or a dying device: they take no more frames; theirs run elsewhere
+            h.kill_for(SET_ASIDE)
+        return True
+
+    def _announce_set_aside(self, kind: str, reason: str) -> None:
+        nxt = self.health.current()
+        logger.warning("accelerator %s set aside (%s); serving on %s; first probe in %.0f s", kind, reason, nxt,
+                       self.cfg.accelerator.health.probe_s)
+        self.on_event({"event": "set_aside", "ts": round(time.time(), 3), "accelerator": kind, "reason": reason,
+                       "serving_on": nxt, "next_probe_s": self.cfg.accelerator.health.probe_s})
+        self.wake()
+
+    def degraded_reason(self) -> str | None:
+        return self.health.degraded_reason()
+
+    def accelerator_report(self) -> dict[str, Any]:
+        """accelerator.set_aside, .temperature_c and per-kind counters, for status (under the lock)."""
+        live: dict[str, tuple[int, float]] = {}
+        for h in self.handles():
+            n, ms = live.get(h.accelerator or "", (0, 0.0))
+            live[h.accelerator or ""] = (n + h.served, ms + h.inference_ms)
+        return self.health.report(live)
 
     # ---- watching -----------------------------------------------------------------------------------------------
     def check(self, now: float) -> None:
@@ -251,6 +439,20 @@ class Workers:
                 h.kill_for("heartbeat")
                 continue
             h.ping()
+            interval = self.cfg.model.selftest.interval_s
+            if interval and h.selftest_sent is None and now - h.last_selftest >= interval and self.expected:
+                h.selftest_sent = h.last_selftest = now
+                h.send(protocol.SelfTest())
+
+    def _on_selftest_report(self, h: WorkerHandle, report: dict[str, Any]) -> None:
+        """On the I/O thread: an in-service self-test's answers. Wrong: the worker's results stop here and now."""
+        expected = self.expected
+        if expected is None or h.retiring:
+            return
+        v = self._verdict(h, self.cfg, expected, report)
+        if not v.passed:
+            h.kill_for(SELFTEST)  # its later replies are dropped; its frames run again elsewhere
+            self._failed(h.accelerator, "selftest", v.reason)
 
     def stalled(self, now: float) -> list[str]:
         """The slots that show no progress (what the watchdog must not vouch for).
@@ -282,57 +484,92 @@ class Workers:
     def _reload(self) -> config.Config | None:
         try:
             new_cfg = config.load(self.cfg.source)
+            config_model = new_cfg.model
+            new_cfg = with_model(new_cfg, self.model)  # a model from an update keeps serving
+            for warning in new_cfg.warnings:
+                logger.warning("%s", warning)
             text = read_config_text(new_cfg)
             if new_cfg.mqtt != self.cfg.mqtt or new_cfg.status != self.cfg.status:
                 logger.warning("reload: mqtt and status changes take effect at the next restart")
                 new_cfg = dataclasses.replace(new_cfg, mqtt=self.cfg.mqtt, status=self.cfg.status)
             self.generation += 1
-            fresh = [self._spawn(i, new_cfg, text) for i in range(new_cfg.worker_count)]
-        except EdgedError as exc:
-            logger.error("reload failed, still serving the previous model: %s", exc)
-            return None
-        self._switch(fresh, new_cfg, text)
-        return new_cfg
-
-    def swap_model(self, model: ModelSpec | None, started: list[WorkerHandle] | None = None) -> None:
-        """Serve `model` (None: the config's) as a reload does: fresh workers first, then the old ones retire.
-
-        `started`: candidates already on this model (see candidate()), used first. Raises ModelError/WorkerError
-        when a fresh worker does not start; the old ones then keep serving (and the candidates are stopped).
-        """
-        with self._switching:
-            self.generation += 1
-            old_model, self.model = self.model, model
-            fresh = [h for h in started or () if h.state == "ready"][: self.cfg.worker_count]
+            sha, expected = self._expected_for(new_cfg)
+            kinds = [k for k in self.health.candidates() if k in new_cfg.accelerator.prefer] or None
+            fresh = []
             try:
-                for h in fresh:
-                    h.probe_sink = None
-                    h.last_pong = time.monotonic()
-                while len(fresh) < self.cfg.worker_count:
-                    fresh.append(self._spawn(len(fresh), self.cfg, self.config_text))
-            except BaseException:
-                self.model = old_model
+                for i in range(new_cfg.worker_count):
+                    h = self._spawn(i, new_cfg, text, kinds)
+                    fresh.append(h)
+                    if not self._usable(expected, h, new_cfg):
+                        expected = self._reference(h, new_cfg, text, sha)
+                    v = self._verdict(h, new_cfg, expected)
+                    if not v.passed:
+                        raise ModelError(f"the self-test of {new_cfg.model_name} on {h.accelerator} failed: {v.reason}")
+            except EdgedError:
                 for h in fresh:
                     h.stop()
                 raise
-            for i, h in enumerate(fresh):
-                h.index = h.logs.index = i
-                h.generation = self.generation
-            self._switch(fresh, self.cfg, self.config_text, "model swap")
-
-    def _switch(self, fresh: list[WorkerHandle], new_cfg: config.Config, text: str, why: str = "reload") -> None:
+        except EdgedError as exc:
+            logger.error("reload failed, still serving the previous model: %s", exc)
+            return None
         with self.cond:
             old = self.handles()
             for h in old:
                 h.retiring = True
-            self.cfg, self.config_text = new_cfg, text
+            self.cfg, self.config_text, self.config_model = new_cfg, text, config_model
+            self.model_sha, self.expected = sha, expected
+            if new_cfg.accelerator.prefer != self.health.prefer or new_cfg.accelerator.health != self.health.cfg:
+                self.health = Health(new_cfg.accelerator.prefer, new_cfg.accelerator.health)
             self.slots = [Slot(i, h) for i, h in enumerate(fresh)]
             self._adopt(fresh[0])
             self.cond.notify_all()
-        logger.info("%s: now serving %s; retiring %d old worker(s)", why, fresh[0].model_name, len(old))
+        logger.info("reload: now serving %s; retiring %d old worker(s)", fresh[0].model_name, len(old))
         if self.on_reload is not None:
             self.on_reload(new_cfg)
         threading.Thread(target=self._retire, args=(old,), name="retire", daemon=True).start()
+        return new_cfg
+
+    def swap_model(self, model: ModelSpec | None, started: list[WorkerHandle] | None = None) -> None:
+        """Serve `model` (None: the config's) as a reload does: fresh self-tested workers first, then the old
+        ones retire. `started`: candidates already on this model (candidate()), used first. Raises
+        ModelError/WorkerError when a fresh worker does not start or pass; the old ones then keep serving."""
+        with self._switching:
+            cfg = with_model(dataclasses.replace(self.cfg, model=self.config_model), model)
+            fresh = [h for h in started or () if h.state == "ready"][: cfg.worker_count]
+            try:
+                sha, expected = fresh[0].candidate_expected if fresh else self._expected_for(cfg)
+                kinds = self.health.candidates() or None
+                while len(fresh) < cfg.worker_count:
+                    h = self._spawn(len(fresh), cfg, self.config_text, kinds, model=model)
+                    fresh.append(h)
+                    if not self._usable(expected, h, cfg):
+                        expected = self._reference(h, cfg, self.config_text, sha, model)
+                    v = self._verdict(h, cfg, expected)
+                    if not v.passed:
+                        raise SelftestFailed(f"the self-test of {cfg.model_name} on {h.accelerator} failed: {v.reason}")
+            except BaseException:
+                for h in fresh:
+                    h.stop()
+                raise
+            self.generation += 1
+            for i, h in enumerate(fresh):
+                h.probe_sink = None
+                h.last_pong = time.monotonic()
+                h.index = h.logs.index = i
+                h.generation = self.generation
+            with self.cond:
+                old = self.handles()
+                for h in old:
+                    h.retiring = True
+                self.model, self.cfg = model, cfg
+                self.model_sha, self.expected = sha, expected
+                self.slots = [Slot(i, h) for i, h in enumerate(fresh)]
+                self._adopt(fresh[0])
+                self.cond.notify_all()
+            logger.info("model swap: now serving %s; retiring %d old worker(s)", fresh[0].model_name, len(old))
+            if self.on_reload is not None:
+                self.on_reload(cfg)
+            threading.Thread(target=self._retire, args=(old,), name="retire", daemon=True).start()
 
     def _retire(self, handles: list[WorkerHandle]) -> None:
         end = time.monotonic() + self.cfg.sandbox.frame_timeout_s + 5

@@ -9,10 +9,12 @@ hands the payload over; at most one waits, a newer one replaces it):
    no-op), a model rolled back before, a serial not greater than the serving one.
 3. edged.modelstore.write_version: the files, atomically, as a new version.
 4. Self-test on a fresh sandboxed worker on the configured accelerators (a
-   probe beside the serving workers): the bundle's own frames and expected
-   outputs when it has them; otherwise one deterministic raw frame, which must
-   be answered without error. TODO(health): when edged.selftest lands, its
-   known-answer test (CPU reference recorded by sha256) replaces `_probe`'s check.
+   candidate beside the serving workers, edged.supervision.Workers.candidate):
+   the known-answer self-test of edged.selftest (expected outputs recorded on
+   the CPU by the model's sha256, so on a CPU-only device it proves the model
+   loads and answers, not that it is right), then the bundle's own frames
+   through the whole frame path, checked against the bundle's expected answers.
+   The candidate that passed is the worker that then serves.
 5. The store's pointer moves (commit), then edged.supervision swaps the serving
    workers as a reload does (fresh workers first, the old ones retire after
    their in-flight frames: no frame lost, none answered twice).
@@ -40,7 +42,7 @@ from edged import bundle, faults, protocol
 from edged.config import Config
 from edged.errors import EdgedError, ModelError, WorkerError
 from edged.modelstore import ModelStore, StoreError, sha256_file
-from edged.supervision import ModelSpec, Workers
+from edged.supervision import ModelSpec, SelftestFailed, Workers
 from edged.workers import WorkerHandle
 
 logger = logging.getLogger(__name__)
@@ -48,7 +50,6 @@ logger = logging.getLogger(__name__)
 SELFTEST_SEGMENT = 1 << 30  # a segment id the pool never hands out
 CONTENT_TYPES = {"jpg": "image/jpeg", "jpeg": "image/jpeg", "png": "image/png", "bmp": "image/bmp",
                  "raw": "application/octet-stream"}
-ITEMSIZE = {"uint8": 1, "int8": 1, "int16": 2, "float16": 2, "int32": 4, "float32": 4, "int64": 8, "float64": 8}
 
 Publish = Callable[[str, bytes, int, bool], bool]
 
@@ -243,8 +244,10 @@ class ModelUpdates:
         self-test? ((kind, reason), None) if not; (None, the worker) if so, to serve as it is."""
         cfg = self.workers.cfg
         got: queue.Queue[Any] = queue.Queue()
-        try:
+        try:  # loads, and passes the known-answer self-test (edged.selftest: the CPU run is the reference)
             h = self.workers.candidate(spec)
+        except SelftestFailed as exc:
+            return ("selftest", str(exc)), None
         except (ModelError, WorkerError) as exc:
             return ("load", f"the model does not load: {exc}"), None
         h.probe_sink = got.put
@@ -252,14 +255,11 @@ class ModelUpdates:
         fd = -1
         try:
             frames: list[tuple[bytes, str, dict[str, Any] | None]] = []
-            for name, data, expect in b.selftest:
+            for name, data, expect in b.selftest:  # the bundle's own frames and expected answers, end to end
                 frames.append((data, CONTENT_TYPES[name.rsplit(".", 1)[1]], expect))
-            if not frames:  # the model's CPU run is the reference: it loads and answers, not that it is right
-                inp = h.info.get("model", {}).get("input", {})
-                n = ITEMSIZE.get(str(inp.get("dtype")), 1)
-                for d in inp.get("shape") or ():
-                    n *= max(1, int(d))
-                frames.append(((bytes(range(256)) * (n // 256 + 1))[:n], "application/octet-stream", None))
+            if not frames:
+                passed = True
+                return None, h
             total = sum(len(f[0]) for f in frames)
             size = max(4096, (total + 4095) // 4096 * 4096)
             fd = os.memfd_create("edged-selftest", os.MFD_CLOEXEC)
@@ -289,8 +289,8 @@ class ModelUpdates:
                 why = bundle.check_expect(b.task, r.body or {}, expect) if expect else None
                 if why:
                     return ("selftest", f"self-test frame {seq}: {why}"), None
-            logger.info("model update: serial %d self-test passed (%d frame(s), %s)", b.serial, len(frames),
-                        "the bundle's expected outputs" if b.selftest else "loads and answers")
+            logger.info("model update: serial %d passed the bundle's own self-test (%d frame(s))", b.serial,
+                        len(frames))
             h.send(protocol.SegmentDrop(SELFTEST_SEGMENT))
             passed = True
             return None, h
@@ -365,8 +365,6 @@ class ModelUpdates:
             logger.error("%s", exc)
             self.store.last_update = last
         self._event("model_rejected", b, reason=reason, kind=kind)
-        if kind == "selftest":
-            self._event("selftest_failed", b, model=b.name if b else None, reason=reason)
         self._publish_state()
 
     def _event(self, name: str, b: bundle.Bundle | None, **details: Any) -> None:

@@ -20,6 +20,7 @@ from edged import protocol
 
 logger = logging.getLogger("edged.worker")
 HOOK = b"EDGED-TEST-FAULT:"
+LOAD_HANG = "EDGED-TEST-HANG-ON-LOAD"  # with the hooks on, a model file named so never finishes loading
 
 
 class ChannelLogHandler(logging.Handler):
@@ -55,8 +56,17 @@ class Worker:
             cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, task=msg.model_task,
                                                                      labels=msg.model_labels))
         self.cfg = cfg
-        choice = accel.choose(cfg, msg.coral_device)
+        if self.hooks and LOAD_HANG in Path(cfg.model.path).name:
+            from edged import faults
+
+            faults.act(self.sock, 0, "hang")  # a model load that never ends (a hung mount, a stuck delegate)
+        choice = accel.choose(cfg, msg.coral_device, msg.accelerators)
         self.model = choice.model
+        from edged import selftest
+
+        st_frames = selftest.payloads(cfg.model.selftest.frames, self.model.input.shape, self.model.input.dtype)
+        # what follows invokes the model (warm-up, self-test): the supervisor gives it twice the frame deadline
+        protocol.send(self.sock, protocol.Loaded(choice.kind, 3 + len(st_frames)))
         self.labels = postprocess.load_labels(cfg.model.labels)
         self.task = cfg.model.task
         self.det_layout = postprocess.detection_outputs(self.model) if self.task == "detect" else None
@@ -80,16 +90,18 @@ class Worker:
             else:
                 self.batch_max, self.batch_wait = want, msg.batch_wait_ms / 1e3
                 logger.info("batching up to %d frames, waiting at most %.1f ms", want, self.batch_wait * 1e3)
+        self.selftest_frames = st_frames  # kept for the in-service self-test (protocol.SelfTest)
+        report = selftest.run(self.model, self.pre, st_frames)  # the supervisor compares (edged.selftest.check)
         sandboxed = False
         if msg.sandbox:
             from edged import sandbox
 
             # every mapped pool segment keeps one fd (mmap dups it): leave room for all of them
             keep = [self.sock.fileno()]
-            if choice.kind in ("gpu", "coral"):
+            if choice.kind != "cpu":
                 keep += sandbox.device_fds()  # the driver's open device nodes: closing them breaks it
             sandbox.harden(memory_limit_bytes=msg.memory_limit or None, max_open_files=msg.max_fds + len(keep),
-                           keep_fds=keep)
+                           keep_fds=keep, user=self.cfg.sandbox.user)
             extra = sandbox.GPU_EXTRA if choice.kind == "gpu" else ()
             if self.batch_max > 1:
                 extra += sandbox.BATCH_EXTRA  # waiting for a batch to fill: poll on the control socket
@@ -98,7 +110,7 @@ class Worker:
         profile = ("gpu" if choice.kind == "gpu" else "default") if sandboxed else "off"
         protocol.send(self.sock, protocol.Ready(model=self.model.describe(), accelerator=choice.report(),
                                                 task=self.task, batch=self.batch_max, sandboxed=sandboxed,
-                                                sandbox_profile=profile))
+                                                sandbox_profile=profile, selftest=report))
 
     def _warm_decoders(self) -> None:
         """Decode one tiny image of each format so no decoder code loads lazily under seccomp."""
@@ -165,6 +177,10 @@ class Worker:
                 seg.close()
         elif isinstance(msg, protocol.Ping):
             protocol.send(self.sock, protocol.Pong(msg.n))
+        elif isinstance(msg, protocol.SelfTest):
+            from edged import selftest  # loaded at init, before the filter
+
+            protocol.send(self.sock, protocol.SelfTestReport(selftest.run(self.model, self.pre, self.selftest_frames)))
         elif isinstance(msg, protocol.Stop):
             return False
         return True

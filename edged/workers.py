@@ -26,7 +26,7 @@ from edged.notify import NOTIFY_ENV_VARS
 logger = logging.getLogger(__name__)
 wlog = logging.getLogger("edged.worker")
 
-SERVING = (protocol.Result, protocol.Pong, protocol.Log)  # what a ready worker may send
+SERVING = (protocol.Result, protocol.Pong, protocol.SelfTestReport, protocol.Log)  # what a ready worker may send
 READY_CAP = 1 << 20  # the biggest message before the model is known (its ready report)
 
 
@@ -112,12 +112,22 @@ class WorkerHandle:
         self.last_pong = time.monotonic()
         self.retiring = False
         self.kill_cause: tuple[str, int | None] | None = None  # why the supervisor killed it, and the frame
+        self.invoke_timeout_s: float | None = None  # after Loaded: each warm-up/self-test invoke within this
+        self.loaded_kind: str | None = None  # the accelerator the worker said it loaded the model on
+        self.on_selftest: Callable[[WorkerHandle, dict[str, Any]], None] | None = None  # in-service answers
+        self.selftest_sent: float | None = None
+        self.last_selftest = time.monotonic()  # when a SelfTest went out that is not answered yet
+        self.selftest: Any = None  # the supervisor's edged.selftest.Verdict on this worker's self-test
+        self.inference_ms = 0.0  # summed inference time of the results it sent (per-accelerator telemetry)
         self.served = 0  # results (and error results) this worker sent
         self.batched = 0  # of those, results of frames that shared an invoke with others
         self.window = 2  # frames handed to it ahead of time (the supervisor sets it once the worker is ready)
         self.probe_sink: Callable[[Any], None] | None = None  # a candidate's replies (edged.updates), not frames
+        self.candidate_expected: Any = None  # a candidate's (model sha256, expected self-test outputs)
         self.logs = LogGate(index)
         self._send_lock = threading.Lock()
+        self._watched = False  # its channel is on the I/O loop
+        self._ending = False  # the reaper (_end) was started: once per handle
         self._reader: threading.Thread | None = None
         self.loop = loop  # results are read on this I/O loop; without one, on a thread of the handle's own
 
@@ -151,11 +161,28 @@ class WorkerHandle:
                 if isinstance(msg, protocol.Log):
                     self.logs.emit(msg.level, msg.msg)
                     continue
+                if isinstance(msg, protocol.Loaded) and self.loaded_kind is None:
+                    # loading may take long (a firmware upload); warm-up and self-test are a few invokes: all
+                    # of them within twice the frame deadline
+                    self.loaded_kind = msg.accelerator
+                    if self.invoke_timeout_s is not None:
+                        parent.settimeout(2 * self.invoke_timeout_s)
+                    continue
                 break
             parent.settimeout(None)
+        except TimeoutError:
+            self.kill()
+            what = (f"hung in warm-up or self-test on {self.loaded_kind}" if self.loaded_kind
+                    else f"did not load the model within {timeout:.0f} s")
+            err = WorkerError(f"worker {self.index} {what}; exit status {self._reap()}")
+            err.cause = "hang" if self.loaded_kind else "load"  # type: ignore[attr-defined]
+            raise err from None
         except (OSError, protocol.ProtocolError) as exc:
             self.kill()
-            raise WorkerError(f"worker {self.index} did not start: {exc}; exit status {self._reap()}") from None
+            where = f" (after loading the model on {self.loaded_kind})" if self.loaded_kind else ""
+            err = WorkerError(f"worker {self.index} did not start{where}: {exc}; exit status {self._reap()}")
+            err.cause = "crash" if self.loaded_kind else "load"  # type: ignore[attr-defined]
+            raise err from None
         if isinstance(msg, protocol.Fatal):
             self.kill()
             if msg.kind == "model":
@@ -171,6 +198,7 @@ class WorkerHandle:
         self.last_pong = time.monotonic()
         if self.loop is not None:
             loop = self.loop
+            self._watched = True
             loop.call_soon(loop.watch, parent, lambda: self._on_readable(reader))
         else:
             self._reader = threading.Thread(target=self._read_loop, args=(reader,),
@@ -219,6 +247,14 @@ class WorkerHandle:
         msg = protocol.decode(raw, SERVING)
         if isinstance(msg, protocol.Log):
             self.logs.emit(msg.level, msg.msg)
+        elif self.kill_cause is not None:
+            return  # killed (a failed self-test, its accelerator set aside): nothing more of it is published
+        elif isinstance(msg, protocol.SelfTestReport):
+            if self.selftest_sent is None:
+                raise protocol.ProtocolError(f"worker {self.index} sent self-test answers nobody asked for")
+            self.selftest_sent = None
+            if self.on_selftest is not None:
+                self.on_selftest(self, msg.report)
         else:
             self.on_message(self, msg)  # type: ignore[arg-type]
 
@@ -248,7 +284,13 @@ class WorkerHandle:
             logger.exception("worker %s reader failed", self.pid)
         assert self.loop is not None
         self.loop.watch(reader.sock, None)
-        # reaping may wait seconds for the process: not on the I/O loop
+        self._start_reaper()
+
+    def _start_reaper(self) -> None:
+        """On the I/O loop: reap the worker and report its end, once (reaping may wait: not on the loop)."""
+        if self._ending:
+            return
+        self._ending = True
         threading.Thread(target=self._end, name=f"worker-{self.index}-reaper", daemon=True).start()
 
     def _end(self) -> None:
@@ -274,6 +316,13 @@ class WorkerHandle:
             self.segments.add(seg_id)
             return True
         return False
+
+    def send_frame(self, seq: int, pool: Any, block: Any, length: int, content_type: str | None = None) -> bool:
+        """Hand the worker a frame that sits in `block` of `pool`: its segment first (once), then the job."""
+        seg = pool.segment(block.segment)
+        if seg is None or not self.ensure_segment(block.segment, *seg):
+            return False
+        return self.send(protocol.FrameJob(seq, block.segment, block.offset, length, content_type))
 
     def drop_segment(self, seg_id: int) -> None:
         if seg_id in self.segments:
@@ -325,6 +374,8 @@ class WorkerHandle:
         assert self.loop is not None
         self.loop.watch(sock, None)
         sock.close()
+        if self._watched:
+            self._start_reaper()  # closed before the loop read its end (a kill from the loop itself): end it here
 
     def _reap(self, wait: float = 2.0) -> int | None:
         if self.proc is None:

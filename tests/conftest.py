@@ -91,6 +91,7 @@ class Daemon:
             "model": {"path": str(BUNDLED / "digits.tflite"), "labels": str(BUNDLED / "digits_labels.txt"),
                       "task": "classify", "top_k": 3},
             "status": {"socket": str(tmp / f"{self.device_id}.sock"), "interval": 1},
+            "state_dir": str(tmp / "state"),
         }
         for key, val in (overrides or {}).items():
             if isinstance(val, dict) and isinstance(cfg.get(key), dict):
@@ -187,6 +188,7 @@ class Client(FrameIO):
         self.results: dict[str, dict[str, Any]] = {}
         self.count = 0
         self.status_msgs: list[dict[str, Any]] = []
+        self.events: list[dict[str, Any]] = []  # P/events, with "_rx" (monotonic time received) and "_n" (results before)
         self.cv = threading.Condition()
         self._subs = threading.Semaphore(0)
         self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="test-" + uuid.uuid4().hex[:8],
@@ -196,9 +198,9 @@ class Client(FrameIO):
         self.c.on_subscribe = lambda *a: self._subs.release()
         self.c.connect("127.0.0.1", broker.port)
         self.c.loop_start()
-        for topic in (f"{prefix}/out/#", f"{prefix}/status"):
+        for topic in (f"{prefix}/out/#", f"{prefix}/status", f"{prefix}/events"):
             self.c.subscribe(topic, qos=1)
-        for _ in range(2):
+        for _ in range(3):
             assert self._subs.acquire(timeout=10), "broker did not confirm subscriptions"
 
     def _on_message(self, c: Any, u: Any, msg: Any) -> None:
@@ -206,6 +208,8 @@ class Client(FrameIO):
         with self.cv:
             if msg.topic.endswith("/status"):
                 self.status_msgs.append(body)
+            elif msg.topic == f"{self.prefix}/events":
+                self.events.append(dict(body, _rx=time.monotonic(), _n=self.count))
             else:
                 self.count += 1
                 self.results[str(body.get("frame_id"))] = dict(body, _topic=msg.topic)

@@ -42,7 +42,7 @@ def fakes(tmp_path_factory: pytest.TempPathFactory) -> FakeDelegates:
     libs = {"good": out / "libfake_delegate.so", "failing": out / "libfake_delegate_fail.so"}
     for name, flags in (("good", []), ("failing", ["-DFAIL_CREATE"])):
         r = subprocess.run([cc, "-shared", "-fPIC", "-O1", "-Wall", "-Werror", *flags, "-o", str(libs[name]),
-                            str(SOURCE)], check=False, capture_output=True, text=True)
+                            str(SOURCE), "-lm"], check=False, capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
     return FakeDelegates(**libs)
 

@@ -180,10 +180,8 @@ def test_worker_sandboxed_answers_each_bomb_at_once_and_keeps_serving(tmp_path):
             def ask(seq: int, payload: bytes) -> tuple[dict[str, Any], float]:
                 block = pool.write(payload)
                 assert block is not None
-                for sid, fd, size in pool.segments():
-                    h.ensure_segment(sid, fd, size)
                 t0 = time.monotonic()
-                h.send(protocol.FrameJob(seq, block.segment, block.offset, block.length, None))
+                h.send_frame(seq, pool, block, block.length)
                 msg = results.get(timeout=120)
                 took = time.monotonic() - t0
                 pool.free(block)

@@ -428,7 +428,7 @@ def test_updates_off_nothing_is_read(daemon_factory: Any, client_factory: Any, t
         w.publish(make_bundle(keys, shared("mobilenet_v1_0.25_128_quant.tflite"), 1))
         assert answered_by(c, cat, "sentinel") == "digits"  # sent after the bundle, answered by the old model
         assert "model updates are off" in d.log()
-        assert not w.states and not (tmp_path / "state").exists()
+        assert not w.states and not (tmp_path / "state" / "models").exists()  # (state/selftest: the self-test)
         assert d.status()["model_update"] == {"enabled": False}
     finally:
         w.close()

@@ -3,6 +3,7 @@ heartbeats or stats; a wedged part of the daemon stops them."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import threading
 import time
@@ -11,7 +12,7 @@ import numpy as np
 import psutil
 import yaml
 
-from conftest import shared, until
+from conftest import BUNDLED, shared, until
 from edged.ioloop import IoLoop
 from edged.watchdog import Progress
 from test_ops import NotifySocket
@@ -22,33 +23,24 @@ def test_reload_that_hangs_runs_off_the_main_loop_pings_go_on_old_model_serves(d
     ns = NotifySocket(tmp_path / "notify.sock")
     try:
         d = daemon_factory({"sandbox": {"heartbeat_s": 0.3, "start_timeout_s": 4}},
-                           env={"NOTIFY_SOCKET": str(ns.path), "WATCHDOG_USEC": "1000000"})
+                           env={"NOTIFY_SOCKET": str(ns.path), "WATCHDOG_USEC": "1000000", "EDGED_TEST_HOOKS": "1"})
         c = client_factory(d.prefix)
         until(lambda: ns.seen("WATCHDOG=1"), 5, "a first watchdog ping")
-        old = {p.pid for p in psutil.Process(d.proc.pid).children()}
+        hang = tmp_path / "model-EDGED-TEST-HANG-ON-LOAD.tflite"  # its load never ends (edged.faults)
+        shutil.copy(BUNDLED / "digits.tflite", hang)
         cfg = d.config
-        cfg["model"] = {"path": str(shared("mobilenet_v2_1.0_224_quant.tflite")),
-                        "labels": str(shared("imagenet_labels.txt")), "task": "classify"}
+        cfg["model"] = dict(cfg["model"], path=str(hang))
         d.cfg_path.write_text(yaml.safe_dump(cfg))
         t0 = time.monotonic()
         d.proc.send_signal(signal.SIGHUP)
-
-        def new_worker_stopped() -> bool:  # the new worker, frozen while it loads: a stuck delegate
-            for p in psutil.Process(d.proc.pid).children():
-                if p.pid not in old:
-                    os.kill(p.pid, signal.SIGSTOP)
-                    return True
-            return False
-
-        until(new_worker_stopped, 10, "the reload's new worker", 0.005)
         until(lambda: "reload failed" in d.log(), 20, "the reload abandoned after sandbox.start_timeout_s")
         t1 = time.monotonic()
         pings = [t for t in ns.seen("WATCHDOG=1") if t0 <= t <= t1]
-        gaps = [b - a for a, b in zip([t0, *pings], [*pings, t1])]
+        gaps = [b - a for a, b in zip([t0, *pings], [*pings, t1], strict=True)]
         print(f"reload hung for {t1 - t0:.1f} s: {len(pings)} watchdog pings, longest gap {max(gaps):.2f} s "
               "(WatchdogSec here 1 s)")
-        assert max(gaps) < 0.5 + 0.5, gaps  # pinged every WATCHDOG_USEC/2 = 0.5 s throughout
-        c.send((shared("grace_hopper.bmp")).read_bytes(), "still-old")
+        assert t1 - t0 >= 4 and max(gaps) < 1.0, gaps  # pinged every WATCHDOG_USEC/2 = 0.5 s throughout
+        c.send(np.zeros((1, 8, 8, 1), np.uint8).tobytes(), "still-old")
         res = c.wait(["still-old"], 20)["still-old"]
         assert res is not None and res.get("model") == "digits", res
         assert d.status()["state"] == "online"

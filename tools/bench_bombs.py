@@ -125,10 +125,8 @@ def bench_worker(model: str, labels: str, frames: dict[str, bytes], cam: bytes, 
                     seq += 1
                     block = pool.write(payload)
                     assert block is not None
-                    for sid, fd, size in pool.segments():
-                        h.ensure_segment(sid, fd, size)
                     t0 = time.perf_counter()
-                    h.send(protocol.FrameJob(seq, block.segment, block.offset, block.length, None))
+                    h.send_frame(seq, pool, block, block.length)
                     msg = results.get(timeout=300)
                     times.append((time.perf_counter() - t0) * 1e3)
                     pool.free(block)
