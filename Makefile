@@ -26,6 +26,7 @@ run: $(STAMP) mosquitto
 test: $(STAMP) mosquitto
 	tools/ensure_promtool.sh
 	tools/ha_venv.sh
+	@tools/ensure_netns.sh
 	$(BIN)/python -m pytest -q
 	tools/tflite_venv.sh
 

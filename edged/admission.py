@@ -53,6 +53,7 @@ class Frame:
     lease: Lease | None = None
     t_dispatch: float = 0.0
     deaths: int = 0  # worker deaths while this frame was in flight on them
+    ack: Callable[[int, int], None] | None = None  # Incoming.ack: None acknowledges on the daemon's own link
 
 
 class Admission:
@@ -84,7 +85,7 @@ class Admission:
         f = Frame(seq=seq, stream=inc.stream, out_topic=inc.reply_topic or inc.out_topic, default_topic=inc.out_topic,
                   length=len(inc.payload),
                   frame_id=fid, correlation=inc.correlation, content_type=inc.content_type, mid=inc.mid, qos=inc.qos,
-                  t_in=now, expires_at=now + inc.expiry_s if inc.expiry_s else None)
+                  t_in=now, expires_at=now + inc.expiry_s if inc.expiry_s else None, ack=inc.ack)
         self.metrics.count("received")
         if inc.refusal is not None:
             self.results.fail(f, "bad_request", inc.refusal)

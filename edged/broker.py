@@ -7,12 +7,17 @@ can be stopped and started again on the same port and persistence store, as a br
 
 Not used by `edged run`: the daemon talks to whatever broker its config names.
 
+`netns=NAME` runs it inside a network namespace of the caller's (the fleet tests' separate hosts),
+listening on `host` there; `in_netns()` runs a function on a thread that joined such a namespace.
+
     with Broker(tmp, persistence=True) as b:   # started; stopped and its store removed on exit
         ... connect to b.host:b.port ...
 """
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import logging
 import os
 import pwd
@@ -20,10 +25,12 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from edged.errors import UnavailableError
 
@@ -59,6 +66,35 @@ def listening(host: str, port: int, timeout: float = 0.3) -> bool:
     return True
 
 
+CLONE_NEWNET = 0x40000000
+
+
+def in_netns(name: str, fn: Callable[[], Any]) -> Any:
+    """fn() on a short-lived thread inside the network namespace /run/netns/<name> (a namespace is
+    per thread: the caller's stays as it was); its exception is raised here."""
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+            fd = os.open(f"/run/netns/{name}", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if libc.setns(fd, CLONE_NEWNET) != 0:
+                    raise OSError(ctypes.get_errno(), f"setns into {name}")
+            finally:
+                os.close(fd)
+            out["value"] = fn()
+        except BaseException as exc:  # handed to the caller
+            out["error"] = exc
+
+    t = threading.Thread(target=run, name=f"netns-{name}", daemon=True)
+    t.start()
+    t.join()
+    if "error" in out:
+        raise out["error"]
+    return out.get("value")
+
+
 def _writable_by_broker(path: Path) -> None:
     """Started as root, Mosquitto drops to the user `mosquitto` (or `nobody` where that is missing):
     its persistence store must be that user's."""
@@ -84,10 +120,12 @@ class Broker:
 
     def __init__(self, workdir: Path, extra: Sequence[str] = (), *, port: int | None = None,
                  persistence: bool = False, autosave_s: int = 60, name: str | None = None,
-                 preexec_fn: Callable[[], None] | None = None) -> None:
+                 preexec_fn: Callable[[], None] | None = None, netns: str | None = None,
+                 host: str = HOST) -> None:
         self.exe = mosquitto_path()
-        self.host = HOST
-        self.port = port or free_port(self.host)
+        self.host = host
+        self.netns = netns
+        self.port = port or (1883 if netns else free_port(self.host))
         self.dir = Path(workdir)
         stem = name or f"mosquitto-{self.port}"
         self.conf = self.dir / f"{stem}.conf"
@@ -119,7 +157,8 @@ class Broker:
             return self
         with open(self.log, "ab") as log:
             # a session of its own: a Ctrl-C meant for us does not reach it; stop() ends it in order
-            self.proc = subprocess.Popen([self.exe, "-c", str(self.conf)], stdin=subprocess.DEVNULL,
+            prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
+            self.proc = subprocess.Popen([*prefix, self.exe, "-c", str(self.conf)], stdin=subprocess.DEVNULL,
                                          stdout=subprocess.DEVNULL, stderr=log, start_new_session=True,
                                          preexec_fn=self._preexec)
         deadline = time.monotonic() + timeout
@@ -128,7 +167,7 @@ class Broker:
             if rc is not None:
                 self.proc = None
                 raise UnavailableError(f"mosquitto exited {rc} on start; see {self.log}: {self._last_log_line()}")
-            if listening(self.host, self.port, timeout=0.2):
+            if self._listening():
                 logger.debug("mosquitto %d listening on %s:%d", self.proc.pid, self.host, self.port)
                 return self
             if time.monotonic() >= deadline:
@@ -136,6 +175,11 @@ class Broker:
                 raise UnavailableError(f"mosquitto did not listen on {self.host}:{self.port} within {timeout:g} s; "
                                        f"see {self.log}")
             time.sleep(0.02)
+
+    def _listening(self) -> bool:
+        if self.netns is None:
+            return listening(self.host, self.port, timeout=0.2)
+        return bool(in_netns(self.netns, lambda: listening(self.host, self.port, timeout=0.2)))
 
     def stop(self, timeout: float = 15.0) -> None:
         """SIGTERM (Mosquitto writes its persistence store on the way out), SIGKILL past `timeout`."""

@@ -131,7 +131,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_send(args: argparse.Namespace) -> int:
     from edged import userfiles
-    from edged.send import send_frame
+    from edged.send import send_frames
 
     cfg = _load(args)
     try:  # /dev/zero or a huge file must not fill memory: the daemon answers too_large past this anyway
@@ -139,8 +139,32 @@ def cmd_send(args: argparse.Namespace) -> int:
     except userfiles.FileRefused as exc:
         print(f"edged send: {exc}", file=sys.stderr)
         return 66
-    result = send_frame(cfg, payload, args.stream, args.timeout)
-    print(json.dumps(result, indent=2))
+    if args.count < 1 or args.retries < 0 or args.timeout <= 0 or args.rate < 0 or args.linger < 0:
+        print("edged send: --count >= 1, --retries >= 0, --timeout > 0, --rate >= 0, --linger >= 0",
+              file=sys.stderr)
+        return 2
+    one = args.count == 1
+
+    def show(result: dict[str, object]) -> None:
+        print(json.dumps(result, indent=2) if one else json.dumps(result), flush=True)
+
+    rep = send_frames(cfg, payload, args.stream, args.timeout, count=args.count, retries=args.retries,
+                      rate=args.rate, fleet=args.fleet, linger=args.linger, on_result=show)
+    summary = rep.summary()
+    if args.report:
+        try:
+            with open(args.report, "w", encoding="utf-8") as fh:
+                json.dump(rep.as_json(), fh)
+        except OSError as exc:
+            print(f"edged send: --report {args.report}: {exc.strerror}", file=sys.stderr)
+    if not one:
+        print("edged send: " + ", ".join(f"{k} {v}" for k, v in summary.items()), file=sys.stderr)
+    if summary["unanswered"]:
+        where = f"{cfg.mqtt.share.prefix if args.fleet and cfg.mqtt.share else cfg.prefix}/in/{args.stream}"
+        tries = f" after {args.retries} re-send(s) each" if args.retries else ""
+        print(f"edged send: {summary['unanswered']} of {summary['sent']} frame(s) got no result from edged on "
+              f"{where} within {args.timeout:g} s{tries}", file=sys.stderr)
+        return EX_UNAVAILABLE
     return 0
 
 
@@ -192,10 +216,19 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--watch", type=float, nargs="?", const=2.0, default=None, metavar="S",
                    help="refresh every S seconds (default 2)")
     s.set_defaults(fn=cmd_status)
-    s = add("send", "publish one frame and print its result")
+    s = add("send", "publish a frame and print its result")
     s.add_argument("file", help="image file (JPEG, PNG, BMP) or raw tensor file")
     s.add_argument("--stream", default="cli")
-    s.add_argument("--timeout", type=float, default=10.0)
+    s.add_argument("--timeout", type=float, default=10.0,
+                   help="seconds to wait for a result (also the frame's Message Expiry) before a re-send")
+    s.add_argument("--retries", type=int, default=0,
+                   help="re-send a frame with no result this many times, under the same frame_id")
+    s.add_argument("--fleet", action="store_true", help="send to the fleet (mqtt.share.prefix), not this device")
+    s.add_argument("--count", type=int, default=1, help="send the file as this many frames (one result per line)")
+    s.add_argument("--rate", type=float, default=0.0, help="frames per second with --count (0: all at once)")
+    s.add_argument("--linger", type=float, default=0.0,
+                   help="listen this many seconds after the last result, counting second answers")
+    s.add_argument("--report", metavar="FILE", help="write a JSON report: summary and each frame's timings")
     s.set_defaults(fn=cmd_send)
     s = add("bench", "measure raw interpreter vs. daemon paths")
     s.add_argument("--json", action="store_true")

@@ -31,6 +31,7 @@ from edged.admission import Admission, Frame
 from edged.door import Door
 from edged.errors import ConfigError, EdgedError, ModelError, ProtocolError, WorkerError
 from edged.homeassistant import HomeAssistant
+from edged.fleet import ShareLink
 from edged.ioloop import IoLoop
 from edged.metrics import Metrics, write_prometheus
 from edged.mqtt import MqttLink
@@ -87,6 +88,9 @@ class Supervisor:
         self.link.add_route(self.ha.subscriptions(), self.ha.on_message)
         self.workers.on_reload = self.ha.reconfigure
         self.exporter: Any = None  # edged.prometheus.HttpExporter with status.prometheus_port
+        # the fleet's shared subscription: a connection of its own, created after the own link so that in each
+        # round of the I/O loop an answer is written before its frame's acknowledgement (edged.fleet)
+        self.share = ShareLink(cfg, self._admit, loop=self.loop, door=self.link.door) if cfg.mqtt.share else None
         self.results = Results(self.link, self.metrics, cfg.mqtt.result_buffer,
                                lambda: self.workers.model_info.get("name"), on_result=self._on_result)
         self.admission = Admission(cfg, self.pool, self.cond, self.results, self.metrics, self.workers.ready)
@@ -102,8 +106,10 @@ class Supervisor:
 
     # ---- frames in, answers out --------------------------------------------------------------------------------
     def _admit(self, inc: Any) -> None:
-        if self.stopping:
+        if self.stopping and inc.ack is None:
             return  # not acknowledged: the broker delivers it again to the next start
+        # a fleet frame is served even while stopping: the group is left first (_drain), and its session
+        # ends with its connection, so nobody would deliver it again
         self.admission.admit(inc)
 
     def _on_worker_message(self, h: WorkerHandle, msg: protocol.Result | protocol.Pong) -> None:
@@ -246,7 +252,8 @@ class Supervisor:
                          "result_overflows": self.link.overflows, "results_waiting": len(self.results.waiting),
                          "results_unacked": self.link.held(),
                          "unrouted": self.link.unrouted, "oversized_packets": self.link.oversized,
-                         "broker": f"{self.cfg.mqtt.host}:{self.cfg.mqtt.port}"},
+                         "broker": f"{self.cfg.mqtt.host}:{self.cfg.mqtt.port}",
+                         "share": self.share.stats() if self.share is not None else None},
                 "model_update": self.updates.status()}
 
     def _periodic(self, now: float) -> None:
@@ -352,6 +359,8 @@ class Supervisor:
         self.updates.start()
         self.link.start()
         self.loop.call_soon(self._io_beat)
+        if self.share is not None:
+            self.share.start()
         dispatcher = threading.Thread(target=self.admission.dispatch_loop, name="dispatcher", daemon=True)
         dispatcher.start()
         ready_sent = False
@@ -404,10 +413,13 @@ class Supervisor:
                 pass
 
     def _drain(self) -> int:
-        self.admission.stopping = True
         self.notifier.stopping()
         self._update_state()
         end = time.monotonic() + self.cfg.queue.drain_timeout_s
+        if self.share is not None:  # first stop taking the group's frames, serving all it already sent us
+            if not self.share.leave(self.cfg.queue.drain_timeout_s):
+                logger.warning("drain: leaving the fleet's shared subscription did not finish in time")
+        self.admission.stopping = True
         with self.cond:
             logger.info("stopping: draining %d queued and %d in-flight frame(s)", self.queue_depth(),
                         self.workers.inflight())
@@ -424,6 +436,8 @@ class Supervisor:
         self.stopping = True
         self.admission.stopping = True
         self.workers.stop_all(grace=2.0)
+        if self.share is not None:
+            self.share.stop()
         try:
             self.link.stop(json.dumps({"state": "stopped", "ts": round(time.time(), 3)}).encode())
         except Exception:  # teardown goes on whatever the broker does

@@ -14,6 +14,7 @@ It never raises and imports no MQTT library: it reads the message's fields.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +46,9 @@ class Incoming:
     content_type: str | None = None
     expiry_s: int | None = None
     refusal: str | None = None
+    # how to acknowledge it, when not through the daemon's own (persistent) connection: a fleet frame is
+    # acknowledged on the connection it came in on, and only while that connection lasts (edged.fleet)
+    ack: Callable[[int, int], None] | None = None
 
 
 def _has_control(text: str) -> bool:

@@ -12,6 +12,10 @@ frames for us. Callbacks only translate and hand over, and never raise into
 paho (an exception there would leave paho re-reading the same packet).
 `new_client()` is the one place that sets up TLS and authentication, for the
 daemon and for `edged send` alike.
+
+This link is the daemon's own connection (P/in/+, P/status, results). A
+fleet's shared subscription has a connection of its own with a session that
+ends with it (edged.fleet.ShareLink, built on the hooks marked "session" here).
 """
 from __future__ import annotations
 
@@ -68,6 +72,18 @@ def new_client(cfg: Config, client_id: str, *, manual_ack: bool = False) -> paho
     return client
 
 
+def share_filter(cfg: Config) -> str | None:
+    """The fleet's shared-subscription filter ($share/G/F/in/+), or None without mqtt.share."""
+    share = cfg.mqtt.share
+    return None if share is None else f"$share/{share.group}/{share.prefix.rstrip('/')}/in/+"
+
+
+def frame_subscription(topic_filter: str) -> tuple[str, SubscribeOptions]:
+    """A frame filter at QoS 1; retained frames only with a new subscription: a retained frame is answered
+    once, not at every start (the persistent session keeps the subscription; a shared one gets none)."""
+    return topic_filter, SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_SEND_IF_NEW_SUB)
+
+
 def request_properties(reply_topic: str, correlation: bytes, frame_id: str) -> Properties:
     """PUBLISH properties of a request: where to answer, what to echo, which frame."""
     props = Properties(PacketTypes.PUBLISH)
@@ -87,9 +103,14 @@ class MqttLink:
     1 s to mqtt.reconnect_max_s, as paho's own loop would.
     """
 
+    # session: the daemon's own connection keeps its session (clean_start off, mqtt.session_expiry),
+    # announces P/status (retained, with the last will); edged.fleet.ShareLink says False to both
+    persistent = True
+
     def __init__(self, cfg: Config, on_frame: Callable[[Incoming], None],
                  on_connection: Callable[[bool], None] | None = None, *, loop: IoLoop,
-                 door: Door | None = None, on_room: Callable[[], None] | None = None) -> None:
+                 door: Door | None = None, on_room: Callable[[], None] | None = None,
+                 client_id: str | None = None) -> None:
         self.cfg = cfg
         self.loop = loop
         self._sock: Any = None  # the socket the loop watches, while connected or connecting
@@ -120,7 +141,7 @@ class MqttLink:
         self.status_payload = b'{"state": "starting"}'
         self.events_held: collections.deque[bytes] = collections.deque(maxlen=EVENTS_HELD)
         self._lock = threading.RLock()
-        self.client = new_client(cfg, cfg.client_id, manual_ack=True)
+        self.client = new_client(cfg, client_id or cfg.client_id, manual_ack=True)
         # paho's own queue limit also counts results waiting for their PUBACK: a limit there drops
         # results while connected. The bound is ours instead: results held while the broker is away.
         self.client.max_queued_messages_set(0)
@@ -128,26 +149,33 @@ class MqttLink:
         self._acked_early: dict[int, float] = {}  # mid -> when: acknowledged before publish() recorded it
         self._closing = False
         self.client.max_inflight_messages_set(100)
-        self.client.will_set(f"{self.prefix}/status", b'{"state": "offline"}', qos=1, retain=True)
+        if self.persistent:
+            self.client.will_set(f"{self.prefix}/status", b'{"state": "offline"}', qos=1, retain=True)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
         self.client.on_subscribe = self._on_subscribe
+        self.client.on_unsubscribe = self._on_unsubscribe
+        self._unsubscribed: dict[int, Callable[[], None]] = {}  # mid -> called on its UNSUBACK (loop thread)
         self.client.on_publish = self._on_publish
         self.client.on_socket_close = self._on_socket_close
         self.client.on_socket_register_write = self._on_register_write
         self.client.on_socket_unregister_write = None
         loop.after_events(self._flush)
 
+    def receive_maximum(self) -> int:
+        """session: QoS 1 frames the broker may have in flight to us (backpressure: it holds back what our
+        queue could not take)."""
+        return min(65535, self.cfg.queue.max_per_stream)
+
     def start(self) -> None:
         props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = self.cfg.mqtt.session_expiry
-        # backpressure for QoS 1 frames: the broker holds back what our queue could not take
-        props.ReceiveMaximum = min(65535, self.cfg.queue.max_per_stream)
+        props.SessionExpiryInterval = self.cfg.mqtt.session_expiry if self.persistent else 0
+        props.ReceiveMaximum = max(1, min(65535, self.receive_maximum()))
         # the broker must not send us a packet bigger than this: it refuses oversized frames for us
         props.MaximumPacketSize = self.max_packet
         self.client.connect_async(self.cfg.mqtt.host, self.cfg.mqtt.port, keepalive=self.cfg.mqtt.keepalive,
-                                  clean_start=False, properties=props)
+                                  clean_start=not self.persistent, properties=props)
         self.loop.call_soon(self._connect_later, 0.0)
         self.loop.call_soon(self._tick)
 
@@ -266,13 +294,8 @@ class MqttLink:
             self.loop.wake()  # the loop writes it; on the loop itself, _flush does after this round
 
     def subscriptions(self) -> list[tuple[str, SubscribeOptions]]:
-        # retained frames only with a new subscription: a retained frame is answered once, not at every start
-        # (the persistent session keeps the subscription; a shared subscription gets no retained messages)
-        opts = SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_SEND_IF_NEW_SUB)
-        subs = [(f"{self.prefix}/in/+", opts)]
-        share = self.cfg.mqtt.share
-        if share is not None:
-            subs.append((f"$share/{share.group}/{share.prefix.rstrip('/')}/in/+", opts))
+        # the fleet's $share filter is not here: it has a connection of its own (edged.fleet)
+        subs = [frame_subscription(f"{self.prefix}/in/+")]
         subs.extend((f, SubscribeOptions(qos=q)) for f, q, _h in self._routes)
         return subs
 
@@ -312,8 +335,16 @@ class MqttLink:
         rc, _mid = client.subscribe(self.subscriptions())
         if rc != paho.MQTT_ERR_SUCCESS:
             logger.error("subscribing failed: %s", paho.error_string(rc))
-        client.publish(f"{self.prefix}/status", self.status_payload, qos=1, retain=True)
-        self._flush_events()
+        if self.persistent:
+            legacy = share_filter(self.cfg)
+            if legacy is not None and getattr(flags, "session_present", False):
+                # a session kept from before edged.fleet may still hold the group: leave it on this
+                # connection, or the broker keeps a dead daemon's share in this persistent session
+                self.unsubscribe([legacy], lambda: logger.info("left %s on the own session (kept from before "
+                                                               "the fleet had a connection of its own)", legacy))
+            client.publish(f"{self.prefix}/status", self.status_payload, qos=1, retain=True)
+            self._flush_events()
+        self._connected_hook()
         if self.on_connection:
             self.on_connection(True)
 
@@ -323,13 +354,37 @@ class MqttLink:
         if bad:
             logger.error("broker refused a subscription: %s", ", ".join(bad))
 
+    def _connected_hook(self) -> None:
+        """session: on the loop, once the broker accepted this connection and the subscriptions went out."""
+
+    def unsubscribe(self, filters: list[str], done: Callable[[], None] | None = None) -> bool:
+        """On the loop: UNSUBSCRIBE filters; `done` runs on the loop when the broker's UNSUBACK comes.
+        False when the request could not be sent (not connected)."""
+        rc, mid = self.client.unsubscribe(filters)
+        if rc != paho.MQTT_ERR_SUCCESS or mid is None:
+            return False
+        if done is not None:
+            self._unsubscribed[mid] = done
+        return True
+
+    def _on_unsubscribe(self, client: paho.Client, userdata: object, mid: int, codes: list[paho.ReasonCode],
+                        props: object) -> None:
+        done = self._unsubscribed.pop(mid, None)
+        if done is not None:
+            done()
+
     def _on_disconnect(self, client: paho.Client, userdata: object, flags: object, rc: paho.ReasonCode,
                        props: object) -> None:
         if self.connected and not self._closing:
             logger.warning("disconnected from broker: %s; reconnecting", rc)
         self.connected = False
+        self._unsubscribed.clear()
+        self._disconnected_hook()
         if self.on_connection:
             self.on_connection(False)
+
+    def _disconnected_hook(self) -> None:
+        """session: on the loop, when this connection is gone."""
 
     def _on_message(self, client: paho.Client, userdata: object, msg: paho.MQTTMessage) -> None:
         """Never raises into paho: a failure here is logged with its traceback, and the message acknowledged."""
@@ -347,10 +402,14 @@ class MqttLink:
                 self.unrouted += 1
                 self.ack(msg.mid, msg.qos)
                 return
-            self.on_frame(inc)
+            self._deliver(inc)
         except Exception:  # top of paho's callback: one message must not wedge the reader
             logger.exception("handling the message on %r (mid %s) failed", msg._topic[:200], msg.mid)
             self.ack(msg.mid, msg.qos)
+
+    def _deliver(self, inc: Incoming) -> None:
+        """session: hand a checked frame on (edged.fleet binds its acknowledgement to this connection)."""
+        self.on_frame(inc)
 
     def _on_publish(self, client: paho.Client, userdata: object, mid: int, rc: paho.ReasonCode,
                     props: object) -> None:

@@ -34,7 +34,7 @@ and restarts the window.
 Segments a worker maps are read-only to it: each memfd is sealed against
 growing, shrinking and further writes once the pool has mapped it, and the fd
 handed out (segments(), on_segment_added) is a read-only reopen of it; see
-_seal(). Only the pool's own mapping can change a frame.
+edged.memfd. Only the pool's own mapping can change a frame.
 
 Blocks are values: a stale copy of a freed block that equals a block since
 allocated at the same place cannot be told from it (that double free goes unseen).
@@ -42,7 +42,6 @@ allocated at the same place cannot be told from it (that double free goes unseen
 from __future__ import annotations
 
 import bisect
-import fcntl
 import logging
 import mmap
 import os
@@ -50,6 +49,7 @@ import threading
 import time
 from typing import Any, Callable, NamedTuple
 
+from edged import memfd
 from edged.errors import PoolError
 
 log = logging.getLogger(__name__)
@@ -89,46 +89,6 @@ class Lease:
 
 def _round_up(n: int, unit: int) -> int:
     return -(-n // unit) * unit
-
-
-# fcntl(2) memfd seals (linux/fcntl.h); the fcntl module lacks F_SEAL_FUTURE_WRITE (Linux 5.1)
-_F_ADD_SEALS, _F_GET_SEALS = 1033, 1034
-_F_SEAL_SEAL, _F_SEAL_SHRINK, _F_SEAL_GROW, _F_SEAL_FUTURE_WRITE = 0x1, 0x2, 0x4, 0x10
-_warned_writable = False
-
-
-def _seal(fd: int) -> int:
-    """Seal a mapped segment's memfd against its holders; return the fd to hand out (read-only if possible).
-
-    Called after the pool's own writable mapping exists: F_SEAL_FUTURE_WRITE
-    leaves that mapping writable and refuses write(), fallocate() and new
-    writable shared mappings (and mprotect to writable) through any fd,
-    even one a worker re-opens via /proc (a GPU worker may open files);
-    F_SEAL_GROW/F_SEAL_SHRINK refuse every size change; F_SEAL_SEAL keeps
-    the seals. The fd handed out is also a new read-only open file
-    description (``/proc/self/fd/N``, O_RDONLY), so write and ftruncate on
-    it fail with EBADF/EINVAL even on a kernel older than 5.1; the writable
-    fd is closed. With neither (an old kernel and no /proc) segments stay
-    writable by workers: logged once.
-    """
-    global _warned_writable
-    fcntl.fcntl(fd, _F_ADD_SEALS, _F_SEAL_GROW | _F_SEAL_SHRINK)
-    future_write = True
-    try:
-        fcntl.fcntl(fd, _F_ADD_SEALS, _F_SEAL_FUTURE_WRITE)
-    except OSError:  # EINVAL before Linux 5.1
-        future_write = False
-    fcntl.fcntl(fd, _F_ADD_SEALS, _F_SEAL_SEAL)
-    try:
-        ro = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        if not future_write and not _warned_writable:
-            _warned_writable = True
-            log.warning("pool segments stay writable by workers: no F_SEAL_FUTURE_WRITE (Linux < 5.1) and no "
-                        "read-only reopen (%s)", exc)
-        return fd
-    os.close(fd)
-    return ro
 
 
 class _Segment:
@@ -301,7 +261,7 @@ class FramePool:
     def segments(self) -> list[tuple[int, int, int]]:
         """(id, fd, size) of the live segments, base first; fd is -1 with backing='none'.
 
-        The fd is read-only and sealed (see _seal): map it with PROT_READ.
+        The fd is read-only and sealed (edged.memfd): map it with PROT_READ.
         """
         with self._lock:
             return [(s.id, s.fd, s.size) for s in self._segs.values()]
@@ -382,15 +342,9 @@ class FramePool:
         seg_id, self._next_id = self._next_id, self._next_id + 1
         fd, mm = -1, None
         if self._backing == "memfd":
-            fd = os.memfd_create(f"edged-pool-{seg_id}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
             try:
-                os.ftruncate(fd, size)
-                mm = mmap.mmap(fd, size)
-                fd = _seal(fd)
+                fd, mm = memfd.segment(f"edged-pool-{seg_id}", size)
             except OSError as exc:
-                if mm is not None:
-                    mm.close()
-                os.close(fd)
                 raise PoolError(f"cannot map a {size}-byte segment: {exc}") from exc
         seg = _Segment(seg_id, size, fd, mm, base, self._clock())
         self._segs[seg_id] = seg

@@ -3,7 +3,9 @@
 One frame, one answer: `answer()` for what a worker sent back, `fail()` for
 every error result. Either releases the frame's pool block first (its Lease,
 exactly once), builds the JSON, and publishes it; the frame is acknowledged
-to the broker only once the link took its answer.
+to the broker only once the link took its answer. Answers always go out on
+the daemon's own link (its persistent session holds them across a reconnect);
+a fleet frame is acknowledged on the connection it came in on (Frame.ack).
 
 When the link is busy (mqtt.result_buffer results already wait for the
 broker's PUBACK) an answer waits here, its frame unacknowledged, and goes out
@@ -98,9 +100,11 @@ class Results:
             self._refused(frame, is_error, exc)
             return False
         if outcome == "sent":
-            self.link.ack(frame.mid, frame.qos)
+            self._ack(frame)
             return True
-        if outcome == "busy":
+        if outcome == "busy" or frame.ack is not None:
+            # a fleet frame is never delivered again (its session ends with its connection): it waits
+            # here, at most the group's Receive Maximum of them
             return self._wait(item)
         self._not_held(frame)
         return False
@@ -138,10 +142,13 @@ class Results:
         logger.error("publishing the result of frame %s to %r failed: %s", frame.frame_id, frame.out_topic[:200], exc)
         if is_error and frame.out_topic == frame.default_topic:
             self.metrics.count("results_lost")
-            self.link.ack(frame.mid, frame.qos)  # answering again would fail again: counted, not retried
+            self._ack(frame)  # answering again would fail again: counted, not retried
             return
         frame.out_topic, frame.correlation = frame.default_topic, None
         self.fail(frame, "internal_error", f"edged could not publish the result of frame {frame.frame_id}: {exc}")
+
+    def _ack(self, frame: Frame) -> None:
+        (frame.ack or self.link.ack)(frame.mid, frame.qos)
 
     def flush(self) -> None:
         """On the I/O thread, as the broker acknowledges: answers that waited go out, in order."""
@@ -151,9 +158,10 @@ class Results:
             self._send(item)
 
     def connection_lost(self) -> None:
-        """The broker delivers unacknowledged QoS 1 frames again: their waiting answers would be duplicates."""
-        self.waiting = collections.deque(item for item in self.waiting if not item[0].qos)
-        self.waiting_qos0 = len(self.waiting)
+        """The broker delivers unacknowledged QoS 1 frames again: their waiting answers would be duplicates.
+        A fleet frame's answer stays: nobody delivers that frame to us again."""
+        self.waiting = collections.deque(item for item in self.waiting if not item[0].qos or item[0].ack)
+        self.waiting_qos0 = sum(not item[0].qos for item in self.waiting)
 
 
 _Item = tuple["Frame", bytes, bool]

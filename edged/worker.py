@@ -167,7 +167,7 @@ class Worker:
             self.frame(msg)
         elif isinstance(msg, protocol.SegmentAdd):
             fd = self.reader.take_fd()
-            try:  # read-only: the pool hands out sealed, read-only fds (edged.pool._seal)
+            try:  # read-only: the pool hands out sealed, read-only fds (edged.memfd)
                 self.segments[msg.id] = mmap.mmap(fd, msg.size, access=mmap.ACCESS_READ)
             finally:
                 os.close(fd)

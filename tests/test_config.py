@@ -383,3 +383,17 @@ def test_cli_status_no_daemon_exits_69_with_one_line():
 def test_load_every_shipped_config_is_valid(path):
     cfg = config.load(path)
     assert cfg.accelerator.prefer and cfg.model.task in ("classify", "detect", "raw")
+
+
+def test_share_receive_maximum_defaults_to_two_frames_per_worker_and_is_checked(tmp_path):
+    from edged.fleet import receive_maximum
+
+    cfg = parse("mqtt:\n  share: {group: g1, prefix: fleet}\naccelerator:\n  workers: 3\n")
+    assert cfg.mqtt.keepalive == 10 and cfg.mqtt.share.receive_maximum is None
+    assert receive_maximum(cfg) == 3 * cfg.queue.inflight_per_worker == 6
+    cfg = parse("mqtt:\n  share: {group: g1, prefix: fleet, receive_maximum: 4}\n")
+    assert receive_maximum(cfg) == 4
+    with pytest.raises(ConfigError, match=r"mqtt.share.receive_maximum: must be >= 1"):
+        parse("mqtt:\n  share: {group: g1, prefix: fleet, receive_maximum: 0}\n")
+    with pytest.raises(ConfigError, match=r"mqtt.share.window"):
+        parse("mqtt:\n  share: {group: g1, prefix: fleet, window: 4}\n")

@@ -34,7 +34,7 @@ from PIL import Image
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from conftest import BUNDLED, Broker, Daemon, FrameIO, free_port, shared, throughout, until
+from conftest import BUNDLED, ROOT, Broker, Daemon, FrameIO, edged_cmd, free_port, shared, throughout, until
 
 RAW = np.zeros((1, 8, 8, 1), np.uint8).tobytes()  # a raw frame of the bundled model: 64 bytes
 SAMPLE = (BUNDLED / "digits_sample.png").read_bytes()
@@ -866,3 +866,74 @@ def test_share_two_daemons_split_frames_each_answered_once(daemon_factory, broke
     assert not dups, f"answered more than once: {dups}"
     done = [frames(d)["completed"] for d in (d1, d2)]
     assert sum(done) == 400 + len(sentinels) and min(done) >= 50, done
+
+
+def test_share_a_session_kept_from_before_leaves_the_group(daemon_factory, broker, session_client):
+    """A daemon whose persistent session still holds the group (as one from before the fleet's own
+    connection did) leaves it there: once that daemon is killed, the survivor answers every frame."""
+    fleet = f"fleet-{uuid.uuid4().hex[:6]}"
+    share = {"mqtt": {"share": {"group": "g1", "prefix": fleet}, "reconnect_max_s": 1}}
+    old = daemon_factory(share, start=False)
+    # the old daemon's session: its client id, persistent, in the group
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = 3600
+    seed = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"edged-{old.device_id}", protocol=mqtt.MQTTv5)
+    subscribed = threading.Event()
+    seed.on_subscribe = lambda *a: subscribed.set()
+    seed.connect("127.0.0.1", broker.port, clean_start=False, properties=props)
+    seed.loop_start()
+    seed.subscribe(f"$share/g1/{fleet}/in/+", qos=1)
+    assert subscribed.wait(10)
+    seed.loop_stop()
+    seed.disconnect()
+    old.start()
+    until(lambda: "kept from before" in old.log(), 10, "the old session leaving the group", detail=old.log)
+    survivor = daemon_factory(share)
+    for d in (old, survivor):
+        until(lambda: d.status()["mqtt"]["share"]["subscribed"], 10, "both in the group on their own connection")
+    c = session_client(broker.port, fleet)
+    old.stop(signal.SIGKILL, 5)
+    ids = [f"k{i}" for i in range(30)]
+    for fid in ids:
+        c.send(RAW, fid, qos=1)
+    got = c.wait(ids, 20)
+    missing = [k for k, v in got.items() if v is None]
+    assert not missing, f"{len(missing)} of 30 held in the dead daemon's persistent session, e.g. {missing[:5]}"
+
+
+def test_send_retries_under_the_same_frame_id_until_a_daemon_answers(daemon_factory, tmp_path):
+    """`edged send --retries`: frames published before any daemon serves the topic are lost (no session
+    holds them); the re-sends, under the same frame_id, are answered once a daemon is there."""
+    d = daemon_factory(start=False)
+    raw = tmp_path / "raw.bin"
+    raw.write_bytes(RAW)
+    report = tmp_path / "send.json"
+    send = subprocess.Popen(edged_cmd("send", "-c", str(d.cfg_path), "--stream", "late", "--count", "3",
+                                      "--timeout", "1", "--retries", "30", "--report", str(report), str(raw)),
+                            env=d.env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        seen = threading.Event()  # the first frame on the broker: published while no daemon serves the topic
+        watch = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="w-" + uuid.uuid4().hex[:6],
+                            protocol=mqtt.MQTTv5)
+        watch.on_message = lambda *a: seen.set()
+        watch.connect("127.0.0.1", d.config["mqtt"]["port"])
+        watch.subscribe(f"{d.prefix}/in/late", qos=0)
+        watch.loop_start()
+        try:
+            assert seen.wait(30), "edged send published nothing"
+        finally:
+            watch.loop_stop()
+            watch.disconnect()
+        d.start()
+        out, err = send.communicate(timeout=60)
+    finally:
+        if send.poll() is None:
+            send.kill()
+            send.wait(5)
+    assert send.returncode == 0, err
+    rep = json.loads(report.read_text())
+    assert rep["summary"]["answered"] == 3 and rep["summary"]["unanswered"] == 0, rep["summary"]
+    results = [json.loads(line) for line in out.decode().splitlines()]
+    assert sorted(r["frame_id"] for r in results) == sorted(f["frame_id"] for f in rep["frames"])
+    assert all(served_ok(r) for r in results), results
+    assert any(f["attempts"] > 1 for f in rep["frames"]), rep["frames"]  # the first ones found nobody

@@ -467,7 +467,7 @@ def test_expected_outputs_from_a_bad_expect_file_are_exit_78_naming_the_key_and_
     ("accelerator:\n  delegates:\n    cpu: {library: x.so}\n", "accelerator.delegates.cpu: a delegate's name"),
     ("accelerator:\n  delegates:\n    npu: {}\n", "accelerator.delegates.npu.library: must name"),
     ("accelerator:\n  delegates:\n    npu: {library: x.so, colour: red}\n", "accelerator.delegates.npu.colour: unknown"),
-    ("accelerator:\n  delegates:\n    npu: {library: x.so, options: {a: [1]}}\n", "must map names to strings"),
+    ("accelerator:\n  delegates:\n    npu: {library: x.so, options: {a: [1]}}\n", "must be plain scalars"),
     ("accelerator:\n  prefer: [cpu, cpu]\n", "accelerator.prefer: names an accelerator twice"),
     ("accelerator:\n  health: {probe_s: 10, probe_max_s: 5}\n", "accelerator.health.probe_max_s: must be >= probe_s"),
     ("accelerator:\n  health: {failures: 0}\n", "accelerator.health.failures: must be >= 1"),
@@ -520,9 +520,10 @@ def test_prometheus_output_carries_per_accelerator_counters_and_temperature(tmp_
     out = tmp_path / "edged.prom"
     write_prometheus(str(out), st)
     text = out.read_text()
-    assert 'edged_accelerator_failures{accelerator="coral",cause="hang"} 1.0' in text, text
-    assert 'edged_accelerator_set_aside{accelerator="coral"} 1.0' in text
-    assert 'edged_accelerator_set_aside{accelerator="cpu"} 0.0' in text
-    assert 'edged_accelerator_inference_ms{accelerator="cpu"} 2.0' in text
-    assert 'edged_accelerator_frames{accelerator="cpu"} 40.0' in text
+    # Prometheus conventions (edged/prometheus.py): counters end in _total, times in seconds
+    assert 'edged_accelerator_failures_total{cause="hang",kind="coral"} 1.0' in text, text
+    assert 'edged_accelerator_set_aside{kind="coral"} 1.0' in text
+    assert 'edged_accelerator_set_aside{kind="cpu"}' not in text  # only what is set aside
+    assert 'edged_accelerator_inference_seconds{kind="cpu"} 0.002' in text
+    assert 'edged_accelerator_frames_total{kind="cpu"} 40.0' in text
     assert "edged_accelerator_temperature_celsius 48.5" in text

@@ -28,6 +28,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edged import bench, config, runtime  # noqa: E402
+from edged.bench_e2e import E2EPath  # noqa: E402
 
 
 def cpu_s(pid: int) -> float:
@@ -53,7 +54,7 @@ def main() -> int:
     try:
         for tree in args.trees:
             os.chdir(tree)
-            paths.append(bench.E2EPath(cfg, payload, window=args.window))
+            paths.append(E2EPath(cfg, payload, window=args.window))
     finally:
         os.chdir(here)
     res = [{"wall": [], "sup": [], "worker": []} for _ in paths]
