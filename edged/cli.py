@@ -235,6 +235,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--frames", type=int, default=200)
     s.add_argument("--no-e2e", action="store_true", help="skip the end-to-end run through a broker")
     s.set_defaults(fn=cmd_bench)
+    from edged import modelcli
+
+    modelcli.add_parser(sub, add)
     return p
 
 

@@ -84,6 +84,17 @@ class MqttConfig:
 
 
 @dataclass(frozen=True)
+class UpdateConfig:
+    """model.update: signed model bundles over MQTT (edged.updates)."""
+
+    enabled: bool = False
+    public_key: str | None = _f(None, regular=True)
+    max_mb: float = _f(64.0, lo=0.001)
+    keep: int = _f(3, lo=1)
+    probation_s: float = _f(300.0, lo=0)
+
+
+@dataclass(frozen=True)
 class SelftestConfig:
     """The known-answer self-test (edged.selftest): its frames, its expected outputs, the tolerance."""
 
@@ -106,6 +117,7 @@ class ModelConfig:
     cpu_fallback: str | None = _f(None, regular=True)
     batch_max: int = _f(1, lo=1)  # >1: up to this many waiting frames in one invoke (resizable-batch CPU models)
     batch_wait_ms: float = _f(0.0, lo=0)  # how long a worker waits for a batch to fill (0: only frames already there)
+    update: UpdateConfig = _f(factory=UpdateConfig)
     selftest: SelftestConfig = _f(factory=SelftestConfig)
 
 

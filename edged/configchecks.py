@@ -63,6 +63,8 @@ def check(cfg: Config, loader: Loader) -> None:
     if cfg.sandbox.in_process and cfg.sandbox.enabled:
         err(at("sandbox.in_process"), "sandbox.in_process",
             "needs sandbox.enabled: false (the daemon itself cannot be filtered)")
+    if cfg.model.update.enabled and not cfg.model.update.public_key:
+        err(at("model.update.public_key"), "model.update.public_key", "required when model.update.enabled is true")
     if cfg.model.task == "detect" and cfg.model.score_threshold > 1:
         err(at("model.score_threshold"), "model.score_threshold", "must be <= 1")
     if cfg.sandbox.user is not None:

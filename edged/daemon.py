@@ -40,6 +40,7 @@ from edged.pool import FramePool
 from edged.results import Results
 from edged.status import StatusServer
 from edged.supervision import UNBLAMED, Workers
+from edged.updates import ModelUpdates
 from edged.watchdog import Progress
 from edged.workers import WorkerHandle
 
@@ -93,7 +94,11 @@ class Supervisor:
         self.results = Results(self.link, self.metrics, cfg.mqtt.result_buffer,
                                lambda: self.workers.model_info.get("name"), on_result=self._on_result)
         self.admission = Admission(cfg, self.pool, self.cond, self.results, self.metrics, self.workers.ready)
-        self.status_server = StatusServer(cfg.status.socket, self.snapshot)
+        self.updates = ModelUpdates(cfg, self.workers, self.link.publish_message)
+        if self.updates.enabled:
+            self.link.add_route([(self.updates.topic, 1)], self.updates.on_message)
+        self.status_server = StatusServer(cfg.status.socket, self.snapshot,
+                                          {"model-rollback": self.updates.request_rollback})
         self._last_stats = 0.0
         self._last_watchdog = 0.0
         self._idle_since = self._last_trim = time.monotonic()
@@ -248,7 +253,8 @@ class Supervisor:
                          "results_unacked": self.link.held(),
                          "unrouted": self.link.unrouted, "oversized_packets": self.link.oversized,
                          "broker": f"{self.cfg.mqtt.host}:{self.cfg.mqtt.port}",
-                         "share": self.share.stats() if self.share is not None else None}}
+                         "share": self.share.stats() if self.share is not None else None},
+                "model_update": self.updates.status()}
 
     def _periodic(self, now: float) -> None:
         interval = self.cfg.status.interval
@@ -285,6 +291,7 @@ class Supervisor:
     def _on_connection(self, up: bool) -> None:
         if up:
             self.ha.on_connect()  # announce again after every (re)connect
+            self.updates.connected()  # the retained P/model/state again
         else:
             self.results.connection_lost()
         self._wake()
@@ -344,11 +351,12 @@ class Supervisor:
                 raise
         self.loop.start()
         try:
-            self.workers.start_all()
-        except (ModelError, WorkerError):
+            self._start_workers()
+        except (ModelError, WorkerError, ConfigError):
             self.status_server.close()
             self.loop.stop()
             raise
+        self.updates.start()
         self.link.start()
         self.loop.call_soon(self._io_beat)
         if self.share is not None:
@@ -365,6 +373,7 @@ class Supervisor:
                     self._start_reload()
                 self.workers.check(now)
                 self.workers.restart_due()
+                self.updates.tick(now)
                 self._upkeep_memory(now)
                 self._update_state()
                 if not ready_sent and (self.state == "online" or now - self.started > 10):
@@ -379,6 +388,19 @@ class Supervisor:
             return self._drain()
         finally:
             self._shutdown()
+
+    def _start_workers(self) -> None:
+        """The store's current model (edged.updates), else the config's; a stored model that no longer loads
+        is rolled back to the one before it, down to model.path (whose failure is exit 78)."""
+        while True:
+            self.workers.set_model(self.updates.open())
+            try:
+                self.workers.start_all()
+                return
+            except (ModelError, WorkerError) as exc:
+                if self.workers.model is None:
+                    raise
+                self.updates.start_failed(exc)
 
     def _sleep(self, seconds: float) -> None:
         import select

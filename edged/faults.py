@@ -8,6 +8,9 @@ INTERFACE.md (a model that crashes or runs code of its own) without a real
 exploit: the supervisor sees exactly what such a worker could send.
 
   abort            die of SIGABRT (a native crash)
+  abort_if:NAME    die of SIGABRT if this worker serves model NAME (a new model that crashes where the old did not);
+                   else nothing (the frame goes on, and is answered as the bad image it is)
+  hang_if:NAME     hang (as below) if this worker serves model NAME; else nothing
   syscall          call socket(): killed by the filter (SIGSYS)
   hang             stop answering (spin inside the frame, as a stuck delegate); a model file whose
                    name holds edged.worker.LOAD_HANG does the same while it loads
@@ -27,14 +30,14 @@ import time
 from edged import protocol
 
 
-def act(sock: socket.socket, seq: int, action: str) -> None:
+def act(sock: socket.socket, seq: int, action: str, model: str = "") -> None:
     name, _, arg = action.strip().partition(":")
     n = int(arg) if arg.isdigit() else 1
-    if name == "abort":
+    if name == "abort" or (name == "abort_if" and arg == model):
         os.abort()
     elif name == "syscall":
         socket.socket()
-    elif name == "hang":
+    elif name == "hang" or (name == "hang_if" and arg == model):
         end = time.monotonic() + 3600
         while time.monotonic() < end:  # a stuck delegate: busy, never answering
             pass
@@ -56,3 +59,16 @@ def act(sock: socket.socket, seq: int, action: str) -> None:
     elif name == "stderr":
         for i in range(n):
             os.write(2, f"stderr line {i}\n".encode())
+
+
+def kill_point(step: str) -> None:
+    """Supervisor side, tests only: with EDGED_TEST_HOOKS=1 and EDGED_TEST_KILL_AT=step, SIGKILL ourselves here.
+
+    Steps of applying a model update (edged.modelstore, edged.updates): after_write (the version's files
+    written and fsynced, not yet renamed into place), before_rename (state.json's new text written, not yet
+    renamed over the old), after_switch (the new workers serve; the state not yet published).
+    """
+    if os.environ.get("EDGED_TEST_HOOKS") == "1" and os.environ.get("EDGED_TEST_KILL_AT") == step:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)

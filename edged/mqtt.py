@@ -123,7 +123,10 @@ class MqttLink:
         self.on_connection = on_connection
         self.on_room = on_room  # called on the loop when results can be taken again
         self.door = door or Door(cfg)
-        self.max_packet = min(MAX_PACKET, cfg.queue.max_frame_bytes + PACKET_HEADROOM)
+        biggest = cfg.queue.max_frame_bytes
+        if cfg.model.update.enabled:  # a model bundle is one message too
+            biggest = max(biggest, int(cfg.model.update.max_mb * (1 << 20)))
+        self.max_packet = min(MAX_PACKET, biggest + PACKET_HEADROOM)
         self.unrouted = 0
         self._last_failure: str | None = None  # the last connect failure said at WARNING
         # other subscriptions (add_route): (filter, qos, handler); their messages never reach on_frame

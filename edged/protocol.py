@@ -72,12 +72,16 @@ class Init(Message):
     log_level: int
     coral_device: str | None = None
     model_path: str | None = None
+    model_task: str | None = None  # set by a model update: then model_labels replaces model.labels (None: no labels)
+    model_labels: str | None = None
     accelerators: list[str] | None = None  # the kinds to try, in order (None: accelerator.prefer)
     FIELDS = {"config_text": ((str,), None), "config_name": ((str,), None), "config_base": ((str,), None),
               "sandbox": ((bool,), None), "sandbox_mode": ((str,), None), "memory_limit": ((int,), _nonneg),
               "batch_max": ((int,), _nonneg), "batch_wait_ms": ((int, float), _nonneg), "max_fds": ((int,), _nonneg),
               "log_level": ((int,), None), "coral_device": ((str, type(None)), None),
-              "model_path": ((str, type(None)), None), "accelerators": ((list, type(None)), _kinds)}
+              "model_path": ((str, type(None)), None),
+              "model_task": ((str, type(None)), lambda v: v in (None, "classify", "detect", "raw")),
+              "model_labels": ((str, type(None)), None), "accelerators": ((list, type(None)), _kinds)}
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,6 +6,9 @@ replaced at that path: a stale one nobody answers on is removed, anything
 else there (a regular file, a folder) is refused and left alone.
 Client: `edged status`, with one deadline for the whole exchange and a cap
 on the answer, so a server that trickles bytes cannot hold it.
+A client may instead send one command line at once after connecting (e.g.
+`model-rollback`); it gets that command's JSON answer. A client that sends
+nothing within COMMAND_WAIT_S gets the status, as before.
 """
 from __future__ import annotations
 
@@ -23,12 +26,15 @@ from edged.errors import ConfigError, UnavailableError
 logger = logging.getLogger(__name__)
 
 MAX_STATUS_BYTES = 16 << 20  # a status with 64 workers is ~40 KiB
+COMMAND_WAIT_S = 0.2  # how long the server waits for a command line before it sends the status
 
 
 class StatusServer:
-    def __init__(self, path: str, snapshot: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, path: str, snapshot: Callable[[], dict[str, Any]],
+                 commands: dict[str, Callable[[], dict[str, Any]]] | None = None) -> None:
         self.path = path
         self.snapshot = snapshot
+        self.commands = commands or {}
         self.sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
 
@@ -63,12 +69,29 @@ class StatusServer:
                 conn, _ = sock.accept()
             except OSError:
                 return
+            try:
+                cmd = _command(conn) if self.commands else None
+            except Exception:  # a broken client must not stop the server
+                cmd = None
+            if cmd is not None:  # a command may take a while (a rollback swaps workers): not on this thread
+                threading.Thread(target=self._answer, args=(conn, cmd), name="status-command", daemon=True).start()
+                continue
             with conn:
                 try:
                     conn.settimeout(2.0)
                     conn.sendall(json.dumps(self.snapshot()).encode() + b"\n")
                 except Exception:  # a broken client must not stop the server
                     logger.debug("status client failed", exc_info=True)
+
+    def _answer(self, conn: socket.socket, cmd: str) -> None:
+        with conn:
+            try:
+                fn = self.commands.get(cmd)
+                answer = fn() if fn else {"ok": False, "error": f"unknown command {cmd[:40]!r}"}
+                conn.settimeout(2.0)
+                conn.sendall(json.dumps({"command": cmd[:40], **answer}).encode() + b"\n")
+            except Exception:
+                logger.debug("status command %r failed", cmd, exc_info=True)
 
     def close(self) -> None:
         sock, self.sock = self.sock, None
@@ -82,6 +105,49 @@ class StatusServer:
                 os.unlink(self.path)
             except OSError:
                 pass
+
+
+def _command(conn: socket.socket) -> str | None:
+    """A command line the client sent at once (at most 64 bytes), or None."""
+    import select
+
+    r, _, _ = select.select([conn], [], [], COMMAND_WAIT_S)
+    if not r:
+        return None
+    conn.settimeout(1.0)
+    data = b""
+    while b"\n" not in data and len(data) < 64:
+        chunk = conn.recv(64 - len(data))
+        if not chunk:
+            break
+        data += chunk
+    text = data.split(b"\n", 1)[0].decode("ascii", "replace").strip()
+    return text or None
+
+
+def command(path: str, cmd: str, timeout: float = 180.0) -> dict[str, Any]:
+    """Send one command to a running daemon and return its answer; UnavailableError when nothing answers."""
+    for _ in range(3):  # a client stalled past COMMAND_WAIT_S before it wrote gets the status: ask again
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(timeout)
+                s.connect(path)
+                s.sendall(cmd.encode() + b"\n")
+                chunks: list[bytes] = []
+                while sum(map(len, chunks)) <= MAX_STATUS_BYTES:
+                    data = s.recv(65536)
+                    if not data:
+                        break
+                    chunks.append(data)
+        except OSError as exc:
+            raise UnavailableError(f"no edged answers on {path}: {exc.strerror or exc}") from None
+        try:
+            answer = dict(json.loads(b"".join(chunks)))
+        except ValueError:
+            raise UnavailableError(f"edged on {path} sent no answer") from None
+        if answer.get("command") == cmd:
+            return answer
+    raise UnavailableError(f"edged on {path} did not take the command {cmd!r}")
 
 
 def _alive(path: str) -> bool:

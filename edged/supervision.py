@@ -51,7 +51,7 @@ def read_config_text(cfg: config.Config) -> str:
 
 def init_message(cfg: config.Config, config_text: str, coral_device: str | None = None, *,
                  sandbox: bool | None = None, model_path: str | None = None,
-                 accelerators: list[str] | None = None) -> protocol.Init:
+                 accelerators: list[str] | None = None, model: ModelSpec | None = None) -> protocol.Init:
     """What a worker is told at start: the one builder, for the daemon and the bench alike."""
     src = Path(cfg.source)
     return protocol.Init(config_text=config_text, config_name=str(src), config_base=str(src.resolve().parent),
@@ -60,7 +60,25 @@ def init_message(cfg: config.Config, config_text: str, coral_device: str | None 
                          batch_wait_ms=cfg.model.batch_wait_ms,
                          max_fds=32 + int(cfg.pool.max_mb / max(cfg.pool.segment_mb, 0.0625)) + 1,
                          log_level=logging.getLevelName(cfg.logging.level), coral_device=coral_device,
-                         model_path=model_path, accelerators=accelerators)
+                         model_path=model.path if model else model_path, model_task=model.task if model else None,
+                         model_labels=model.labels if model else None, accelerators=accelerators)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model other than the config's (from the update store): its file, labels and task."""
+
+    path: str
+    labels: str | None
+    task: str
+
+
+def with_model(cfg: config.Config, model: ModelSpec | None) -> config.Config:
+    """The config as the workers serve it: model.path, .labels and .task those of `model` (None: as written)."""
+    if model is None:
+        return cfg
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=model.path, labels=model.labels,
+                                                              task=model.task))
 
 
 @dataclass
@@ -78,6 +96,10 @@ class Slot:
 OnMessage = Callable[[WorkerHandle, "protocol.Result | protocol.Pong"], None]
 OnOrphans = Callable[[WorkerHandle, list[Any]], None]
 OnEvent = Callable[[dict[str, Any]], None]
+class SelftestFailed(ModelError):
+    """A worker of a new model loaded but its self-test answered wrong (edged.updates: a `selftest` rejection)."""
+
+
 SET_ASIDE = "set_aside"  # kill cause: its accelerator was set aside under it (its frames are not to blame)
 SELFTEST = "selftest"  # kill cause: its in-service self-test answered wrong
 UNBLAMED = (SET_ASIDE, SELFTEST)  # kills whose frames run again without counting as their death
@@ -106,7 +128,12 @@ class Workers:
         self.expected: selftest.Expected | None = None
         self.model_sha = ""
         self.prober = Prober(self)
-        self.on_reload: Callable[[config.Config], None] | None = None  # after a reload, outside the lock
+        self.on_reload: Callable[[config.Config], None] | None = None  # after a reload or swap, outside the lock
+        # model updates (edged.updates): the model serving instead of the config's; self.cfg is the config with
+        # it filled in (with_model), so the self-test, probes and status all see the model that serves
+        self.model: ModelSpec | None = None
+        self.config_model = cfg.model  # model as the config file says (the fallback)
+        self._switching = threading.Lock()  # one reload or model swap at a time
 
     # ---- queries (under the lock) -------------------------------------------------------------------------------
     def handles(self) -> list[WorkerHandle]:
@@ -124,10 +151,13 @@ class Workers:
         return bool(self.slots) and all(s.handle is not None and s.handle.state == "ready" for s in self.slots)
 
     # ---- starting -----------------------------------------------------------------------------------------------
-    def _spawn(self, index: int, cfg: config.Config, text: str, kinds: list[str] | None = None) -> WorkerHandle:
-        init = init_message(cfg, text, cfg.coral_device(index), accelerators=kinds)
+    def _spawn(self, index: int, cfg: config.Config, text: str, kinds: list[str] | None = None,
+               model: ModelSpec | None | str = "serving") -> WorkerHandle:
+        spec = self.model if model == "serving" else model
+        init = init_message(cfg, text, cfg.coral_device(index), accelerators=kinds,
+                            model=spec if isinstance(spec, ModelSpec) else None)
         kind = InProcessWorkerHandle if cfg.sandbox.in_process else WorkerHandle
-        h = kind(index, init, self.on_message, self._on_exit, self.generation, loop=self.loop)
+        h = kind(index, init, self._deliver, self._on_exit, self.generation, loop=self.loop)
         h.invoke_timeout_s = cfg.sandbox.frame_timeout_s
         h.on_selftest = self._on_selftest_report
         h.start(timeout=cfg.sandbox.start_timeout_s)
@@ -136,6 +166,41 @@ class Workers:
         h.window = max(cfg.queue.inflight_per_worker, 2 * int(h.info.get("batch", 1)))
         logger.info("worker %d ready: pid %s, model %s on %s, sandboxed %s", index, h.pid, h.model_name,
                     h.accelerator, h.info.get("sandboxed"))
+        return h
+
+    def _deliver(self, h: WorkerHandle, msg: protocol.Result | protocol.Pong) -> None:
+        """A worker's reply: to its probe sink while it is a candidate (edged.updates), else to the daemon."""
+        sink = h.probe_sink
+        if sink is not None:
+            sink(msg)
+        else:
+            self.on_message(h, msg)
+
+    def set_model(self, model: ModelSpec | None) -> None:
+        """Before start_all: serve `model` (None: the config's)."""
+        self.model = model
+        self.cfg = with_model(dataclasses.replace(self.cfg, model=self.config_model), model)
+
+    def candidate(self, model: ModelSpec | None) -> WorkerHandle:
+        """A started, self-tested worker on `model` in no slot (it takes no frames); its replies go to
+        h.probe_sink. swap_model(model, [h]) makes it a serving worker; else the caller stops it.
+        A model that does not load: ModelError; one whose self-test fails: SelftestFailed."""
+        cfg = with_model(dataclasses.replace(self.cfg, model=self.config_model), model)
+        sha, expected = self._expected_for(cfg)
+        kinds = self.health.candidates() or None
+        h = self._spawn(0, cfg, self.config_text, kinds, model=model)
+        try:
+            if not self._usable(expected, h, cfg):
+                expected = self._reference(h, cfg, self.config_text, sha, model)
+            v = self._verdict(h, cfg, expected)
+        except BaseException:
+            h.stop()
+            raise
+        if not v.passed:
+            h.stop()
+            raise SelftestFailed(f"the self-test on {h.accelerator} failed: {v.reason} (expected outputs from "
+                                 f"{expected.source})")
+        h.candidate_expected = (sha, expected)
         return h
 
     def _adopt(self, h: WorkerHandle) -> None:
@@ -151,12 +216,13 @@ class Workers:
             raise ModelError(f"model {cfg.model.path}: {exc.strerror}") from None
         return sha, selftest.Expected.load(cfg, sha)
 
-    def _reference(self, h: WorkerHandle, cfg: config.Config, text: str, sha: str) -> selftest.Expected:
+    def _reference(self, h: WorkerHandle, cfg: config.Config, text: str, sha: str,
+                   model: ModelSpec | None | str = "serving") -> selftest.Expected:
         """Expected outputs recorded on the CPU: this worker's when it runs there, else a CPU worker's of its own."""
         if h.accelerator == "cpu":
             return selftest.Expected.record(cfg, sha, h)
         try:
-            ref = self._spawn(h.index, cfg, text, ["cpu"])
+            ref = self._spawn(h.index, cfg, text, ["cpu"], model=model)
         except EdgedError as exc:
             logger.warning("self-test: the model does not run on the CPU here (%s); the answers of %s become the "
                            "expected ones", exc, h.accelerator)
@@ -226,6 +292,8 @@ class Workers:
 
     # ---- a worker's end -----------------------------------------------------------------------------------------
     def _on_exit(self, h: WorkerHandle) -> None:
+        if h.probe_sink is not None:  # a candidate died during its self-test
+            h.probe_sink(None)
         slot = None
         with self.cond:
             frames = list(h.inflight.values())
@@ -410,8 +478,14 @@ class Workers:
 
         Returns the new config, or None when the reload failed and the old workers keep serving.
         """
+        with self._switching:
+            return self._reload()
+
+    def _reload(self) -> config.Config | None:
         try:
             new_cfg = config.load(self.cfg.source)
+            config_model = new_cfg.model
+            new_cfg = with_model(new_cfg, self.model)  # a model from an update keeps serving
             for warning in new_cfg.warnings:
                 logger.warning("%s", warning)
             text = read_config_text(new_cfg)
@@ -442,7 +516,7 @@ class Workers:
             old = self.handles()
             for h in old:
                 h.retiring = True
-            self.cfg, self.config_text = new_cfg, text
+            self.cfg, self.config_text, self.config_model = new_cfg, text, config_model
             self.model_sha, self.expected = sha, expected
             if new_cfg.accelerator.prefer != self.health.prefer or new_cfg.accelerator.health != self.health.cfg:
                 self.health = Health(new_cfg.accelerator.prefer, new_cfg.accelerator.health)
@@ -454,6 +528,48 @@ class Workers:
             self.on_reload(new_cfg)
         threading.Thread(target=self._retire, args=(old,), name="retire", daemon=True).start()
         return new_cfg
+
+    def swap_model(self, model: ModelSpec | None, started: list[WorkerHandle] | None = None) -> None:
+        """Serve `model` (None: the config's) as a reload does: fresh self-tested workers first, then the old
+        ones retire. `started`: candidates already on this model (candidate()), used first. Raises
+        ModelError/WorkerError when a fresh worker does not start or pass; the old ones then keep serving."""
+        with self._switching:
+            cfg = with_model(dataclasses.replace(self.cfg, model=self.config_model), model)
+            fresh = [h for h in started or () if h.state == "ready"][: cfg.worker_count]
+            try:
+                sha, expected = fresh[0].candidate_expected if fresh else self._expected_for(cfg)
+                kinds = self.health.candidates() or None
+                while len(fresh) < cfg.worker_count:
+                    h = self._spawn(len(fresh), cfg, self.config_text, kinds, model=model)
+                    fresh.append(h)
+                    if not self._usable(expected, h, cfg):
+                        expected = self._reference(h, cfg, self.config_text, sha, model)
+                    v = self._verdict(h, cfg, expected)
+                    if not v.passed:
+                        raise SelftestFailed(f"the self-test of {cfg.model_name} on {h.accelerator} failed: {v.reason}")
+            except BaseException:
+                for h in fresh:
+                    h.stop()
+                raise
+            self.generation += 1
+            for i, h in enumerate(fresh):
+                h.probe_sink = None
+                h.last_pong = time.monotonic()
+                h.index = h.logs.index = i
+                h.generation = self.generation
+            with self.cond:
+                old = self.handles()
+                for h in old:
+                    h.retiring = True
+                self.model, self.cfg = model, cfg
+                self.model_sha, self.expected = sha, expected
+                self.slots = [Slot(i, h) for i, h in enumerate(fresh)]
+                self._adopt(fresh[0])
+                self.cond.notify_all()
+            logger.info("model swap: now serving %s; retiring %d old worker(s)", fresh[0].model_name, len(old))
+            if self.on_reload is not None:
+                self.on_reload(cfg)
+            threading.Thread(target=self._retire, args=(old,), name="retire", daemon=True).start()
 
     def _retire(self, handles: list[WorkerHandle]) -> None:
         end = time.monotonic() + self.cfg.sandbox.frame_timeout_s + 5

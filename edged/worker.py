@@ -52,6 +52,9 @@ class Worker:
         cfg = config.parse(msg.config_text, msg.config_name, Path(msg.config_base))
         if msg.model_path:
             cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=msg.model_path))
+        if msg.model_task:  # a model from an update brings its own task and labels
+            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, task=msg.model_task,
+                                                                     labels=msg.model_labels))
         self.cfg = cfg
         if self.hooks and LOAD_HANG in Path(cfg.model.path).name:
             from edged import faults
@@ -249,7 +252,8 @@ class Worker:
         if self.hooks and bytes(view[: len(HOOK)]) == HOOK:
             from edged import faults  # imported before the filter (run_channel): no file is opened here
 
-            faults.act(self.sock, msg.seq, bytes(view[len(HOOK) :]).decode("ascii", "replace"))
+            faults.act(self.sock, msg.seq, bytes(view[len(HOOK) :]).decode("ascii", "replace"),
+                       os.path.basename(self.model.path).removesuffix(".tflite"))
         try:
             self.pre.fill(dst, view, msg.content_type)
         finally:

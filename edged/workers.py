@@ -77,6 +77,8 @@ class WorkerHandle:
         self.served = 0  # results (and error results) this worker sent
         self.batched = 0  # of those, results of frames that shared an invoke with others
         self.window = 2  # frames handed to it ahead of time (the supervisor sets it once the worker is ready)
+        self.probe_sink: Callable[[Any], None] | None = None  # a candidate's replies (edged.updates), not frames
+        self.candidate_expected: Any = None  # a candidate's (model sha256, expected self-test outputs)
         self.logs = LogGate(index)
         self._send_lock = threading.Lock()
         self._watched = False  # its channel is on the I/O loop

@@ -13,7 +13,7 @@ STAMP=$VENV/.installed-stamp
 if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
   test -x "$VENV/bin/python" || "$PYTHON" -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip
-  "$VENV/bin/python" -m pip install -q 'numpy<2' tflite-runtime pillow pyyaml paho-mqtt pyseccomp psutil \
+  "$VENV/bin/python" -m pip install -q 'numpy<2' tflite-runtime pillow pyyaml paho-mqtt pyseccomp psutil cryptography \
     pytest hypothesis flatbuffers
   # --no-deps: the package's own dependencies name ai-edge-litert, which would pull numpy>=2
   "$VENV/bin/python" -m pip install -q --no-deps -e .
