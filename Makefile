@@ -7,7 +7,8 @@ STAMP  := $(VENV)/.installed-stamp
 CONFIG ?= configs/edged.yaml
 HOURS  ?= 1
 
-.PHONY: run test check bench soak model mosquitto install uninstall tflite-venv clean device-check device-image
+
+.PHONY: lint run test check bench soak model mosquitto install uninstall tflite-venv clean device-check device-image
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,7 +24,12 @@ run: $(STAMP) mosquitto
 
 # the whole suite, then the model-level tests again on the tflite-runtime backend (its own venv: numpy<2)
 # the consumers' own checkers: promtool (Debian's prometheus) and a real Home Assistant in .venv-ha (cached)
-test: $(STAMP) mosquitto
+# lint first: ruff (rules in pyproject.toml) over the package, the tests and the tools; mypy over the package
+lint: $(STAMP)
+	$(BIN)/ruff check edged tests tools
+	$(BIN)/mypy
+
+test: $(STAMP) mosquitto lint
 	tools/ensure_promtool.sh
 	tools/ha_venv.sh
 	@tools/ensure_netns.sh

@@ -20,7 +20,8 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 import psutil
@@ -333,10 +334,17 @@ def run_bench(cfg: Config, frames: int = 200, with_e2e: bool = True, rounds: int
         for p in paths:
             p.close()
     base = stats["raw"]
-    report: dict[str, Any] = {"model": cfg.model.path, "threads": cfg.model.threads, "frames_per_path": per_round * rounds,
-                              "rounds": rounds, "in_flight": window,
-                              "in_flight_e2e": max(window, 2 * batch) if with_e2e else None, "frame_bytes": len(payload),
-                              "paths": {n: s.summary(base) for n, s in stats.items()}, "notes": notes}
+    report: dict[str, Any] = {
+        "model": cfg.model.path,
+        "threads": cfg.model.threads,
+        "frames_per_path": per_round * rounds,
+        "rounds": rounds,
+        "in_flight": window,
+        "in_flight_e2e": max(window, 2 * batch) if with_e2e else None,
+        "frame_bytes": len(payload),
+        "paths": {n: s.summary(base) for n, s in stats.items()},
+        "notes": notes,
+    }
     P = report["paths"]
     if "worker" in P and "sandboxed" in P:
         report["sandboxed_vs_worker"] = round(P["sandboxed"]["fps"] / P["worker"]["fps"], 3)
@@ -356,7 +364,7 @@ def run_bench(cfg: Config, frames: int = 200, with_e2e: bool = True, rounds: int
     for name, s in P.items():
         lines.append(f"{name:<11} {s['fps']:>8} {s['ms_per_frame']:>9} {s['p50_ms']:>8} {s['p95_ms']:>8} "
                      f"{s['p99_ms']:>8} {s['cpu_ms_per_frame']:>9} {s.get('ratio_vs_raw', 1.0):>8} "
-                     f"{str(s.get('cpu_ratio_vs_raw', 1.0)):>8}")
+                     f"{s.get('cpu_ratio_vs_raw', 1.0)!s:>8}")
     for name, note in notes.items():
         lines.append(f"{name:<10} {note}")
     if "e2e" in P and "cold_start_s" in P["e2e"]:

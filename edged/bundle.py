@@ -282,7 +282,7 @@ def check_expect(task: str, body: dict[str, Any], expect: dict[str, Any]) -> str
             data = outs[i].get("data") if i < len(outs) else None
             if not isinstance(data, list) or len(data) != len(want):
                 return f"output {i}: {0 if data is None else len(data)} values, expected {len(want)}"
-            diff = max((abs(float(a) - float(b)) for a, b in zip(data, want)), default=0.0)
+            diff = max((abs(float(a) - float(b)) for a, b in zip(data, want, strict=False)), default=0.0)
             if diff > tol:
                 return f"output {i} differs by {diff:.4g} (tolerance {tol:g})"
     return None

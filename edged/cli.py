@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import time
+from typing import Any
 
 from edged import __version__, config
 from edged.errors import ConfigError, EdgedError, ModelError, UnavailableError

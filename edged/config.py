@@ -291,7 +291,7 @@ class _BoundedLoader(yaml.SafeLoader):
     def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node:
         event = self.peek_event()
         if isinstance(event, yaml.AliasEvent):
-            raise _Refused(event.start_mark, f"YAML aliases (*{event.anchor}) are not allowed in an edged config")
+            raise _Refused(event.start_mark, f"YAML aliases (*{event.anchor}) are not allowed in an edged config")  # type: ignore[arg-type]
         anchor = getattr(event, "anchor", None)
         if anchor is not None:
             raise _Refused(event.start_mark, f"YAML anchors (&{anchor}) are not allowed in an edged config")
@@ -302,7 +302,8 @@ class _BoundedLoader(yaml.SafeLoader):
             raise _Refused(event.start_mark, f"nested deeper than {MAX_DEPTH} levels")
         self._depth += 1
         try:
-            node: yaml.Node = super().compose_node(parent, index)  # type: ignore[no-untyped-call]
+            node = super().compose_node(parent, index)  # type: ignore[arg-type]  # PyYAML's stubs say int
+            assert node is not None  # an event was peeked: there is a node
             return node
         finally:
             self._depth -= 1
@@ -375,11 +376,11 @@ class _Loader:
             if optional:
                 return None
             if dataclasses.is_dataclass(hint):
-                return hint()  # a section whose keys are all commented out: its defaults
+                return typing.cast(type, hint)()  # a section whose keys are all commented out: its defaults
             self.err(node, key, "must not be empty")
             return _BAD
         if dataclasses.is_dataclass(hint):
-            return self.build(hint, node, key)
+            return self.build(typing.cast(type, hint), node, key)
         meta = {"choices": (), "lo": None, "hi": None, "path": False, "regular": False, **f.metadata}
         origin = typing.get_origin(hint)
         if origin is tuple:
@@ -394,7 +395,7 @@ class _Loader:
                 return _BAD
             item = typing.get_args(hint)[1]
             if dataclasses.is_dataclass(item):  # NAME: {section}
-                return {str(k.value): self.build(item, v, f"{key}.{k.value}") for k, v in node.value}
+                return {str(k.value): self.build(typing.cast(type, item), v, f"{key}.{k.value}") for k, v in node.value}
             nested = [n for pair in node.value for n in pair if not isinstance(n, yaml.ScalarNode)]
             if nested:
                 self.err(nested[0], key, "keys and values must be plain scalars (they are passed on as strings)")

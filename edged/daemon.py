@@ -235,26 +235,43 @@ class Supervisor:
         mem: dict[str, Any] = {"rss_bytes": psutil.Process().memory_info().rss, "workers": {}}
         for w in workers:
             try:
-                w["rss_bytes"] = psutil.Process(w["pid"]).memory_info().rss if w["pid"] else 0
+                w["rss_bytes"] = psutil.Process(int(w["pid"])).memory_info().rss if w["pid"] else 0
             except psutil.Error:
                 w["rss_bytes"] = 0
             mem["workers"][str(w["pid"])] = w["rss_bytes"]
         m = self.metrics.snapshot()
         model = self.workers.model_info
-        return {"state": self.state, "state_reason": self.state_reason,
-                "version": __version__, "device_id": self.cfg.device_id,
-                "uptime_s": round(time.monotonic() - self.started, 1),
-                "model": {k: model.get(k) for k in ("name", "path", "task", "input", "outputs", "backend")},
-                "accelerator": accelerator, "frames": m["frames"], "errors_by_code": m["errors_by_code"],
-                "latency_ms": m["latency_ms"], "stages_ms": m["stages_ms"], "queue_depth": depth,
-                "streams_queued": streams, "watchdog": {"stalled": self.stalled}, "pool": self.pool.stats(), "workers": workers, "memory": mem,
-                "mqtt": {"connected": self.link.connected, "reconnects": self.link.reconnects,
-                         "result_overflows": self.link.overflows, "results_waiting": len(self.results.waiting),
-                         "results_unacked": self.link.held(),
-                         "unrouted": self.link.unrouted, "oversized_packets": self.link.oversized,
-                         "broker": f"{self.cfg.mqtt.host}:{self.cfg.mqtt.port}",
-                         "share": self.share.stats() if self.share is not None else None},
-                "model_update": self.updates.status()}
+        return {
+            "state": self.state,
+            "state_reason": self.state_reason,
+            "version": __version__,
+            "device_id": self.cfg.device_id,
+            "uptime_s": round(time.monotonic() - self.started, 1),
+            "model": {k: model.get(k) for k in ("name", "path", "task", "input", "outputs", "backend")},
+            "accelerator": accelerator,
+            "frames": m["frames"],
+            "errors_by_code": m["errors_by_code"],
+            "latency_ms": m["latency_ms"],
+            "stages_ms": m["stages_ms"],
+            "queue_depth": depth,
+            "streams_queued": streams,
+            "watchdog": {"stalled": self.stalled},
+            "pool": self.pool.stats(),
+            "workers": workers,
+            "memory": mem,
+            "mqtt": {
+                "connected": self.link.connected,
+                "reconnects": self.link.reconnects,
+                "result_overflows": self.link.overflows,
+                "results_waiting": len(self.results.waiting),
+                "results_unacked": self.link.held(),
+                "unrouted": self.link.unrouted,
+                "oversized_packets": self.link.oversized,
+                "broker": f"{self.cfg.mqtt.host}:{self.cfg.mqtt.port}",
+                "share": self.share.stats() if self.share is not None else None,
+            },
+            "model_update": self.updates.status(),
+        }
 
     def _periodic(self, now: float) -> None:
         interval = self.cfg.status.interval
@@ -339,7 +356,9 @@ class Supervisor:
         try:
             self.status_server.start()
         except (OSError, EdgedError) as exc:
-            raise ConfigError(f"{self.cfg.source} status.socket: cannot serve {self.cfg.status.socket}: {exc}") from None
+            raise ConfigError(
+                f"{self.cfg.source} status.socket: cannot serve {self.cfg.status.socket}: {exc}"
+            ) from None
         if self.cfg.status.prometheus_port:  # the optional HTTP /metrics listener
             from edged.prometheus import HttpExporter
 
@@ -416,9 +435,9 @@ class Supervisor:
         self.notifier.stopping()
         self._update_state()
         end = time.monotonic() + self.cfg.queue.drain_timeout_s
-        if self.share is not None:  # first stop taking the group's frames, serving all it already sent us
-            if not self.share.leave(self.cfg.queue.drain_timeout_s):
-                logger.warning("drain: leaving the fleet's shared subscription did not finish in time")
+        # first stop taking the group's frames, serving all it already sent us
+        if self.share is not None and not self.share.leave(self.cfg.queue.drain_timeout_s):
+            logger.warning("drain: leaving the fleet's shared subscription did not finish in time")
         self.admission.stopping = True
         with self.cond:
             logger.info("stopping: draining %d queued and %d in-flight frame(s)", self.queue_depth(),

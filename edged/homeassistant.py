@@ -34,7 +34,8 @@ import logging
 import re
 import threading
 import time
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from edged import __version__
 from edged.config import Config
@@ -65,7 +66,7 @@ def node_id(cfg: Config) -> str:
 
 def _value(key: str) -> str:
     """A state template; an empty payload (the retained state cleared as its entity goes) renders None, quietly."""
-    return "{{ value_json.%s if value_json is defined else None }}" % key
+    return "{{ value_json." + key + " if value_json is defined else None }}"
 
 
 def _attrs(expr: str) -> str:

@@ -52,7 +52,7 @@ class Histogram:
         """Cumulative counts per LE_MS bound ("+Inf": all) and the sum, for Prometheus histograms."""
         out: dict[str, int] = {}
         seen = 0
-        for bound, c in zip(LE_MS, self.le):
+        for bound, c in zip(LE_MS, self.le, strict=False):
             seen += c
             out[f"{bound:g}"] = seen
         out["+Inf"] = self.n

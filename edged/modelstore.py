@@ -112,7 +112,8 @@ class ModelStore:
                            f"{self.config_entry['path']}")
                 cur = None
         self.current = cur if isinstance(cur, dict) and not cur.get("config") else self.config_entry
-        prev = state.get("previous") if isinstance(state.get("previous"), list) else []
+        prev_raw = state.get("previous")
+        prev: list[Any] = prev_raw if isinstance(prev_raw, list) else []
         self.previous = [p if not p.get("config") else self.config_entry for p in prev
                          if isinstance(p, dict) and (p.get("config") or not self._invalid(p))]
         if self.current is not self.config_entry and not any(p.get("config") for p in self.previous):
@@ -210,7 +211,7 @@ class ModelStore:
             return None
         back, rest = self.previous[0], self.previous[1:]
         failed = self.current
-        refused = self.refused + [failed["bundle"]] if failed.get("bundle") else self.refused
+        refused = [*self.refused, failed["bundle"]] if failed.get("bundle") else self.refused
         self.refused = refused[-REFUSED_KEEP:]
         back = dict(back, since=round(time.time(), 3))
         self._set(back, rest, last_update_fn(failed, back))

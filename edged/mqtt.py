@@ -309,7 +309,7 @@ class MqttLink:
         self.ack(msg.mid, msg.qos)
         for filt, _q, handler in self._routes:
             if filter_matches(filt, topic):
-                handler(topic, msg.payload, bool(msg.retain))
+                handler(topic, bytes(msg.payload), bool(msg.retain))
                 return
         self.unrouted += 1
 
@@ -332,9 +332,9 @@ class MqttLink:
         self.connected = True
         logger.info("connected to broker %s:%s (session present: %s)", self.cfg.mqtt.host, self.cfg.mqtt.port,
                     getattr(flags, "session_present", "?"))
-        rc, _mid = client.subscribe(self.subscriptions())
-        if rc != paho.MQTT_ERR_SUCCESS:
-            logger.error("subscribing failed: %s", paho.error_string(rc))
+        sub_rc, _mid = client.subscribe(self.subscriptions())
+        if sub_rc != paho.MQTT_ERR_SUCCESS:
+            logger.error("subscribing failed: %s", paho.error_string(sub_rc))
         if self.persistent:
             legacy = share_filter(self.cfg)
             if legacy is not None and getattr(flags, "session_present", False):
@@ -396,7 +396,7 @@ class MqttLink:
             if self._routes and topic is not None and not topic.startswith(self._frame_prefixes):
                 self._on_other(topic, msg)
                 return
-            inc = self.door.inspect(topic, msg.payload, msg.qos, msg.mid, bool(msg.retain),
+            inc = self.door.inspect(topic, bytes(msg.payload), msg.qos, msg.mid, bool(msg.retain),
                                     getattr(msg, "properties", None))
             if inc is None:
                 self.unrouted += 1

@@ -47,7 +47,8 @@ import mmap
 import os
 import threading
 import time
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
+from collections.abc import Callable
 
 from edged import memfd
 from edged.errors import PoolError
@@ -93,7 +94,7 @@ def _round_up(n: int, unit: int) -> int:
 
 class _Segment:
     """One mapping and its free extents; mutated only under the pool's lock."""
-    __slots__ = ("id", "size", "fd", "mm", "base", "starts", "extents", "live", "empty_since", "draining", "ready")
+    __slots__ = ("base", "draining", "empty_since", "extents", "fd", "id", "live", "mm", "ready", "size", "starts")
 
     def __init__(self, seg_id: int, size: int, fd: int, mm: mmap.mmap | None, base: bool, now: float) -> None:
         self.id, self.size, self.fd, self.mm, self.base = seg_id, size, fd, mm, base

@@ -74,7 +74,9 @@ def detection_outputs(model: Model) -> tuple[int, int, int, int | None]:
     return boxes[0], cls_i, score_i, count[0] if count else None
 
 
-def detect(model: Model, labels: dict[int, str], threshold: float, layout: tuple[int, int, int, int | None]) -> dict[str, Any]:
+def detect(
+    model: Model, labels: dict[int, str], threshold: float, layout: tuple[int, int, int, int | None]
+) -> dict[str, Any]:
     b_i, c_i, s_i, n_i = layout
     boxes = model.dequantized(b_i).reshape(-1, 4)
     classes = model.dequantized(c_i).reshape(-1)

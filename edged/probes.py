@@ -98,7 +98,7 @@ class Prober:
                 old = [s.handle for s in w.slots if s.handle is not None]
                 for h in old:
                     h.retiring = True
-                for slot, h in zip(w.slots, fresh):
+                for slot, h in zip(w.slots, fresh, strict=False):
                     slot.handle, slot.next_start = h, None
                 w._adopt(fresh[0])
                 w.cond.notify_all()

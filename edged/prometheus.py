@@ -11,7 +11,8 @@ accelerators are labels of 0/1 gauges. `promtool check metrics` accepts it
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Iterator
+from typing import Any
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, start_http_server, write_to_textfile
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -87,7 +88,9 @@ def metrics(st: dict[str, Any]) -> Iterator[Metric]:
     mqtt = st.get("mqtt") or {}
     yield GaugeMetricFamily("edged_mqtt_connected", "1 while connected to the broker",
                             value=1 if mqtt.get("connected") else 0)
-    yield CounterMetricFamily("edged_mqtt_reconnects", "reconnections to the broker", value=_num(mqtt.get("reconnects")))
+    yield CounterMetricFamily(
+        "edged_mqtt_reconnects", "reconnections to the broker", value=_num(mqtt.get("reconnects"))
+    )
     yield CounterMetricFamily("edged_mqtt_result_overflows", "results not held while the broker was away "
                               "(mqtt.result_buffer full)", value=_num(mqtt.get("result_overflows")))
 

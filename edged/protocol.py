@@ -183,7 +183,7 @@ class Ready(Message):
 
 @dataclass(frozen=True, slots=True)
 class Loaded(Message):
-    """The model is loaded on `accelerator`; warm-up and the self-test follow (each invoke within the frame deadline)."""
+    """The model is loaded on `accelerator`; warm-up and the self-test follow (each invoke within the deadline)."""
 
     TAG = "loaded"
     accelerator: str

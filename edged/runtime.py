@@ -183,7 +183,7 @@ class Model:
             self.set_batch(n)
             self._interp.invoke()  # output shapes of a dynamic graph are known after an invoke
             outs = [self._interp.get_tensor(o.index) for o in self.outputs]
-            bad = [o.name for o, a in zip(self.outputs, outs) if a.ndim == 0 or a.shape[0] != n]
+            bad = [o.name for o, a in zip(self.outputs, outs, strict=False) if a.ndim == 0 or a.shape[0] != n]
             if bad:
                 return f"output {bad[0]} does not follow the batch dimension"
         except (ValueError, RuntimeError) as exc:
@@ -211,7 +211,7 @@ class Model:
             self.set_input(zeros)
             self.invoke()
             outs.append([self.output(i).copy() for i in range(len(self.outputs))])
-        if any(not np.array_equal(a, b, equal_nan=True) for a, b in zip(*outs)):
+        if any(not np.array_equal(a, b, equal_nan=True) for a, b in zip(*outs, strict=False)):
             # variable tensors (LSTM state and the like) carry over: reset before every frame
             self.stateful = True
             logger.info("model %s keeps state between invokes; resetting it before each frame", self.name)

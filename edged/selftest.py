@@ -226,12 +226,16 @@ def compare(task: str, desc: list[dict[str, Any]], expected: list[Any], got: Any
             score_threshold: float) -> tuple[bool, float, str]:
     """(passed, max_diff in steps, reason) for one set of answers against the expected ones."""
     if not isinstance(got, list) or len(got) != len(expected):
-        return False, math.inf, f"{len(got) if isinstance(got, list) else 0} frame(s) answered, {len(expected)} expected"
+        return (
+            False,
+            math.inf,
+            f"{len(got) if isinstance(got, list) else 0} frame(s) answered, {len(expected)} expected",
+        )
     worst = 0.0
-    for n, (exp_f, got_f) in enumerate(zip(expected, got)):
+    for n, (exp_f, got_f) in enumerate(zip(expected, got, strict=False)):
         if not isinstance(got_f, list) or len(got_f) != len(exp_f) or len(exp_f) != len(desc):
             return False, math.inf, f"frame {n}: {len(got_f)} outputs, {len(exp_f)} expected"
-        for i, (e, g) in enumerate(zip(exp_f, got_f)):
+        for i, (e, g) in enumerate(zip(exp_f, got_f, strict=False)):
             if len(e) != len(g):
                 return False, math.inf, f"frame {n} output {i}: {len(g)} values, {len(e)} expected"
         if task == "classify":
@@ -240,7 +244,7 @@ def compare(task: str, desc: list[dict[str, Any]], expected: list[Any], got: Any
             ok, diff, why = _detect(desc, exp_f, got_f, tolerance, score_threshold)
         else:
             ok, diff, why = True, 0.0, ""
-            for i, (e, g) in enumerate(zip(exp_f, got_f)):
+            for i, (e, g) in enumerate(zip(exp_f, got_f, strict=False)):
                 d = _steps(desc[i], e, g)
                 diff = max(diff, d)
                 if d > tolerance and ok:
@@ -260,7 +264,7 @@ def _step(desc: dict[str, Any], e: list[float]) -> float:
 
 def _steps(desc: dict[str, Any], e: list[float], g: list[float]) -> float:
     step = _step(desc, e)
-    return max((abs(a - b) for a, b in zip(e, g)), default=0.0) / step
+    return max((abs(a - b) for a, b in zip(e, g, strict=False)), default=0.0) / step
 
 
 def _classify(desc: dict[str, Any], e: list[float], g: list[float], tol: float) -> tuple[bool, float, str]:

@@ -19,7 +19,8 @@ import socket
 import stat
 import threading
 import time
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from edged.errors import ConfigError, UnavailableError
 
@@ -227,13 +228,21 @@ def render(st: dict[str, Any]) -> str:
         ("memory", f"daemon RSS {st.get('memory', {}).get('rss_bytes', 0) >> 20} MiB"),
     ]
     for w in st.get("workers", []):
-        rows.append((f"worker {w.get('index')}", f"pid {w.get('pid')}  {w.get('state')}  restarts {w.get('restarts')}  "
-                     f"sandboxed {'yes' if w.get('sandboxed') else 'no'}"
-                     + (f" ({w['sandbox_profile']})" if w.get("sandbox_profile") not in (None, "default", "off") else "")
-                     + f"  RSS {(w.get('rss_bytes') or 0) >> 20} MiB"
-                     + (f"  batch {w['batch_max']} ({w.get('batched', 0)} batched)" if w.get("batch_max", 1) > 1 else "")
-                     + (f"  on {w['accelerator']}" if w.get("accelerator") else "")
-                     + (f"  self-test {w['selftest'].get('result')} (max diff {w['selftest'].get('max_diff')})"
-                        if isinstance(w.get("selftest"), dict) else "")))
+        rows.append(
+            (
+                f"worker {w.get('index')}",
+                f"pid {w.get('pid')}  {w.get('state')}  restarts {w.get('restarts')}  "
+                f"sandboxed {'yes' if w.get('sandboxed') else 'no'}"
+                + (f" ({w['sandbox_profile']})" if w.get("sandbox_profile") not in (None, "default", "off") else "")
+                + f"  RSS {(w.get('rss_bytes') or 0) >> 20} MiB"
+                + (f"  batch {w['batch_max']} ({w.get('batched', 0)} batched)" if w.get("batch_max", 1) > 1 else "")
+                + (f"  on {w['accelerator']}" if w.get("accelerator") else "")
+                + (
+                    f"  self-test {w['selftest'].get('result')} (max diff {w['selftest'].get('max_diff')})"
+                    if isinstance(w.get("selftest"), dict)
+                    else ""
+                ),
+            )
+        )
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

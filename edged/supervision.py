@@ -152,7 +152,7 @@ class Workers:
 
     # ---- starting -----------------------------------------------------------------------------------------------
     def _spawn(self, index: int, cfg: config.Config, text: str, kinds: list[str] | None = None,
-               model: ModelSpec | None | str = "serving") -> WorkerHandle:
+               model: ModelSpec | str | None = "serving") -> WorkerHandle:
         spec = self.model if model == "serving" else model
         init = init_message(cfg, text, cfg.coral_device(index), accelerators=kinds,
                             model=spec if isinstance(spec, ModelSpec) else None)
@@ -192,6 +192,7 @@ class Workers:
         try:
             if not self._usable(expected, h, cfg):
                 expected = self._reference(h, cfg, self.config_text, sha, model)
+            assert expected is not None  # _usable() or _reference() gave one
             v = self._verdict(h, cfg, expected)
         except BaseException:
             h.stop()
@@ -217,7 +218,7 @@ class Workers:
         return sha, selftest.Expected.load(cfg, sha)
 
     def _reference(self, h: WorkerHandle, cfg: config.Config, text: str, sha: str,
-                   model: ModelSpec | None | str = "serving") -> selftest.Expected:
+                   model: ModelSpec | str | None = "serving") -> selftest.Expected:
         """Expected outputs recorded on the CPU: this worker's when it runs there, else a CPU worker's of its own."""
         if h.accelerator == "cpu":
             return selftest.Expected.record(cfg, sha, h)
@@ -266,6 +267,7 @@ class Workers:
                     self.health.skip(str(skip.get("kind")), str(skip.get("reason")))
             if not self._usable(self.expected, h, cfg):
                 self.expected = self._reference(h, cfg, text, self.model_sha)
+            assert self.expected is not None  # _usable() or _reference() gave one
             v = self._verdict(h, cfg, self.expected)
             if v.passed:
                 return h
@@ -346,6 +348,7 @@ class Workers:
         why = ""
         try:
             h = self._spawn(slot.index, cfg, text, [kind] if kind else None)
+            assert expected is not None  # _usable() or _reference() gave one
             v = self._verdict(h, cfg, expected) if expected is not None else None
             if v is not None and not v.passed:
                 h.stop()
@@ -370,7 +373,7 @@ class Workers:
             return
         with self.cond:
             if self.stopping or slot not in self.slots or \
-                    slot.handle is not None and slot.handle.state not in ("dead", "stopped"):
+                    (slot.handle is not None and slot.handle.state not in ("dead", "stopped")):
                 stale: WorkerHandle | None = h
             elif h.accelerator in self.health.aside:  # set aside while it started: on the next kind instead
                 stale = h
@@ -502,6 +505,7 @@ class Workers:
                     fresh.append(h)
                     if not self._usable(expected, h, new_cfg):
                         expected = self._reference(h, new_cfg, text, sha)
+                    assert expected is not None  # _usable() or _reference() gave one
                     v = self._verdict(h, new_cfg, expected)
                     if not v.passed:
                         raise ModelError(f"the self-test of {new_cfg.model_name} on {h.accelerator} failed: {v.reason}")
@@ -544,6 +548,7 @@ class Workers:
                     fresh.append(h)
                     if not self._usable(expected, h, cfg):
                         expected = self._reference(h, cfg, self.config_text, sha, model)
+                    assert expected is not None  # _usable() or _reference() gave one
                     v = self._verdict(h, cfg, expected)
                     if not v.passed:
                         raise SelftestFailed(f"the self-test of {cfg.model_name} on {h.accelerator} failed: {v.reason}")

@@ -220,8 +220,9 @@ class ModelUpdates:
         except (ModelError, WorkerError) as exc:  # passed the probe, then failed: back to what served
             logger.error("model update: serial %d passed its self-test but its workers did not start: %s",
                          b.serial, exc)
-            self.store.rollback(lambda f, bk: self._last(b, "rejected", f"workers did not start: {exc}"))
-            self._event("model_rejected", b, reason=f"workers did not start: {exc}", kind="load")
+            failed = f"workers did not start: {exc}"  # bound here: `exc` is gone once the except block ends
+            self.store.rollback(lambda f, bk: self._last(b, "rejected", failed))
+            self._event("model_rejected", b, reason=failed, kind="load")
             self._publish_state()
             return
         faults.kill_point("after_switch")
@@ -282,11 +283,11 @@ class ModelUpdates:
                     return ("selftest", f"the worker {h.exit_description()} during the self-test"), None
                 if isinstance(msg, protocol.Result):
                     answers[msg.seq] = msg
-            for seq, (_d, _c, expect) in enumerate(frames, 1):
+            for seq, (_d, _c, want) in enumerate(frames, 1):
                 r = answers[seq]
                 if r.error_code:
                     return ("selftest", f"self-test frame {seq} answered {r.error_code}: {r.error_message}"), None
-                why = bundle.check_expect(b.task, r.body or {}, expect) if expect else None
+                why = bundle.check_expect(b.task, r.body or {}, want) if want else None
                 if why:
                     return ("selftest", f"self-test frame {seq}: {why}"), None
             logger.info("model update: serial %d passed the bundle's own self-test (%d frame(s))", b.serial,

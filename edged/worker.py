@@ -270,7 +270,10 @@ class Worker:
         if isinstance(exc, FrameError):
             code, text = exc.code, exc.message
         else:
-            code, text = "inference_failed", f"{type(exc).__name__}: {exc}" if not isinstance(exc, EdgedError) else str(exc)
+            code, text = (
+                "inference_failed",
+                f"{type(exc).__name__}: {exc}" if not isinstance(exc, EdgedError) else str(exc),
+            )
         protocol.send(self.sock, protocol.Result(seq, error_code=code, error_message=text[:300]))
 
 

@@ -25,6 +25,7 @@ import pytest
 from edged import bundle
 from edged.worker import HOOK
 from tests.conftest import BUNDLED, ROOT, Daemon, edged_cmd, shared, until
+import itertools
 
 HOOKS = {"EDGED_TEST_HOOKS": "1"}
 
@@ -177,7 +178,7 @@ def test_digits_to_mobilenet_v2_and_back_midstream(daemon_factory: Any, client_f
     assert not errors, errors[:3]
     assert c.count == len(sent), f"{c.count} results for {len(sent)} frames: some answered twice"
     models = [got[f]["model"] for f in sent]  # one stream: frames are served in order
-    runs = [models[0]] + [m for a, m in zip(models, models[1:]) if m != a]
+    runs = [models[0]] + [m for a, m in itertools.pairwise(models) if m != a]
     assert runs == ["digits", "mobilenet_v2_1.0_224_quant", "digits"], runs
     v2_results = [got[f] for f in sent if got[f]["model"] == "mobilenet_v2_1.0_224_quant"]
     assert all(x["classes"][0]["label"] == "Egyptian cat" for x in v2_results), v2_results[0]
@@ -256,8 +257,8 @@ def test_rejections_change_nothing_that_serves(daemon_factory: Any, client_facto
             assert lu.get("kind") == kind, (what, lu)
             assert lu["reason"], what
             assert st["current"]["serial"] == 10, (what, st["current"])
-            ev = until(lambda: next((e for e in w.events if e.get("event") == "model_rejected"
-                                     and e.get("reason") == lu["reason"]), None), 10, f"the event for {what}")
+            ev = until(lambda lu=lu: next((e for e in w.events if e.get("event") == "model_rejected"
+                                           and e.get("reason") == lu["reason"]), None), 10, f"the event for {what}")
             assert ev["kind"] == kind
             assert answered_by(c, cat, f"after {what}") == "mobilenet_v1_0.25_128_quant", what
         after = {p.name for p in (tmp_path / "state" / "models").iterdir()}
@@ -317,7 +318,7 @@ def test_worker_crash_on_third_frame_rolls_back(daemon_factory: Any, client_fact
         assert "probation" in st["last_update"]["reason"]
         ev = until(lambda: next((e for e in w.events if e.get("event") == "rolled_back"), None), 10, "event")
         assert ev["automatic"] is True and ev["serial"] == 1
-        got = c.wait(ids + ["crash"], 60)
+        got = c.wait([*ids, "crash"], 60)
         assert all(got[f] is not None for f in ids), [f for f in ids if got[f] is None]
         assert all("error" not in got[f] for f in ids), [got[f] for f in ids if "error" in got[f]]
         # the crashing frame itself is answered: by the old model (a bad image), or after a second death

@@ -33,9 +33,10 @@ from paho.mqtt.properties import Properties
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from edged import bundle  # noqa: E402
-from edged.broker import Broker  # noqa: E402
-from edged.status import query  # noqa: E402
+from edged import bundle
+from edged.broker import Broker
+from edged.status import query
+import itertools
 
 SHARED = Path(os.environ.get("EDGED_SHARED_MODELS") or ROOT.parent / "shared" / "models")
 BUNDLED = ROOT / "edged" / "models"
@@ -134,7 +135,7 @@ def run(args: Any, broker: Broker, prefix: str, cat: bytes, key: Any, d: subproc
         c.publish(f"{prefix}/model/update", payload, qos=1).wait_for_publish(30)
         t_acked = time.monotonic()
 
-        def first_new() -> float | None:
+        def first_new(n_before: int = n_before, name: str = name) -> float | None:
             ts = [arrived[f] for f in sent[n_before:] if f in arrived and results[f][0].get("model") == name]
             return min(ts) if ts else None
 
@@ -159,7 +160,7 @@ def run(args: Any, broker: Broker, prefix: str, cat: bytes, key: Any, d: subproc
         for f in errors:
             code = next(b["error"]["code"] for b in results[f] if "error" in b)
             codes[code] = codes.get(code, 0) + 1
-    switches = sum(1 for a, b in zip(order, order[1:]) if a != b)
+    switches = sum(1 for a, b in itertools.pairwise(order) if a != b)
     c.loop_stop()
     c.disconnect()
     to_v2 = [x["publish_to_first_result_s"] for x in rounds if x["to"] == V2]

@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import lifecycle  # noqa: E402
-from frames import Frames  # noqa: E402
-from vm import Device, DeviceError  # noqa: E402
+import lifecycle
+from frames import Frames
+from vm import Device, DeviceError
 
 logger = logging.getLogger("device-check")
 REPO = Path(__file__).resolve().parents[2]
@@ -92,8 +92,10 @@ class Check:
                 tar.add(p, arcname=f"frames/{p.name}")
         self.dev.put_tar(buf.getvalue(), "/root/shared")
         t0 = time.monotonic()
-        out = self.sh("cd /root/edged && make install PIP_INSTALL_ARGS='--no-index --find-links /root/wheels --no-compile' 2>&1",
-                      timeout=1200)
+        out = self.sh(
+            "cd /root/edged && make install PIP_INSTALL_ARGS='--no-index --find-links /root/wheels --no-compile' 2>&1",
+            timeout=1200,
+        )
         self.fig["install_s"] = round(time.monotonic() - t0)
         (self.rundir / "install.log").write_text(out)
         self.expect("install: done" in out, "make install inside the device")
@@ -124,15 +126,16 @@ class Check:
             f"{py} /root/edged/tools/device/guest.py reference {shlex.quote(model)} 5 "
             + " ".join(shlex.quote(f"/root/shared/{f}") for f in files), timeout=300).splitlines()]
         ids = self.ids(len(files), tag)
-        for fid, f in zip(ids, files):
+        for fid, f in zip(ids, files, strict=False):
             self.mq.send(fid, self.local(f))
         self.mq.wait_all(ids, 180, f"{tag} results")
         good = 0
-        for fid, f, r in zip(ids, files, ref):
+        for fid, f, r in zip(ids, files, ref, strict=False):
             got = self.mq.first(fid)
             cls = got.get("classes") or []
-            ok = ([c["id"] for c in cls] == [c["id"] for c in r["classes"]]
-                  and all(abs(c["score"] - e["score"]) <= r["step"] + 1e-4 for c, e in zip(cls, r["classes"])))
+            ok = [c["id"] for c in cls] == [c["id"] for c in r["classes"]] and all(
+                abs(c["score"] - e["score"]) <= r["step"] + 1e-4 for c, e in zip(cls, r["classes"], strict=False)
+            )
             if not ok:
                 logger.warning("%s %s: daemon %s, interpreter %s", tag, f, got, r)
             good += ok
@@ -207,11 +210,14 @@ class Check:
         return p
 
     def mobilenet(self) -> None:
-        self.sh(f"install -o edged -g edged -m 0640 /root/shared/{MOBILENET} /root/shared/imagenet_labels.txt "
-                "/var/lib/edged/models/ && "
-                f"sed -i -e '0,/^  path: .*/s||  path: \"/var/lib/edged/models/{MOBILENET}\"|' "
-                "-e '0,/^  labels: .*/s||  labels: \"/var/lib/edged/models/imagenet_labels.txt\"|' /etc/edged/edged.yaml && "
-                "systemctl reload edged")
+        self.sh(
+            f"install -o edged -g edged -m 0640 /root/shared/{MOBILENET} /root/shared/imagenet_labels.txt "
+            "/var/lib/edged/models/ && "
+            f"sed -i -e '0,/^  path: .*/s||  path: \"/var/lib/edged/models/{MOBILENET}\"|' "
+            "-e '0,/^  labels: .*/s||  labels: \"/var/lib/edged/models/imagenet_labels.txt\"|' "
+            "/etc/edged/edged.yaml && "
+            "systemctl reload edged"
+        )
         self.mq.wait(lambda: self.status()["model"]["path"].endswith(MOBILENET), 240, "serve MobileNet after reload")
         self.compare(f"/var/lib/edged/models/{MOBILENET}", ["cat.bmp", "grace_hopper.bmp", "frames/cat.jpg",
                                                            "frames/cat.png", "frames/cat.raw"], "mobilenet")
@@ -229,7 +235,12 @@ class Check:
         self.mq.wait(lambda: self.sh(f"awk '/^TracerPid/ {{print $2}}' /proc/{pid}/status").strip() not in ("", "0"),
                      60, "strace attached")
         ids = self.ids(3 * (len(self.stream_files) + 4), "trace")
-        bad = [b"not a frame", b"\x89PNG\r\n\x1a\nbroken", b"\xff\xd8\xffbroken", (SHARED / "kite_and_cold.jpg").read_bytes()]
+        bad = [
+            b"not a frame",
+            b"\x89PNG\r\n\x1a\nbroken",
+            b"\xff\xd8\xffbroken",
+            (SHARED / "kite_and_cold.jpg").read_bytes(),
+        ]
         payloads = [self.local(f) for f in self.stream_files] + bad
         for i, fid in enumerate(ids):
             self.mq.send(fid, payloads[i % len(payloads)])
@@ -253,7 +264,9 @@ class Check:
         have = self.sh("ls /root/wheels-tflite/ 2>/dev/null | grep -c '^tflite_runtime-' || true").strip()
         if have in ("", "0"):
             self.fig["tflite"] = "no-wheel"
-            logger.info("tflite-runtime: no aarch64 wheel for CPython 3.11 in the image (see the build's wheels-tflite.log)")
+            logger.info(
+                "tflite-runtime: no aarch64 wheel for CPython 3.11 in the image (see the build's wheels-tflite.log)"
+            )
             return
         pkgs = "'numpy<2' tflite-runtime pillow pyyaml paho-mqtt pyseccomp psutil"
         wheels = "--no-index --find-links /root/wheels-tflite --no-compile"
@@ -330,9 +343,31 @@ def ensure_host_tools() -> None:
 
 
 def line(fig: dict[str, Any], fails: list[str], t0: float) -> str:
-    keys = ["boot_s", "install_s", "ready_s", "installed_mib", "results", "seccomp", "sigsys", "exposure",
-            "journal_worker_lines", "idle_cpu_pct", "idle_cpu_daemon_pct", "invoke_ms", "pss_start_mib", "pss_rest_mib", "pss_load_mib", "pss_after_mib",
-            "reload_lost", "soak", "watchdog_s", "stop", "trace", "tflite", "build_s"]
+    keys = [
+        "boot_s",
+        "install_s",
+        "ready_s",
+        "installed_mib",
+        "results",
+        "seccomp",
+        "sigsys",
+        "exposure",
+        "journal_worker_lines",
+        "idle_cpu_pct",
+        "idle_cpu_daemon_pct",
+        "invoke_ms",
+        "pss_start_mib",
+        "pss_rest_mib",
+        "pss_load_mib",
+        "pss_after_mib",
+        "reload_lost",
+        "soak",
+        "watchdog_s",
+        "stop",
+        "trace",
+        "tflite",
+        "build_s",
+    ]
     parts = [f"{k}={fig[k]}" for k in keys if k in fig]
     verdict = "PASS" if not fails else f"FAIL ({len(fails)}: {fails[0][:120]})"
     return f"device-check: {verdict} " + " ".join(parts) + f" total_s={round(time.monotonic() - t0)}"

@@ -106,14 +106,18 @@ def watchdog(chk: Check) -> None:
     ready_s = int(v["ActiveEnterTimestampMonotonic"]) / 1e6 - t_stop
     chk.fig["watchdog_s"] = f"{fire_s:.0f}/{ready_s:.0f}" if fire_s is not None else f"?/{ready_s:.0f}"
     wd_s = wd / 1e6 if wd > 1000 else wd
-    chk.expect(fire_s is not None and fire_s <= wd_s + 5 and v["MainPID"] != u["MainPID"],
-                f"kill -STOP: watchdog fired after {fire_s} s (WatchdogSec {wd_s:.0f}), READY again after {ready_s:.0f} s")
+    chk.expect(
+        fire_s is not None and fire_s <= wd_s + 5 and v["MainPID"] != u["MainPID"],
+        f"kill -STOP: watchdog fired after {fire_s} s (WatchdogSec {wd_s:.0f}), READY again after {ready_s:.0f} s",
+    )
     try:
         chk.mq.wait_all(ids, 180, "frames sent while stopped")
     except TimeoutError as exc:
         logger.warning("%s", exc)
-    chk.expect(chk.mq.answered(ids) == len(ids) and not chk.mq.errors(ids),
-                f"frames sent while the daemon was stopped answered after the restart ({chk.mq.answered(ids)}/{len(ids)})")
+    chk.expect(
+        chk.mq.answered(ids) == len(ids) and not chk.mq.errors(ids),
+        f"frames sent while the daemon was stopped answered after the restart ({chk.mq.answered(ids)}/{len(ids)})",
+    )
 
 
 def stop(chk: Check) -> None:

@@ -60,7 +60,9 @@ class Device:
         deadline = t0 + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise DeviceError(f"qemu exited with {self.proc.returncode}; see {self.rundir}/qemu.log, {self.console}")
+                raise DeviceError(
+                    f"qemu exited with {self.proc.returncode}; see {self.rundir}/qemu.log, {self.console}"
+                )
             r = self.ssh("systemctl is-system-running --wait >/dev/null 2>&1; echo up", timeout=60, check=False)
             if r.returncode == 0 and r.stdout.strip().endswith("up"):
                 self.boot_s = time.monotonic() - t0
@@ -79,18 +81,20 @@ class Device:
             ) -> subprocess.CompletedProcess[str]:
         logger.debug("device$ %s", command)
         try:
-            r = subprocess.run(self._ssh_base() + [command], input=stdin.decode("latin-1") if stdin else None,
+            r = subprocess.run([*self._ssh_base(), command], input=stdin.decode("latin-1") if stdin else None,
                                capture_output=True, text=True, timeout=timeout, check=False,
                                stdin=None if stdin else subprocess.DEVNULL)
         except subprocess.TimeoutExpired as exc:
             raise DeviceError(f"device command timed out after {timeout:.0f} s: {command}") from exc
         if check and r.returncode != 0:
-            raise DeviceError(f"device command failed ({r.returncode}): {command}\n{r.stdout[-2000:]}{r.stderr[-2000:]}")
+            raise DeviceError(
+                f"device command failed ({r.returncode}): {command}\n{r.stdout[-2000:]}{r.stderr[-2000:]}"
+            )
         return r
 
     def put_tar(self, tar_bytes: bytes, dest: str) -> None:
         """Unpack a tar archive (bytes) at dest inside the device."""
-        cmd = self._ssh_base() + [f"mkdir -p {shlex.quote(dest)} && tar -x -C {shlex.quote(dest)}"]
+        cmd = [*self._ssh_base(), f"mkdir -p {shlex.quote(dest)} && tar -x -C {shlex.quote(dest)}"]
         r = subprocess.run(cmd, input=tar_bytes, capture_output=True, timeout=600, check=False)
         if r.returncode != 0:
             raise DeviceError(f"copy into {dest} failed: {r.stderr.decode(errors='replace')[-2000:]}")
@@ -107,4 +111,4 @@ class Device:
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=10)
-        subprocess.run(self._ssh_base()[:-1] + ["-O", "exit", "root@127.0.0.1"], capture_output=True, check=False)
+        subprocess.run([*self._ssh_base()[:-1], "-O", "exit", "root@127.0.0.1"], capture_output=True, check=False)
