@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from conftest import BUNDLED, ROOT, edged_cmd
 
-from edged import config, postprocess, runtime, topics, userfiles
+from edged import config, configyaml, postprocess, runtime, topics, userfiles
 from edged.errors import ConfigError, ModelError
 
 MODEL = BUNDLED / "digits.tflite"
@@ -140,8 +140,8 @@ def test_check_nesting_2000_levels_exits_78_naming_line_no_traceback(tmp_path, s
         text = "device_id: x\n" + "".join(" " * i + "a:\n" for i in range(1000)) + " " * 1000 + "a: 1\n"
     r = run("check", "-c", str(write(tmp_path, text)))
     line = one_line_error(r)
-    where = 2 if shape == "flow" else config.MAX_DEPTH + 1  # the line of the first node too deep
-    assert f"edged.yaml:{where}: nested deeper than {config.MAX_DEPTH} levels" in line, line
+    where = 2 if shape == "flow" else configyaml.MAX_DEPTH + 1  # the line of the first node too deep
+    assert f"edged.yaml:{where}: nested deeper than {configyaml.MAX_DEPTH} levels" in line, line
     assert (r.maxrss_kib - baseline.maxrss_kib) / 1024 < 16
 
 
@@ -164,8 +164,8 @@ def test_parse_anchor_or_alias_refused_naming_line(text, line_no, word):
 
 
 def test_parse_too_many_nodes_refused():
-    text = "accelerator:\n  coral:\n    devices: [" + ", ".join(["usb"] * (config.MAX_NODES + 5)) + "]\n"
-    with pytest.raises(ConfigError, match=f"edged.yaml:3: more than {config.MAX_NODES} values"):
+    text = "accelerator:\n  coral:\n    devices: [" + ", ".join(["usb"] * (configyaml.MAX_NODES + 5)) + "]\n"
+    with pytest.raises(ConfigError, match=f"edged.yaml:3: more than {configyaml.MAX_NODES} values"):
         config.parse(text, "/srv/edged.yaml", Path("/srv"))
 
 
