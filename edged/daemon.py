@@ -286,7 +286,8 @@ class Supervisor:
                 except OSError as exc:
                     logger.warning("status.prometheus_file: %s", exc)
         wd = self.notifier.watchdog_interval()
-        if wd and now - self._last_watchdog >= wd:
+        # pinged at a quarter of WatchdogSec: with the main loop's 0.25 s turn no gap reaches half of it
+        if wd and now - self._last_watchdog >= wd / 2:
             self.stalled = self.progress.stalled(now, max(2 * wd, 2.0)) + self.workers.stalled(now)
             if not self.stalled:
                 self._last_watchdog = now

@@ -38,7 +38,7 @@ def test_reload_that_hangs_runs_off_the_main_loop_pings_go_on_old_model_serves(d
         gaps = [b - a for a, b in zip([t0, *pings], [*pings, t1], strict=True)]
         print(f"reload hung for {t1 - t0:.1f} s: {len(pings)} watchdog pings, longest gap {max(gaps):.2f} s "
               "(WatchdogSec here 1 s)")
-        assert t1 - t0 >= 4 and max(gaps) < 1.0, gaps  # pinged every WATCHDOG_USEC/2 = 0.5 s throughout
+        assert t1 - t0 >= 4 and max(gaps) < 1.0, gaps  # pinged every WatchdogSec/4 = 0.25 s throughout
         c.send(np.zeros((1, 8, 8, 1), np.uint8).tobytes(), "still-old")
         res = c.wait(["still-old"], 20)["still-old"]
         assert res is not None and res.get("model") == "digits", res
