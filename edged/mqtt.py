@@ -7,8 +7,9 @@ answered is redelivered after a restart. Results go out at QoS 1; at most
 mqtt.result_buffer of them wait for the broker's PUBACK in paho's queue (past
 that, publish() says "busy" while connected, "away" while not). Every frame
 message passes edged.door before admission sees it; the CONNECT asks for a
-Maximum Packet Size from queue.max_frame_bytes, so the broker refuses bigger
-frames for us. Callbacks only translate and hand over, and never raise into
+Maximum Packet Size of twice queue.max_frame_bytes (plus headroom), so the
+broker drops grossly oversized frames for us; one under that is answered
+too_large. Callbacks only translate and hand over, and never raise into
 paho (an exception there would leave paho re-reading the same packet).
 `new_client()` is the one place that sets up TLS and authentication, for the
 daemon and for `edged send` alike.
@@ -42,6 +43,7 @@ from edged.ioloop import IoLoop
 logger = logging.getLogger(__name__)
 
 PACKET_HEADROOM = 64 << 10  # topic and properties around a frame's payload
+OVERSIZE_FACTOR = 2  # Maximum Packet Size = this x queue.max_frame_bytes + headroom
 MAX_PACKET = 268_435_455  # MQTT's own limit
 EVENTS_HELD = 100  # P/events messages kept while the broker is away
 
@@ -123,7 +125,9 @@ class MqttLink:
         self.on_connection = on_connection
         self.on_room = on_room  # called on the loop when results can be taken again
         self.door = door or Door(cfg)
-        biggest = cfg.queue.max_frame_bytes
+        # twice the frame limit: a frame somewhat over it still reaches us and is answered too_large (the
+        # publisher learns why); a grossly oversized one is dropped by the broker before it costs us memory
+        biggest = OVERSIZE_FACTOR * cfg.queue.max_frame_bytes
         if cfg.model.update.enabled:  # a model bundle is one message too
             biggest = max(biggest, int(cfg.model.update.max_mb * (1 << 20)))
         self.max_packet = min(MAX_PACKET, biggest + PACKET_HEADROOM)
