@@ -99,9 +99,10 @@ def _check_selftest(cfg: Any, choice: Any) -> int:
         rec = answers(ref)
         expected = selftest.Expected(rec["outputs"], rec["frames"], "the CPU, now (nothing recorded yet)")
     handle = SimpleNamespace(info={"selftest": got, "task": cfg.model.task, "model": model.describe()})
-    v = selftest.check(handle, expected, cfg.model.selftest.tolerance, cfg.model.score_threshold)
+    tolerance = cfg.model.selftest.tolerance_for(choice.kind)
+    v = selftest.check(handle, expected, tolerance, cfg.model.score_threshold)
     print(f"selftest     {'pass' if v.passed else 'FAIL'} on {choice.kind}: max diff {v.max_diff:g} step(s) "
-          f"(tolerance {cfg.model.selftest.tolerance:g}) against {expected.source}, {v.ms:g} ms"
+          f"(tolerance {tolerance:g}) against {expected.source}, {v.ms:g} ms"
           + (f": {v.reason}" if v.reason else ""))
     if not v.passed and choice.kind == "cpu":
         print(f"edged check: model {cfg.model.path}: the self-test on the CPU does not give the expected outputs",

@@ -244,7 +244,8 @@ class Workers:
 
     def _verdict(self, h: WorkerHandle, cfg: config.Config, expected: selftest.Expected,
                  report: dict[str, Any] | None = None) -> selftest.Verdict:
-        v = selftest.check(h, expected, cfg.model.selftest.tolerance, cfg.model.score_threshold, report)
+        tolerance = cfg.model.selftest.tolerance_for(h.accelerator or "cpu")
+        v = selftest.check(h, expected, tolerance, cfg.model.score_threshold, report)
         h.selftest = v
         if v.passed:
             logger.info("worker %d self-test passed on %s: max diff %.1f step(s), %.1f ms", h.index, h.accelerator,

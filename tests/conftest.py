@@ -101,7 +101,9 @@ class Daemon:
         self.config = cfg
         self.cfg_path = tmp / f"{self.device_id}.yaml"
         self.cfg_path.write_text(yaml.safe_dump(cfg))
-        self.env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
+        # this checkout first; a PYTHONPATH already set (packages carried to a lent machine) stays after it
+        path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+        self.env = dict(os.environ, PYTHONPATH=path, **(env or {}))
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = tmp / f"{self.device_id}.log"
 

@@ -45,6 +45,21 @@ def test_classify_scores_past_tolerance_fail_naming_the_steps():
     assert not ok and diff == 3 and "3.0 steps" in why
 
 
+def test_default_tolerance_is_2_on_the_cpu_and_16_on_an_accelerator_and_a_set_one_applies_to_all():
+    """A GPU's fp16 answers were 3 steps off the CPU's record on the H200 (built frame): with the old single
+    default of 2 a working GPU was set aside at start. The configured value, when given, is used everywhere."""
+    default = config.SelftestConfig()
+    assert default.tolerance is None
+    assert [default.tolerance_for(k) for k in ("cpu", "gpu", "coral", "teflon")] == [2.0, 16.0, 16.0, 16.0]
+    three_off = ([[[0, 10, 200, 30, 16]]], [[[0, 10, 197, 30, 16]]])
+    assert not selftest.compare("classify", [Q], *three_off, default.tolerance_for("cpu"), 0.5)[0]
+    assert selftest.compare("classify", [Q], *three_off, default.tolerance_for("gpu"), 0.5)[0]
+    set_one = config.SelftestConfig(tolerance=1)
+    assert {set_one.tolerance_for(k) for k in ("cpu", "gpu", "coral")} == {1.0}
+    cfg = config.parse("model:\n  selftest:\n    tolerance: 5\n", "edged.yaml")
+    assert cfg.model.selftest.tolerance_for("gpu") == 5.0
+
+
 def test_classify_other_top1_fails_unless_the_expected_top_two_are_a_near_tie():
     ok, _d, why = selftest.compare("classify", [Q], [[[0, 10, 100, 99, 16]]], [[[0, 10, 99, 100, 16]]], 2, 0.5)
     assert ok, why  # 100 vs 99: within tolerance, either may come out on top

@@ -27,10 +27,11 @@ if ! ldconfig -p | grep -q libseccomp.so.2 && [ -f .mq/libseccomp.so.2 ]; then
 fi
 models=${EDGED_SHARED_MODELS:-$PWD/.m}; export EDGED_SHARED_MODELS=$models
 for kind in gpu cpu; do
+  prefer=$([ "$kind" = cpu ] && echo "[cpu]" || echo "[$kind, cpu]")
   cat > "$out/$kind.yaml" <<YAML
 device_id: gpucheck
 model: {path: $models/mobilenet_v2_1.0_224_quant.tflite, labels: $models/imagenet_labels.txt, task: classify}
-accelerator: {prefer: [$kind, cpu]}
+accelerator: {prefer: $prefer}
 status: {socket: /tmp/gpucheck-$kind.sock}
 YAML
 done
