@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU accelerator checks for a machine with a Vulkan GPU (how the lent GPU machine was used):
-# GPU tests, the GPU fail-over test (mode failover, or wave2 = all but the trace), `edged check` and `edged bench` on MobileNet v2 with accelerator.prefer [gpu, cpu], and the same
+# GPU tests, the GPU fail-over test (mode failover, or wave2 = all but the trace), the host copies (mode io), `edged check` and `edged bench` on MobileNet v2 with accelerator.prefer [gpu, cpu], and the same
 # bench on the CPU for comparison. Optional carried folders: .gl (Vulkan/GL loader .debs), .whl (wheels),
 # .mq (a mosquitto binary and its libraries), .m (the shared models). Outputs go to ${OUT:-/tmp/gpu-out}.
 # .mq: cp /usr/sbin/mosquitto and every library `ldd` lists except libc, libm and ld-linux; mind that a
@@ -37,6 +37,7 @@ YAML
 done
 nvidia-smi -L 2>&1 | head -2
 mode=${1:-all}
+if [ "$mode" = io ]; then python3 tools/gpu_io.py "$models/mobilenet_v2_1.0_224_quant.tflite" "${FRAMES:-500}"; exit 0; fi
 if [ "$mode" = trace ] || [ "$mode" = all ]; then  # needs strace (.st)
   # what a GPU worker does after warm-up (.st: a carried strace and its libraries)
   st=$(command -v strace || echo "$PWD/.st/strace")
