@@ -498,17 +498,9 @@ class Workers:
             self.generation += 1
             sha, expected = self._expected_for(new_cfg)
             kinds = [k for k in self.health.candidates() if k in new_cfg.accelerator.prefer] or None
-            fresh = []
+            fresh: list[WorkerHandle] = []
             try:
-                for i in range(new_cfg.worker_count):
-                    h = self._spawn(i, new_cfg, text, kinds)
-                    fresh.append(h)
-                    if not self._usable(expected, h, new_cfg):
-                        expected = self._reference(h, new_cfg, text, sha)
-                    assert expected is not None  # _usable() or _reference() gave one
-                    v = self._verdict(h, new_cfg, expected)
-                    if not v.passed:
-                        raise ModelError(f"the self-test of {new_cfg.model_name} on {h.accelerator} failed: {v.reason}")
+                expected = self._start_tested(fresh, new_cfg, text, kinds, sha, expected, fail=ModelError)
             except EdgedError:
                 for h in fresh:
                     h.stop()
@@ -543,15 +535,8 @@ class Workers:
             try:
                 sha, expected = fresh[0].candidate_expected if fresh else self._expected_for(cfg)
                 kinds = self.health.candidates() or None
-                while len(fresh) < cfg.worker_count:
-                    h = self._spawn(len(fresh), cfg, self.config_text, kinds, model=model)
-                    fresh.append(h)
-                    if not self._usable(expected, h, cfg):
-                        expected = self._reference(h, cfg, self.config_text, sha, model)
-                    assert expected is not None  # _usable() or _reference() gave one
-                    v = self._verdict(h, cfg, expected)
-                    if not v.passed:
-                        raise SelftestFailed(f"the self-test of {cfg.model_name} on {h.accelerator} failed: {v.reason}")
+                expected = self._start_tested(fresh, cfg, self.config_text, kinds, sha, expected, model=model,
+                                              fail=SelftestFailed)
             except BaseException:
                 for h in fresh:
                     h.stop()
@@ -575,6 +560,23 @@ class Workers:
             if self.on_reload is not None:
                 self.on_reload(cfg)
             threading.Thread(target=self._retire, args=(old,), name="retire", daemon=True).start()
+
+    def _start_tested(self, fresh: list[WorkerHandle], cfg: config.Config, text: str, kinds: list[str] | None,
+                      sha: str, expected: selftest.Expected | None, *, model: ModelSpec | str | None = "serving",
+                      fail: type[ModelError]) -> selftest.Expected | None:
+        """Fill `fresh` up to cfg.worker_count with started workers, each self-tested (the expected outputs
+        recorded first where none are usable); returns the expected outputs. A wrong answer raises `fail`;
+        `fresh` then holds the workers started so far, for the caller to stop."""
+        while len(fresh) < cfg.worker_count:
+            h = self._spawn(len(fresh), cfg, text, kinds, model=model)
+            fresh.append(h)
+            if not self._usable(expected, h, cfg):
+                expected = self._reference(h, cfg, text, sha, model)
+            assert expected is not None  # _usable() or _reference() gave one
+            v = self._verdict(h, cfg, expected)
+            if not v.passed:
+                raise fail(f"the self-test of {cfg.model_name} on {h.accelerator} failed: {v.reason}")
+        return expected
 
     def _retire(self, handles: list[WorkerHandle]) -> None:
         end = time.monotonic() + self.cfg.sandbox.frame_timeout_s + 5
