@@ -337,9 +337,9 @@ class Supervisor:
             self.notifier.ready("reload failed: still serving the previous model")
 
     def reload(self) -> None:
-        """The new config and model in fresh workers, then the old ones retire (edged.supervision)."""
+        """The new config and model in fresh workers, then the old ones retire (edged.switching)."""
         self.notifier.reloading()
-        new_cfg = self.workers.reload()
+        new_cfg = self.workers.switch.reload()
         if new_cfg is None:
             self.notifier.ready("reload failed: still serving the previous model")
             return
