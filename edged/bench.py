@@ -249,7 +249,7 @@ class WorkerPath(Windowed):
 
     def __init__(self, cfg: Config, payload: bytes, sandbox: bool, window: int) -> None:
         from edged.pool import FramePool
-        from edged.supervision import init_message, read_config_text
+        from edged.workerinit import init_message, read_config_text
         from edged.workers import WorkerHandle
 
         super().__init__(window)

@@ -4,8 +4,8 @@ Owners (README "Design"): the MQTT adapter (edged.mqtt, behind edged.door)
 feeds admission and dispatch (edged.admission), which hand frames to the
 worker slots (edged.supervision); replies come back here and become result
 JSON (edged.results). This module wires them and keeps what is the daemon's:
-state, the status snapshot, the periodic timers, SIGHUP/SIGTERM and the
-order of teardown.
+state, the periodic timers, SIGHUP/SIGTERM and the order of teardown; the
+status snapshot is built by edged.snapshot from the same owners.
 
 Threads: one I/O thread (edged.ioloop) drives paho and every worker channel:
 admit() copies a frame into a pool block and hands it to a free worker at
@@ -33,11 +33,12 @@ from edged.errors import ConfigError, EdgedError, ModelError, ProtocolError, Wor
 from edged.homeassistant import HomeAssistant
 from edged.fleet import ShareLink
 from edged.ioloop import IoLoop
-from edged.metrics import Metrics, write_prometheus
+from edged.metrics import Metrics
 from edged.mqtt import MqttLink
 from edged.notify import Notifier
 from edged.pool import FramePool
 from edged.results import Results
+from edged.snapshot import Snapshot, needs_prometheus
 from edged.status import StatusServer
 from edged.supervision import UNBLAMED, Workers
 from edged.updates import ModelUpdates
@@ -47,15 +48,6 @@ from edged.workers import WorkerHandle
 logger = logging.getLogger(__name__)
 
 EX_OK, EX_SOFTWARE, EX_CONFIG = 0, 70, 78
-
-
-def cfg_needs_prometheus(cfg: config.Config) -> bool:
-    """True when Prometheus output is configured but its library is missing."""
-    if not cfg.status.prometheus_file and not cfg.status.prometheus_port:
-        return False
-    import importlib.util
-
-    return importlib.util.find_spec("prometheus_client") is None
 
 
 class Supervisor:
@@ -97,6 +89,8 @@ class Supervisor:
         self.updates = ModelUpdates(cfg, self.workers, self.link.publish_message)
         if self.updates.enabled:
             self.link.add_route([(self.updates.topic, 1)], self.updates.on_message)
+        self.snap = Snapshot(self.cond, self.workers, self.admission, self.metrics, self.pool, self.link,
+                             self.results, self.share, self.updates, self.started, on_stats=self.ha.on_stats)
         self.status_server = StatusServer(cfg.status.socket, self.snapshot,
                                           {"model-rollback": self.updates.request_rollback})
         self._last_stats = 0.0
@@ -214,77 +208,14 @@ class Supervisor:
             self.notifier.status(f"{new}: {name} on {self.workers.accel_info.get('chosen')}")
 
     def snapshot(self) -> dict[str, Any]:
-        import psutil
-
-        with self.cond:
-            workers = [{"index": s.index, "pid": s.handle.pid if s.handle else None,
-                        "state": s.handle.state if s.handle else "absent", "restarts": s.restarts,
-                        "sandboxed": bool(s.handle and s.handle.info.get("sandboxed")),
-                        "sandbox_profile": s.handle.info.get("sandbox_profile") if s.handle else None,
-                        "inflight": len(s.handle.inflight) if s.handle else 0, "last_exit": s.last_exit,
-                        "served": s.handle.served if s.handle else 0,
-                        "batch_max": int(s.handle.info.get("batch", 1)) if s.handle else 1,
-                        "batched": s.handle.batched if s.handle else 0,
-                        "accelerator": s.handle.accelerator if s.handle else None,
-                        "model": s.handle.model_name if s.handle else None,
-                        "selftest": s.handle.selftest.report() if s.handle and s.handle.selftest else None}
-                       for s in self.workers.slots]
-            accelerator = {**self.workers.accel_info, **self.workers.accelerator_report()}
-            depth = self.queue_depth()
-            streams = self.admission.streams()
-        mem: dict[str, Any] = {"rss_bytes": psutil.Process().memory_info().rss, "workers": {}}
-        for w in workers:
-            try:
-                w["rss_bytes"] = psutil.Process(int(w["pid"])).memory_info().rss if w["pid"] else 0
-            except psutil.Error:
-                w["rss_bytes"] = 0
-            mem["workers"][str(w["pid"])] = w["rss_bytes"]
-        m = self.metrics.snapshot()
-        model = self.workers.model_info
-        return {
-            "state": self.state,
-            "state_reason": self.state_reason,
-            "version": __version__,
-            "device_id": self.cfg.device_id,
-            "uptime_s": round(time.monotonic() - self.started, 1),
-            "model": {k: model.get(k) for k in ("name", "path", "task", "input", "outputs", "backend")},
-            "accelerator": accelerator,
-            "frames": m["frames"],
-            "errors_by_code": m["errors_by_code"],
-            "latency_ms": m["latency_ms"],
-            "stages_ms": m["stages_ms"],
-            "queue_depth": depth,
-            "streams_queued": streams,
-            "watchdog": {"stalled": self.stalled},
-            "pool": self.pool.stats(),
-            "workers": workers,
-            "memory": mem,
-            "mqtt": {
-                "connected": self.link.connected,
-                "reconnects": self.link.reconnects,
-                "result_overflows": self.link.overflows,
-                "results_waiting": len(self.results.waiting),
-                "results_unacked": self.link.held(),
-                "unrouted": self.link.unrouted,
-                "oversized_packets": self.link.oversized,
-                "broker": f"{self.cfg.mqtt.host}:{self.cfg.mqtt.port}",
-                "share": self.share.stats() if self.share is not None else None,
-            },
-            "model_update": self.updates.status(),
-        }
+        """The status JSON (edged.snapshot)."""
+        return self.snap.take(self.cfg, self.state, self.state_reason, self.stalled)
 
     def _periodic(self, now: float) -> None:
         interval = self.cfg.status.interval
         if interval and now - self._last_stats >= interval:
             self._last_stats = now
-            st = self.snapshot()
-            self.link.publish_stats(json.dumps(st).encode())
-            self.ha.on_stats(st)
-            if self.cfg.status.prometheus_file:
-                try:
-                    write_prometheus(self.cfg.status.prometheus_file, st)
-                except OSError as exc:
-                    logger.warning("status.prometheus_file: %s", exc)
+            self.snap.publish(self.cfg, self.snapshot())
         wd = self.notifier.watchdog_interval()
         # pinged at a quarter of WatchdogSec: with the main loop's 0.25 s turn no gap reaches half of it
         if wd and now - self._last_watchdog >= wd / 2:
@@ -337,9 +268,9 @@ class Supervisor:
             self.notifier.ready("reload failed: still serving the previous model")
 
     def reload(self) -> None:
-        """The new config and model in fresh workers, then the old ones retire (edged.supervision)."""
+        """The new config and model in fresh workers, then the old ones retire (edged.switching)."""
         self.notifier.reloading()
-        new_cfg = self.workers.reload()
+        new_cfg = self.workers.switch.reload()
         if new_cfg is None:
             self.notifier.ready("reload failed: still serving the previous model")
             return
@@ -350,7 +281,7 @@ class Supervisor:
         """Serve until SIGTERM/SIGINT; return the exit status."""
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._signal)
-        if cfg_needs_prometheus(self.cfg):
+        if needs_prometheus(self.cfg):
             key = "prometheus_file" if self.cfg.status.prometheus_file else "prometheus_port"
             raise ConfigError(f"{self.cfg.source} status.{key}: needs the prometheus-client package "
                               "(pip install 'edged[prometheus]')")

@@ -9,7 +9,7 @@ on_segment_added returns, so no block reaches a worker before its segment; if
 the callback raises, alloc re-raises and the unused segment goes by the idle
 rule. The base segment is not announced: read it from segments().
 
-Allocator: 64-byte aligned blocks; per segment, free extents sit in a sorted
+Allocator: 64-byte aligned blocks; per segment (edged.poolsegment), free extents sit in a sorted
 offset list (plus offset -> size), so free() finds its neighbours by bisection
 and coalesces at once. Best-fit over all extents, ties to the oldest segment:
 frames in flight are few, so the scan is short, and best-fit keeps big extents
@@ -41,7 +41,6 @@ allocated at the same place cannot be told from it (that double free goes unseen
 """
 from __future__ import annotations
 
-import bisect
 import logging
 import mmap
 import os
@@ -52,6 +51,7 @@ from collections.abc import Callable
 
 from edged import memfd
 from edged.errors import PoolError
+from edged.poolsegment import Segment
 
 log = logging.getLogger(__name__)
 
@@ -92,48 +92,17 @@ def _round_up(n: int, unit: int) -> int:
     return -(-n // unit) * unit
 
 
-class _Segment:
-    """One mapping and its free extents; mutated only under the pool's lock."""
-    __slots__ = ("base", "draining", "empty_since", "extents", "fd", "id", "live", "mm", "ready", "size", "starts")
-
-    def __init__(self, seg_id: int, size: int, fd: int, mm: mmap.mmap | None, base: bool, now: float) -> None:
-        self.id, self.size, self.fd, self.mm, self.base = seg_id, size, fd, mm, base
-        self.starts: list[int] = [0]              # free extent offsets, sorted
-        self.extents: dict[int, int] = {0: size}  # free extent offset -> size
-        self.live, self.empty_since, self.draining, self.ready = 0, now, False, base
-
-    def take(self, start: int, size: int) -> None:
-        i = bisect.bisect_left(self.starts, start)
-        rest = self.extents.pop(start) - size
-        if rest:
-            self.starts[i] = start + size
-            self.extents[start + size] = rest
-        else:
-            del self.starts[i]
-
-    def give(self, start: int, size: int) -> None:
-        i = bisect.bisect_left(self.starts, start)
-        if i < len(self.starts) and self.starts[i] == start + size:  # merge with the next extent
-            size += self.extents.pop(self.starts.pop(i))
-        if i > 0 and (prev := self.starts[i - 1]) + self.extents[prev] == start:  # and the previous one
-            self.extents[prev] += size
-        else:
-            self.starts.insert(i, start)
-            self.extents[start] = size
-
-    def largest(self) -> int:
-        return max(self.extents.values(), default=0)
-
-    def unmap(self) -> None:
-        if self.mm is not None:
-            try:
-                self.mm.close()
-            except BufferError:  # a view() is still held: the mapping goes when the last one is dropped
-                log.warning("segment %d still has exported views; unmap deferred to their release", self.id)
-            self.mm = None
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+def _unmap(seg: Segment) -> None:
+    """Unmap a segment and close its fd; a view still held keeps the mapping until it is dropped."""
+    if seg.mm is not None:
+        try:
+            seg.mm.close()
+        except BufferError:  # a view() is still held: the mapping goes when the last one is dropped
+            log.warning("segment %d still has exported views; unmap deferred to their release", seg.id)
+        seg.mm = None
+    if seg.fd >= 0:
+        os.close(seg.fd)
+        seg.fd = -1
 
 
 class FramePool:
@@ -156,7 +125,7 @@ class FramePool:
         self._on_added, self._on_released = on_segment_added, on_segment_released
         self._clock = clock
         self._lock = threading.Lock()
-        self._segs: dict[int, _Segment] = {}
+        self._segs: dict[int, Segment] = {}
         self._live: dict[tuple[int, int], Block] = {}
         self._next_id = 0
         self._capacity = self._used = self._high_water = 0
@@ -171,7 +140,7 @@ class FramePool:
         if length < 0:
             raise PoolError(f"negative length {length}")
         size = _round_up(max(length, 1), ALIGN)
-        added: _Segment | None = None
+        added: Segment | None = None
         with self._lock:
             if self._closed:
                 raise PoolError("pool is closed")
@@ -242,7 +211,7 @@ class FramePool:
     def maintain(self, now: float | None = None) -> None:
         """Release grown segments idle for idle_release_s and act on lasting fragmentation (~1/s)."""
         now = self._clock() if now is None else now
-        gone: list[_Segment] = []
+        gone: list[Segment] = []
         with self._lock:
             if self._closed:
                 return
@@ -254,7 +223,7 @@ class FramePool:
                     gone.append(seg)
             self._watch_fragmentation(now)
         for seg in gone:
-            seg.unmap()
+            _unmap(seg)
             log.info("released segment %d (%d bytes) after %.1f s idle", seg.id, seg.size, now - seg.empty_since)
             if self._on_released is not None:
                 self._on_released(seg.id)
@@ -285,7 +254,7 @@ class FramePool:
             self._live.clear()
             self._capacity = self._used = 0
         for seg in segs:
-            seg.unmap()
+            _unmap(seg)
             if not seg.base and self._on_released is not None:
                 self._on_released(seg.id)
 
@@ -295,7 +264,7 @@ class FramePool:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _announce(self, seg: _Segment, block: Block) -> None:
+    def _announce(self, seg: Segment, block: Block) -> None:
         try:
             if self._on_added is not None:
                 self._on_added(seg.id, seg.fd, seg.size)
@@ -305,12 +274,12 @@ class FramePool:
         with self._lock:
             seg.ready = True
 
-    def _segment_of(self, block: Block) -> _Segment:
+    def _segment_of(self, block: Block) -> Segment:
         if not isinstance(block, Block) or self._live.get((block.segment, block.offset)) != block:
             raise PoolError(f"{block!r} is not a live block of this pool (double free or foreign)")
         return self._segs[block.segment]
 
-    def _best_fit(self, size: int) -> tuple[_Segment, int] | None:
+    def _best_fit(self, size: int) -> tuple[Segment, int] | None:
         """Tightest extent outside draining segments, else tightest inside them; ties to the oldest."""
         best = spare = None
         best_size = spare_size = 0
@@ -327,7 +296,7 @@ class FramePool:
                         return best
         return best or spare
 
-    def _grow(self, size: int) -> _Segment | None:
+    def _grow(self, size: int) -> Segment | None:
         want = max(self._seg_bytes, _round_up(size, self._seg_bytes))
         room = self._max - self._capacity
         if want > room:
@@ -339,7 +308,7 @@ class FramePool:
         log.info("grew pool by segment %d (%d bytes), capacity now %d", seg.id, want, self._capacity)
         return seg
 
-    def _new_segment(self, size: int, *, base: bool) -> _Segment:
+    def _new_segment(self, size: int, *, base: bool) -> Segment:
         seg_id, self._next_id = self._next_id, self._next_id + 1
         fd, mm = -1, None
         if self._backing == "memfd":
@@ -347,7 +316,7 @@ class FramePool:
                 fd, mm = memfd.segment(f"edged-pool-{seg_id}", size)
             except OSError as exc:
                 raise PoolError(f"cannot map a {size}-byte segment: {exc}") from exc
-        seg = _Segment(seg_id, size, fd, mm, base, self._clock())
+        seg = Segment(seg_id, size, fd, mm, base, self._clock())
         self._segs[seg_id] = seg
         self._capacity += size
         return seg

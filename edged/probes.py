@@ -55,7 +55,7 @@ class Prober:
         try:
             h = w._spawn(PROBE_INDEX, cfg, text, [kind])
             try:
-                v = w._verdict(h, cfg, expected) if expected is not None else None
+                v = w.judge.verdict(h, cfg, expected) if expected is not None else None
                 ok, why = v is None or v.passed, v.reason if v is not None else ""
             finally:
                 h.stop()
@@ -82,7 +82,7 @@ class Prober:
             for i in range(cfg.worker_count):
                 h = w._spawn(i, cfg, text, [kind])
                 fresh.append(h)
-                v = w._verdict(h, cfg, expected) if expected is not None else None
+                v = w.judge.verdict(h, cfg, expected) if expected is not None else None
                 if v is not None and not v.passed:
                     raise ModelError(f"self-test failed: {v.reason}")
         except EdgedError as exc:

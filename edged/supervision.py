@@ -4,9 +4,10 @@
 deadline or misses heartbeats is killed and replaced with capped exponential
 backoff; the frames it held go back to whoever owns frames (the daemon's
 `on_orphans`), which runs each once more. Too many restarts in the window set
-`fatal`, and the daemon exits 70. A reload starts new workers on the new
-config before the old ones retire. Workers always start from the config
-held in memory (the text last loaded), never from the file as it is now.
+`fatal`, and the daemon exits 70. A reload or a model swap (edged.switching)
+starts new workers on the new config before the old ones retire. Workers
+always start from the config held in memory (the text last loaded,
+edged.workerinit), never from the file as it is now.
 
 Accelerator health (edged.health keeps the books): every worker starts on
 the best kind not set aside and answers the known-answer self-test
@@ -29,56 +30,19 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from edged import config, protocol, selftest
-from edged.errors import ConfigError, EdgedError, ModelError
+from edged.errors import EdgedError, ModelError
 from edged.health import Health
 from edged.ioloop import IoLoop
 from edged.probes import Prober
+from edged.switching import Switcher
+from edged.verdicts import Judge
+from edged.workerinit import ModelSpec, init_message, read_config_text, with_model
 from edged.workers import InProcessWorkerHandle, WorkerHandle
 
 logger = logging.getLogger(__name__)
-
-
-def read_config_text(cfg: config.Config) -> str:
-    try:
-        return Path(cfg.source).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{cfg.source}: cannot read config: {exc}") from None
-
-
-def init_message(cfg: config.Config, config_text: str, coral_device: str | None = None, *,
-                 sandbox: bool | None = None, model_path: str | None = None,
-                 accelerators: list[str] | None = None, model: ModelSpec | None = None) -> protocol.Init:
-    """What a worker is told at start: the one builder, for the daemon and the bench alike."""
-    src = Path(cfg.source)
-    return protocol.Init(config_text=config_text, config_name=str(src), config_base=str(src.resolve().parent),
-                         sandbox=cfg.sandbox.enabled if sandbox is None else sandbox, sandbox_mode=cfg.sandbox.mode,
-                         memory_limit=cfg.sandbox.memory_limit_mb << 20, batch_max=cfg.model.batch_max,
-                         batch_wait_ms=cfg.model.batch_wait_ms,
-                         max_fds=32 + int(cfg.pool.max_mb / max(cfg.pool.segment_mb, 0.0625)) + 1,
-                         log_level=logging.getLevelName(cfg.logging.level), coral_device=coral_device,
-                         model_path=model.path if model else model_path, model_task=model.task if model else None,
-                         model_labels=model.labels if model else None, accelerators=accelerators)
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """A model other than the config's (from the update store): its file, labels and task."""
-
-    path: str
-    labels: str | None
-    task: str
-
-
-def with_model(cfg: config.Config, model: ModelSpec | None) -> config.Config:
-    """The config as the workers serve it: model.path, .labels and .task those of `model` (None: as written)."""
-    if model is None:
-        return cfg
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=model.path, labels=model.labels,
-                                                              task=model.task))
 
 
 @dataclass
@@ -96,9 +60,6 @@ class Slot:
 OnMessage = Callable[[WorkerHandle, "protocol.Result | protocol.Pong"], None]
 OnOrphans = Callable[[WorkerHandle, list[Any]], None]
 OnEvent = Callable[[dict[str, Any]], None]
-class SelftestFailed(ModelError):
-    """A worker of a new model loaded but its self-test answered wrong (edged.updates: a `selftest` rejection)."""
-
 
 SET_ASIDE = "set_aside"  # kill cause: its accelerator was set aside under it (its frames are not to blame)
 SELFTEST = "selftest"  # kill cause: its in-service self-test answered wrong
@@ -128,12 +89,13 @@ class Workers:
         self.expected: selftest.Expected | None = None
         self.model_sha = ""
         self.prober = Prober(self)
+        self.judge = Judge(self)  # the self-test's expected outputs and verdicts (edged.verdicts)
         self.on_reload: Callable[[config.Config], None] | None = None  # after a reload or swap, outside the lock
         # model updates (edged.updates): the model serving instead of the config's; self.cfg is the config with
         # it filled in (with_model), so the self-test, probes and status all see the model that serves
         self.model: ModelSpec | None = None
         self.config_model = cfg.model  # model as the config file says (the fallback)
-        self._switching = threading.Lock()  # one reload or model swap at a time
+        self.switch = Switcher(self)  # reload and model swap (edged.switching)
 
     # ---- queries (under the lock) -------------------------------------------------------------------------------
     def handles(self) -> list[WorkerHandle]:
@@ -181,81 +143,14 @@ class Workers:
         self.model = model
         self.cfg = with_model(dataclasses.replace(self.cfg, model=self.config_model), model)
 
-    def candidate(self, model: ModelSpec | None) -> WorkerHandle:
-        """A started, self-tested worker on `model` in no slot (it takes no frames); its replies go to
-        h.probe_sink. swap_model(model, [h]) makes it a serving worker; else the caller stops it.
-        A model that does not load: ModelError; one whose self-test fails: SelftestFailed."""
-        cfg = with_model(dataclasses.replace(self.cfg, model=self.config_model), model)
-        sha, expected = self._expected_for(cfg)
-        kinds = self.health.candidates() or None
-        h = self._spawn(0, cfg, self.config_text, kinds, model=model)
-        try:
-            if not self._usable(expected, h, cfg):
-                expected = self._reference(h, cfg, self.config_text, sha, model)
-            assert expected is not None  # _usable() or _reference() gave one
-            v = self._verdict(h, cfg, expected)
-        except BaseException:
-            h.stop()
-            raise
-        if not v.passed:
-            h.stop()
-            raise SelftestFailed(f"the self-test on {h.accelerator} failed: {v.reason} (expected outputs from "
-                                 f"{expected.source})")
-        h.candidate_expected = (sha, expected)
-        return h
+    def _seat(self, handles: list[WorkerHandle]) -> None:
+        """Under the lock: `handles` take the slots, in order; status shows the first one's model."""
+        self.slots = [Slot(i, h) for i, h in enumerate(handles)]
+        self._adopt(handles[0])
 
     def _adopt(self, h: WorkerHandle) -> None:
         self.model_info = dict(h.info.get("model", {}), task=h.info.get("task"), name=h.model_name)
         self.accel_info = h.info.get("accelerator", {})
-
-    # ---- the self-test --------------------------------------------------------------------------------------------
-    def _expected_for(self, cfg: config.Config) -> tuple[str, selftest.Expected | None]:
-        """The model's sha256 and its expected self-test outputs, if known yet (a bad expect file: ConfigError)."""
-        try:
-            sha = selftest.model_sha256(cfg.model.path)
-        except OSError as exc:
-            raise ModelError(f"model {cfg.model.path}: {exc.strerror}") from None
-        return sha, selftest.Expected.load(cfg, sha)
-
-    def _reference(self, h: WorkerHandle, cfg: config.Config, text: str, sha: str,
-                   model: ModelSpec | str | None = "serving") -> selftest.Expected:
-        """Expected outputs recorded on the CPU: this worker's when it runs there, else a CPU worker's of its own."""
-        if h.accelerator == "cpu":
-            return selftest.Expected.record(cfg, sha, h)
-        try:
-            ref = self._spawn(h.index, cfg, text, ["cpu"], model=model)
-        except EdgedError as exc:
-            logger.warning("self-test: the model does not run on the CPU here (%s); the answers of %s become the "
-                           "expected ones", exc, h.accelerator)
-            return selftest.Expected.record(cfg, sha, h)
-        try:
-            return selftest.Expected.record(cfg, sha, ref)
-        finally:
-            ref.stop()
-
-    @staticmethod
-    def _usable(expected: selftest.Expected | None, h: WorkerHandle, cfg: config.Config) -> bool:
-        """A record of other self-test frames (model.selftest.frames changed) is recorded again; an expect file is
-        what the user said and stays."""
-        if expected is None:
-            return False
-        rep = h.info.get("selftest") or {}
-        return bool(cfg.model.selftest.expect) or expected.frames is None or rep.get("frames") == expected.frames
-
-    def _verdict(self, h: WorkerHandle, cfg: config.Config, expected: selftest.Expected,
-                 report: dict[str, Any] | None = None) -> selftest.Verdict:
-        tolerance = cfg.model.selftest.tolerance_for(h.accelerator or "cpu")
-        v = selftest.check(h, expected, tolerance, cfg.model.score_threshold, report)
-        h.selftest = v
-        if v.passed:
-            logger.info("worker %d self-test passed on %s: max diff %.1f step(s), %.1f ms", h.index, h.accelerator,
-                        v.max_diff, v.ms)
-        else:
-            logger.warning("worker %d self-test FAILED on %s: %s (expected outputs from %s)", h.index, h.accelerator,
-                           v.reason, expected.source)
-            self.on_event({"event": "selftest_failed", "ts": round(time.time(), 3), "accelerator": h.accelerator,
-                           "model": cfg.model_name, "reason": v.reason, "max_diff": round(v.max_diff, 3)})
-        return v
 
     def _start_slot(self, index: int, cfg: config.Config, text: str) -> WorkerHandle:
         """At start: the best kind that loads and passes; a kind that fails its self-test is set aside at once."""
@@ -266,10 +161,10 @@ class Workers:
             for skip in h.info.get("accelerator", {}).get("skipped", []):
                 if isinstance(skip, dict) and skip.get("kind") != chosen:
                     self.health.skip(str(skip.get("kind")), str(skip.get("reason")))
-            if not self._usable(self.expected, h, cfg):
-                self.expected = self._reference(h, cfg, text, self.model_sha)
-            assert self.expected is not None  # _usable() or _reference() gave one
-            v = self._verdict(h, cfg, self.expected)
+            if not self.judge.usable(self.expected, h, cfg):
+                self.expected = self.judge.reference(h, cfg, text, self.model_sha)
+            assert self.expected is not None  # usable() or reference() gave one
+            v = self.judge.verdict(h, cfg, self.expected)
             if v.passed:
                 return h
             h.stop()
@@ -286,11 +181,10 @@ class Workers:
         if self.cfg.sandbox.in_process:
             logger.warning("sandbox.in_process: inference runs on threads of this process, unfiltered and without "
                            "crash isolation (for debugging only)")
-        self.model_sha, self.expected = self._expected_for(self.cfg)
+        self.model_sha, self.expected = self.judge.expected_for(self.cfg)
         handles = [self._start_slot(i, self.cfg, self.config_text) for i in range(self.cfg.worker_count)]
         with self.cond:
-            self.slots = [Slot(i, h) for i, h in enumerate(handles)]
-            self._adopt(handles[0])
+            self._seat(handles)
             self.cond.notify_all()
 
     # ---- a worker's end -----------------------------------------------------------------------------------------
@@ -349,8 +243,8 @@ class Workers:
         why = ""
         try:
             h = self._spawn(slot.index, cfg, text, [kind] if kind else None)
-            assert expected is not None  # _usable() or _reference() gave one
-            v = self._verdict(h, cfg, expected) if expected is not None else None
+            assert expected is not None  # usable() or reference() gave one
+            v = self.judge.verdict(h, cfg, expected) if expected is not None else None
             if v is not None and not v.passed:
                 h.stop()
                 why = f"self-test failed: {v.reason}"
@@ -453,7 +347,7 @@ class Workers:
         expected = self.expected
         if expected is None or h.retiring:
             return
-        v = self._verdict(h, self.cfg, expected, report)
+        v = self.judge.verdict(h, self.cfg, expected, report)
         if not v.passed:
             h.kill_for(SELFTEST)  # its later replies are dropped; its frames run again elsewhere
             self._failed(h.accelerator, "selftest", v.reason)
@@ -476,107 +370,7 @@ class Workers:
                 out.append(f"worker {s.index} (down for {now - s.restart_times[-1]:.0f} s)")
         return out
 
-    # ---- reload and teardown ------------------------------------------------------------------------------------
-    def reload(self) -> config.Config | None:
-        """Load the config file anew in fresh workers, then retire the old ones: no frame lost.
-
-        Returns the new config, or None when the reload failed and the old workers keep serving.
-        """
-        with self._switching:
-            return self._reload()
-
-    def _reload(self) -> config.Config | None:
-        try:
-            new_cfg = config.load(self.cfg.source)
-            config_model = new_cfg.model
-            new_cfg = with_model(new_cfg, self.model)  # a model from an update keeps serving
-            for warning in new_cfg.warnings:
-                logger.warning("%s", warning)
-            text = read_config_text(new_cfg)
-            if new_cfg.mqtt != self.cfg.mqtt or new_cfg.status != self.cfg.status:
-                logger.warning("reload: mqtt and status changes take effect at the next restart")
-                new_cfg = dataclasses.replace(new_cfg, mqtt=self.cfg.mqtt, status=self.cfg.status)
-            self.generation += 1
-            sha, expected = self._expected_for(new_cfg)
-            kinds = [k for k in self.health.candidates() if k in new_cfg.accelerator.prefer] or None
-            fresh = []
-            try:
-                for i in range(new_cfg.worker_count):
-                    h = self._spawn(i, new_cfg, text, kinds)
-                    fresh.append(h)
-                    if not self._usable(expected, h, new_cfg):
-                        expected = self._reference(h, new_cfg, text, sha)
-                    assert expected is not None  # _usable() or _reference() gave one
-                    v = self._verdict(h, new_cfg, expected)
-                    if not v.passed:
-                        raise ModelError(f"the self-test of {new_cfg.model_name} on {h.accelerator} failed: {v.reason}")
-            except EdgedError:
-                for h in fresh:
-                    h.stop()
-                raise
-        except EdgedError as exc:
-            logger.error("reload failed, still serving the previous model: %s", exc)
-            return None
-        with self.cond:
-            old = self.handles()
-            for h in old:
-                h.retiring = True
-            self.cfg, self.config_text, self.config_model = new_cfg, text, config_model
-            self.model_sha, self.expected = sha, expected
-            if new_cfg.accelerator.prefer != self.health.prefer or new_cfg.accelerator.health != self.health.cfg:
-                self.health = Health(new_cfg.accelerator.prefer, new_cfg.accelerator.health)
-            self.slots = [Slot(i, h) for i, h in enumerate(fresh)]
-            self._adopt(fresh[0])
-            self.cond.notify_all()
-        logger.info("reload: now serving %s; retiring %d old worker(s)", fresh[0].model_name, len(old))
-        if self.on_reload is not None:
-            self.on_reload(new_cfg)
-        threading.Thread(target=self._retire, args=(old,), name="retire", daemon=True).start()
-        return new_cfg
-
-    def swap_model(self, model: ModelSpec | None, started: list[WorkerHandle] | None = None) -> None:
-        """Serve `model` (None: the config's) as a reload does: fresh self-tested workers first, then the old
-        ones retire. `started`: candidates already on this model (candidate()), used first. Raises
-        ModelError/WorkerError when a fresh worker does not start or pass; the old ones then keep serving."""
-        with self._switching:
-            cfg = with_model(dataclasses.replace(self.cfg, model=self.config_model), model)
-            fresh = [h for h in started or () if h.state == "ready"][: cfg.worker_count]
-            try:
-                sha, expected = fresh[0].candidate_expected if fresh else self._expected_for(cfg)
-                kinds = self.health.candidates() or None
-                while len(fresh) < cfg.worker_count:
-                    h = self._spawn(len(fresh), cfg, self.config_text, kinds, model=model)
-                    fresh.append(h)
-                    if not self._usable(expected, h, cfg):
-                        expected = self._reference(h, cfg, self.config_text, sha, model)
-                    assert expected is not None  # _usable() or _reference() gave one
-                    v = self._verdict(h, cfg, expected)
-                    if not v.passed:
-                        raise SelftestFailed(f"the self-test of {cfg.model_name} on {h.accelerator} failed: {v.reason}")
-            except BaseException:
-                for h in fresh:
-                    h.stop()
-                raise
-            self.generation += 1
-            for i, h in enumerate(fresh):
-                h.probe_sink = None
-                h.last_pong = time.monotonic()
-                h.index = h.logs.index = i
-                h.generation = self.generation
-            with self.cond:
-                old = self.handles()
-                for h in old:
-                    h.retiring = True
-                self.model, self.cfg = model, cfg
-                self.model_sha, self.expected = sha, expected
-                self.slots = [Slot(i, h) for i, h in enumerate(fresh)]
-                self._adopt(fresh[0])
-                self.cond.notify_all()
-            logger.info("model swap: now serving %s; retiring %d old worker(s)", fresh[0].model_name, len(old))
-            if self.on_reload is not None:
-                self.on_reload(cfg)
-            threading.Thread(target=self._retire, args=(old,), name="retire", daemon=True).start()
-
+    # ---- teardown ---------------------------------------------------------------------------------------------
     def _retire(self, handles: list[WorkerHandle]) -> None:
         end = time.monotonic() + self.cfg.sandbox.frame_timeout_s + 5
         with self.cond:

@@ -9,13 +9,13 @@ hands the payload over; at most one waits, a newer one replaces it):
    no-op), a model rolled back before, a serial not greater than the serving one.
 3. edged.modelstore.write_version: the files, atomically, as a new version.
 4. Self-test on a fresh sandboxed worker on the configured accelerators (a
-   candidate beside the serving workers, edged.supervision.Workers.candidate):
+   candidate beside the serving workers, edged.switching.Switcher.candidate):
    the known-answer self-test of edged.selftest (expected outputs recorded on
    the CPU by the model's sha256, so on a CPU-only device it proves the model
    loads and answers, not that it is right), then the bundle's own frames
    through the whole frame path, checked against the bundle's expected answers.
    The candidate that passed is the worker that then serves.
-5. The store's pointer moves (commit), then edged.supervision swaps the serving
+5. The store's pointer moves (commit), then edged.switching swaps the serving
    workers as a reload does (fresh workers first, the old ones retire after
    their in-flight frames: no frame lost, none answered twice).
 6. P/model/state (retained) and P/events say what happened; probation starts:
@@ -42,7 +42,9 @@ from edged import bundle, faults, protocol
 from edged.config import Config
 from edged.errors import EdgedError, ModelError, WorkerError
 from edged.modelstore import ModelStore, StoreError, sha256_file
-from edged.supervision import ModelSpec, SelftestFailed, Workers
+from edged.supervision import Workers
+from edged.switching import SelftestFailed
+from edged.workerinit import ModelSpec
 from edged.workers import WorkerHandle
 
 logger = logging.getLogger(__name__)
@@ -216,7 +218,7 @@ class ModelUpdates:
             self._reject(b, "store", str(exc))
             return
         try:
-            self.workers.swap_model(spec, [probe])  # the tested worker serves: no second load
+            self.workers.switch.swap_model(spec, [probe])  # the tested worker serves: no second load
         except (ModelError, WorkerError) as exc:  # passed the probe, then failed: back to what served
             logger.error("model update: serial %d passed its self-test but its workers did not start: %s",
                          b.serial, exc)
@@ -246,7 +248,7 @@ class ModelUpdates:
         cfg = self.workers.cfg
         got: queue.Queue[Any] = queue.Queue()
         try:  # loads, and passes the known-answer self-test (edged.selftest: the CPU run is the reference)
-            h = self.workers.candidate(spec)
+            h = self.workers.switch.candidate(spec)
         except SelftestFailed as exc:
             return ("selftest", str(exc)), None
         except (ModelError, WorkerError) as exc:
@@ -334,7 +336,7 @@ class ModelUpdates:
             return {"ok": False, "error": str(exc)}
         assert back is not None
         try:
-            self.workers.swap_model(spec_of(back))
+            self.workers.switch.swap_model(spec_of(back))
         except (ModelError, WorkerError) as exc:
             logger.error("rollback to serial %s: its workers did not start: %s", back.get("serial"), exc)
             return {"ok": False, "error": f"the previous model's workers did not start: {exc}"}

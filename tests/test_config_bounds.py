@@ -110,6 +110,13 @@ def write(tmp: Path, text: str, name: str = "edged.yaml") -> Path:
     return p
 
 
+def parse_error(text: str) -> str:
+    """The message of the ConfigError that parsing `text` as /srv/edged.yaml raises (none raised: the test fails)."""
+    with pytest.raises(ConfigError) as info:
+        config.parse(text, "/srv/edged.yaml", Path("/srv"))
+    return str(info.value)
+
+
 # -- YAML bombs -----------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -158,9 +165,8 @@ def test_run_deep_yaml_exits_78_before_touching_the_broker(tmp_path):
     ("sandbox:\n  <<: *defaults\n", 2, "aliases (*defaults)"),
 ])
 def test_parse_anchor_or_alias_refused_naming_line(text, line_no, word):
-    with pytest.raises(ConfigError) as info:
-        config.parse(text, "/srv/edged.yaml", Path("/srv"))
-    assert str(info.value).startswith(f"edged.yaml:{line_no}: YAML {word} are not allowed"), info.value
+    msg = parse_error(text)
+    assert msg.startswith(f"edged.yaml:{line_no}: YAML {word} are not allowed"), msg
 
 
 def test_parse_too_many_nodes_refused():
@@ -233,9 +239,8 @@ def test_run_wildcard_prefix_exits_78_instead_of_never_connecting(tmp_path):
     ("{group: g, prefix: '$x'}", "mqtt.share.prefix", "must not start with '$'"),
 ])
 def test_parse_share_group_and_prefix_checked_as_topics(share, key, why):
-    with pytest.raises(ConfigError) as info:
-        config.parse(f"device_id: d\nmqtt:\n  share: {share}\n", "/srv/edged.yaml", Path("/srv"))
-    assert f"edged.yaml:3 {key}: " in str(info.value) and why in str(info.value), info.value
+    msg = parse_error(f"device_id: d\nmqtt:\n  share: {share}\n")
+    assert f"edged.yaml:3 {key}: " in msg and why in msg, msg
 
 
 def test_parse_valid_topics_still_accepted():
@@ -252,9 +257,7 @@ def test_parse_valid_topics_still_accepted():
 
 def test_parse_every_error_reported_at_once():
     text = "device_id: a+b\nmqtt:\n  share: {group: 'x/y'}\nmodel:\n  path: /dev/zero\n"
-    with pytest.raises(ConfigError) as info:
-        config.parse(text, "/srv/edged.yaml", Path("/srv"))
-    msg = str(info.value)
+    msg = parse_error(text)
     for fragment in ("edged.yaml:1 device_id:", "edged.yaml:3 mqtt.share.group:", "edged.yaml:5 model.path:"):
         assert fragment in msg, msg
 
@@ -277,9 +280,8 @@ def test_parse_every_error_reported_at_once():
     ('mqtt:\n  client_id: "c\\x1b[2J"\n', "mqtt.client_id", "control character"),
 ])
 def test_parse_number_or_string_out_of_range_names_key(text, key, words):
-    with pytest.raises(ConfigError) as info:
-        config.parse(text, "/srv/edged.yaml", Path("/srv"))
-    assert str(info.value).startswith(f"edged.yaml:2 {key}: ") and words in str(info.value), info.value
+    msg = parse_error(text)
+    assert msg.startswith(f"edged.yaml:2 {key}: ") and words in msg, msg
 
 
 def test_parse_edge_values_still_accepted():

@@ -6,6 +6,7 @@ JSON, the store on disk after a SIGKILL.
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import io
@@ -16,6 +17,7 @@ import subprocess
 import tarfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -288,21 +290,31 @@ def test_rejections_change_nothing_that_serves(daemon_factory: Any, client_facto
 
 
 # ---- probation -----------------------------------------------------------------------------------------------
-def test_worker_crash_on_third_frame_rolls_back(daemon_factory: Any, client_factory: Any, tmp_path: Path,
-                                                keys: dict[str, Any]) -> None:
-    v1 = shared("mobilenet_v1_0.25_128_quant.tflite")
-    cat = shared("cat.bmp").read_bytes()
-    probation = 30.0
-    # one frame in flight per worker: no bystander shares a worker with the crashing frame (each frame may ride
-    # along two worker deaths, INTERFACE's poison rule; that is not what this test is about)
-    d = daemon_factory({**updates_cfg(tmp_path, keys, probation_s=probation), "queue": {"inflight_per_worker": 1}},
-                       env=HOOKS)
+@contextlib.contextmanager
+def v1_on_probation(daemon_factory: Any, client_factory: Any, tmp_path: Path, keys: dict[str, Any],
+                    probation_s: float, **sections: Any) -> Iterator[tuple[Daemon, Any, Watch]]:
+    """A daemon with the test hooks, `sections` in its config, and mobilenet v1 (serial 1) applied and on
+    probation: the daemon, its client and a Watch (closed on the way out). One frame in flight per worker: no
+    bystander shares a worker with a crashing or hanging frame (each frame may ride along two worker deaths,
+    INTERFACE's poison rule; that is not what these tests are about)."""
+    d = daemon_factory({**updates_cfg(tmp_path, keys, probation_s=probation_s), **sections,
+                        "queue": {"inflight_per_worker": 1}}, env=HOOKS)
     c = client_factory(d.prefix)
     w = Watch(int(d.config["mqtt"]["port"]), d.prefix)
     try:
-        payload = make_bundle(keys, v1, 1)
+        payload = make_bundle(keys, shared("mobilenet_v1_0.25_128_quant.tflite"), 1)
         w.publish(payload)
         assert w.update_result(digest(payload))["last_update"]["result"] == "applied"
+        yield d, c, w
+    finally:
+        w.close()
+
+
+def test_worker_crash_on_third_frame_rolls_back(daemon_factory: Any, client_factory: Any, tmp_path: Path,
+                                                keys: dict[str, Any]) -> None:
+    cat = shared("cat.bmp").read_bytes()
+    probation = 30.0
+    with v1_on_probation(daemon_factory, client_factory, tmp_path, keys, probation) as (d, c, w):
         assert answered_by(c, cat, "n1") == "mobilenet_v1_0.25_128_quant"
         assert answered_by(c, cat, "n2") == "mobilenet_v1_0.25_128_quant"
         t_crash = time.monotonic()
@@ -325,31 +337,19 @@ def test_worker_crash_on_third_frame_rolls_back(daemon_factory: Any, client_fact
         assert got["crash"]["error"]["code"] in ("bad_payload", "worker_crashed"), got["crash"]
         assert answered_by(c, cat, "after") == "digits"
         assert d.proc.poll() is None
-    finally:
-        w.close()
 
 
 def test_worker_hang_within_probation_rolls_back(daemon_factory: Any, client_factory: Any, tmp_path: Path,
                                                  keys: dict[str, Any]) -> None:
-    v1 = shared("mobilenet_v1_0.25_128_quant.tflite")
     cat = shared("cat.bmp").read_bytes()
-    d = daemon_factory({**updates_cfg(tmp_path, keys, probation_s=60),
-                        "sandbox": {"frame_timeout_s": 1.0, "heartbeat_s": 0.3, "backoff_max_s": 0.2},
-                        "queue": {"inflight_per_worker": 1}}, env=HOOKS)
-    c = client_factory(d.prefix)
-    w = Watch(int(d.config["mqtt"]["port"]), d.prefix)
-    try:
-        payload = make_bundle(keys, v1, 1)
-        w.publish(payload)
-        assert w.update_result(digest(payload))["last_update"]["result"] == "applied"
+    sandbox = {"frame_timeout_s": 1.0, "heartbeat_s": 0.3, "backoff_max_s": 0.2}
+    with v1_on_probation(daemon_factory, client_factory, tmp_path, keys, 60, sandbox=sandbox) as (_d, c, w):
         c.send(HOOK + b"hang_if:mobilenet_v1_0.25_128_quant", "stuck")  # the new model hangs where the old did not
         st = w.last(lambda s: (s.get("last_update") or {}).get("result") == "rolled_back", 30, "the rollback")
         assert st["current"]["serial"] == 0 and "probation" in st["last_update"]["reason"]
         got = c.wait(["stuck"], 30)["stuck"]
         assert got is not None and got["error"]["code"] in ("bad_payload", "timeout"), got
         assert answered_by(c, cat, "after") == "digits"
-    finally:
-        w.close()
 
 
 # ---- a power cut at each step of applying -----------------------------------------------------------------

@@ -23,7 +23,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edged import config, selftest
-from edged.supervision import init_message, read_config_text
+from edged.workerinit import init_message, read_config_text
 from edged.workers import WorkerHandle
 
 
