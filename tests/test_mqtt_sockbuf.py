@@ -1,7 +1,7 @@
 """edged.mqtt.sockbuf under a client of our own over a real socketpair: what paho reads and writes is unchanged.
 
 The client here is a stand-in we own for the three things sockbuf uses of
-paho's (socket(), _sock_recv/_sock_send, _out_packet); the daemon's own
+paho's (_sock, _sock_recv/_sock_send, _out_packet); the daemon's own
 paho, through a real Mosquitto, is what tests/test_delivery.py drives.
 """
 from __future__ import annotations
@@ -16,22 +16,22 @@ from edged.mqtt.sockbuf import CHUNK, RecvBuffer, SendCoalescer
 
 class Client:
     def __init__(self, sock: socket.socket) -> None:
-        self.sock: socket.socket | None = sock
+        self._sock: socket.socket | None = sock
         self.recvs = 0
         self.sends: list[int] = []
         self._out_packet: collections.deque[dict] = collections.deque()
 
     def socket(self) -> socket.socket | None:
-        return self.sock
+        return self._sock
 
     def _sock_recv(self, n: int) -> bytes:
         self.recvs += 1
-        assert self.sock is not None
-        return self.sock.recv(n)
+        assert self._sock is not None
+        return self._sock.recv(n)
 
     def _sock_send(self, buf: bytes) -> int:
-        assert self.sock is not None
-        n = self.sock.send(buf)
+        assert self._sock is not None
+        n = self._sock.send(buf)
         self.sends.append(n)
         return n
 
@@ -74,7 +74,7 @@ def test_a_large_read_goes_to_the_socket_and_a_new_socket_drops_what_the_old_one
     a.sendall(b"x" * 10)
     assert c._sock_recv(1) == b"x" and buf.pending() == 9
     a2, b2 = socket.socketpair()
-    c.sock = b2  # a reconnect: the old connection's bytes are not this one's
+    c._sock = b2  # a reconnect: the old connection's bytes are not this one's
     assert buf.pending() == 0
     a2.sendall(b"y" * (CHUNK + 5))
     got = b""

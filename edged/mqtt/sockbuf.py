@@ -7,8 +7,8 @@ receive function (`Client._sock_recv`, the one paho calls for every read; it
 keeps paho's own translation of TLS want-read/want-write into
 BlockingIOError) and answers those reads from what one larger recv() brought.
 
-What it holds belongs to one socket: a new socket (a reconnect) or a closed
-one discards it. Bytes held here do not make the socket readable again, so
+What it holds belongs to one socket (paho's `_sock`, compared at each call): a
+new socket (a reconnect) or a closed one discards it. Bytes held here do not make the socket readable again, so
 the drive asks pending() after each loop_read, as it does of TLS's buffer.
 The buffer holds at most one chunk; a read of a chunk or more goes straight
 to the socket, so a large frame is not copied twice.
@@ -43,30 +43,30 @@ class RecvBuffer:
         client._sock_recv = self.recv
 
     def recv(self, n: int) -> bytes:
-        sock = self._client.socket()
-        if sock is not self._sock:
-            self._sock, self._buf, self._pos = sock, b"", 0
-        avail = len(self._buf) - self._pos
-        if avail <= 0:
-            if n >= CHUNK:
-                return self._raw(n)
-            data = self._raw(CHUNK)  # BlockingIOError, OSError: paho's to handle, as before; b"": closed
-            if len(data) <= n:
-                return data
-            self._buf, self._pos, avail = data, 0, len(data)
-        if n >= avail and self._pos == 0:
-            out, self._buf = self._buf, b""
-            return out
-        take = min(n, avail)
-        out = self._buf[self._pos:self._pos + take]
-        self._pos += take
-        if self._pos >= len(self._buf):
+        buf = self._buf
+        if buf and self._client._sock is self._sock:  # the hot path: served from what is held
+            pos = self._pos
+            end = pos + n
+            if end < len(buf):
+                self._pos = end
+                return buf[pos:end]
             self._buf, self._pos = b"", 0
-        return out
+            return buf[pos:] if pos else buf
+        return self._fill(n)
+
+    def _fill(self, n: int) -> bytes:
+        self._sock, self._buf, self._pos = self._client._sock, b"", 0
+        if n >= CHUNK:
+            return self._raw(n)
+        data = self._raw(CHUNK)  # BlockingIOError, OSError: paho's to handle, as before; b"": closed
+        if len(data) > n:
+            self._buf, self._pos = data, n
+            return data[:n]
+        return data
 
     def pending(self) -> int:
         """Bytes received from the current socket that paho has not read yet."""
-        if self._client.socket() is not self._sock:
+        if self._client._sock is not self._sock:
             return 0
         return len(self._buf) - self._pos
 
@@ -85,7 +85,7 @@ class SendCoalescer:
         client._sock_send = self.send
 
     def send(self, buf: bytes | bytearray) -> int:
-        sock = self._client.socket()
+        sock = self._client._sock
         if sock is not self._sock:
             self._sock = sock
             self._credit.clear()
