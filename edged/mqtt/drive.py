@@ -4,9 +4,8 @@ paho is driven with loop_read/loop_write/loop_misc from edged.ioloop, not
 by a thread of its own. The one blocking step, the TCP (and TLS) connect,
 runs on a short-lived helper thread while the loop keeps serving the
 workers; reconnects back off from 1 s to mqtt.reconnect_max_s, as paho's
-own loop would. Reads and writes go through edged.mqtt.sockbuf (one recv()
-for many packets, where paho alone asks the kernel for each header byte;
-one send() for the packets queued in a round).
+own loop would. Reads go through edged.mqtt.sockbuf (one recv() for many
+packets, where paho alone asks the kernel for each header byte).
 """
 from __future__ import annotations
 
@@ -19,7 +18,7 @@ import paho.mqtt.client as paho
 
 from edged.config import Config
 from edged.ioloop import IoLoop
-from edged.mqtt.sockbuf import RecvBuffer, SendCoalescer
+from edged.mqtt.sockbuf import RecvBuffer
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +42,6 @@ class LoopDrive:
         self._stopped = threading.Event()
         self._last_failure: str | None = None  # the last connect failure said at WARNING
         self._recv = RecvBuffer(client)
-        self._send = SendCoalescer(client)
         client.on_socket_close = self._on_socket_close
         client.on_socket_register_write = self._on_register_write
         client.on_socket_unregister_write = None
