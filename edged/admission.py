@@ -163,7 +163,7 @@ class Admission:
         if not self.turns:
             return None
         # a frame that outlived a worker's death runs alone: so does the poison among them, and it alone dies again
-        ready = [h for h in self.ready_workers() if not any(f.deaths for f in h.inflight.values())]
+        ready = [h for h in self.ready_workers() if not h.inflight.suspects]
         if not ready:
             return None
         stream = self.turns[0]

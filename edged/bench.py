@@ -4,7 +4,8 @@
 (b) inproc:     the worker path in this process (fill input from the frame, invoke, postprocess, JSON)
 (c) worker:     a real worker subprocess fed through the shared-memory pool, sandbox off
 (d) sandboxed:  the same with the seccomp sandbox on (what `edged run` does)
-(e) e2e:        publisher -> Mosquitto -> `edged run` -> subscriber, frames in flight (edged.bench_e2e)
+(e) e2e:        publisher -> Mosquitto -> `edged run` -> subscriber, frames in flight (edged.bench_e2e);
+                then open loop: frames at a fixed rate, 25-100 % of its capacity (edged.bench_open)
 With model.batch_max > 1 also: raw_batch (the invoke loop at that batch
 size) and e2e_nobatch (e2e with batching off, same window), for the gain.
 Same model, threads and frame for all. The paths stay up for the whole run
@@ -288,7 +289,7 @@ class WorkerPath(Windowed):
 
 
 def run_bench(cfg: Config, frames: int = 200, with_e2e: bool = True, rounds: int = 5,
-              window: int = 2) -> dict[str, Any]:
+              window: int = 2, open_loop_s: float = 2.0) -> dict[str, Any]:
     from edged import runtime
 
     m = runtime.Model(cfg.model.path, threads=cfg.model.threads)
@@ -328,8 +329,13 @@ def run_bench(cfg: Config, frames: int = 200, with_e2e: bool = True, rounds: int
             for p in paths:
                 p.measure(per_round, stats[p.name])
         e2e = next((p for p in paths if isinstance(p, E2EPath) and p.name == "e2e"), None)
+        curve: list[dict[str, Any]] = []
         if e2e is not None:
             stats["e2e"].extra = {"cold_start_s": e2e.cold_start_s, **_footprint(e2e.daemon.pid)}
+            from edged.bench_open import load_curve
+
+            s = stats["e2e"]
+            curve = load_curve(e2e, s.frames / s.wall_s, seconds=open_loop_s)
     finally:
         for p in paths:
             p.close()
@@ -354,6 +360,8 @@ def run_bench(cfg: Config, frames: int = 200, with_e2e: bool = True, rounds: int
         report["batch_gain_raw"] = round(P["raw_batch"]["fps"] / P["raw"]["fps"], 3)
     if "e2e_nobatch" in P:
         report["batch_gain_e2e"] = round(P["e2e"]["fps"] / P["e2e_nobatch"]["fps"], 3)
+    if curve:
+        report["open_loop_e2e"] = curve
     if "e2e" in P:
         report["e2e_vs_raw"] = P["e2e"]["ratio_vs_raw"]
         report["e2e_added_ms_per_frame"] = round(P["e2e"]["ms_per_frame"] - P["raw"]["ms_per_frame"], 3)
@@ -371,6 +379,10 @@ def run_bench(cfg: Config, frames: int = 200, with_e2e: bool = True, rounds: int
         e = P["e2e"]
         lines.append(f"footprint: supervisor {e['supervisor_pss_mb']} MiB, workers {e['workers_pss_mb']} MiB "
                      f"(PSS), total {e['total_pss_mb']} MiB; cold start to online {e['cold_start_s']} s")
+    for row in curve:
+        lines.append(f"open loop e2e at {row['load']:.0%} of capacity ({row['rate_fps']} fps, achieved "
+                     f"{row['achieved_fps']}): p50 {row['p50_ms']} p95 {row['p95_ms']} p99 {row['p99_ms']} ms "
+                     f"(raw p99 {P['raw']['p99_ms']} ms)")
     for k in ("sandboxed_vs_worker", "sandboxed_vs_inproc", "e2e_vs_raw", "e2e_added_ms_per_frame",
               "batch_max", "batch_gain_raw", "batch_gain_e2e"):
         if k in report:

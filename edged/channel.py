@@ -19,6 +19,7 @@ from edged.errors import ProtocolError
 MAX_MESSAGE = 64 << 20  # the framing's own ceiling; each Reader may set a lower one
 _HDR = struct.Struct(">I")
 _MAX_FDS = 16
+_JSON = json.JSONEncoder(separators=(",", ":"), allow_nan=False)  # built once, not per message
 
 
 def _no_constants(name: str) -> float:
@@ -26,7 +27,7 @@ def _no_constants(name: str) -> float:
 
 
 def encode(obj: dict[str, Any]) -> bytes:
-    body = json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
+    body = _JSON.encode(obj).encode()
     return _HDR.pack(len(body)) + body
 
 

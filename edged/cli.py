@@ -179,7 +179,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     saved = os.dup(1)
     os.dup2(2, 1)
     try:
-        report = run_bench(cfg, frames=args.frames, with_e2e=not args.no_e2e)
+        report = run_bench(cfg, frames=args.frames, with_e2e=not args.no_e2e, window=max(1, args.window),
+                           open_loop_s=args.open_loop_s)
     finally:
         sys.stdout.flush()
         os.dup2(saved, 1)
@@ -236,6 +237,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.add_argument("--frames", type=int, default=200)
     s.add_argument("--no-e2e", action="store_true", help="skip the end-to-end run through a broker")
+    s.add_argument("--window", type=int, default=2, help="frames in flight per path (more with several workers)")
+    s.add_argument("--open-loop-s", type=float, default=2.0,
+                   help="seconds of fixed-rate frames at each load (25/50/75/100%% of capacity) end to end")
     s.set_defaults(fn=cmd_bench)
     from edged import modelcli
 

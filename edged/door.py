@@ -14,6 +14,7 @@ It never raises and imports no MQTT library: it reads the message's fields.
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -51,8 +52,11 @@ class Incoming:
     ack: Callable[[int, int], None] | None = None
 
 
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
 def _has_control(text: str) -> bool:
-    return any(ord(c) < 32 or 127 <= ord(c) < 160 for c in text)
+    return _CONTROL.search(text) is not None
 
 
 def filter_matches(filt: str, topic: str) -> bool:

@@ -87,7 +87,7 @@ class Results:
 
     def _publish(self, frame: Frame, result: dict[str, Any]) -> bool:
         """Hand the answer to the link and acknowledge its frame; False when it was not sent now."""
-        item = (frame, json.dumps(result, separators=(",", ":")).encode(), "error" in result)
+        item = (frame, _JSON.encode(result).encode(), "error" in result)
         if self.waiting:  # answers keep their order: behind those already waiting
             return self._wait(item)
         return self._send(item)
@@ -163,5 +163,7 @@ class Results:
         self.waiting = collections.deque(item for item in self.waiting if not item[0].qos or item[0].ack)
         self.waiting_qos0 = sum(not item[0].qos for item in self.waiting)
 
+
+_JSON = json.JSONEncoder(separators=(",", ":"))  # one encoder, not one per result (json.dumps with options)
 
 _Item = tuple["Frame", bytes, bool]

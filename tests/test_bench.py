@@ -22,11 +22,18 @@ def assert_ratios_consistent(rep: dict) -> None:
 
 
 def test_bench_json_reports_every_path_with_ratios_and_footprint():
-    r = subprocess.run(edged_cmd("bench", "-c", str(ROOT / "configs" / "edged.yaml"), "--json", "--frames", "25"),
-                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    r = subprocess.run(edged_cmd("bench", "-c", str(ROOT / "configs" / "edged.yaml"), "--json", "--frames", "25",
+                                 "--open-loop-s", "0.1"), capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-2000:]
     rep = json.loads(r.stdout)
     assert set(rep["paths"]) == {"raw", "inproc", "worker", "sandboxed", "e2e"}
+    # the open-loop curve: each load's rate from the closed-window capacity, every frame answered
+    curve = rep["open_loop_e2e"]
+    assert [row["load"] for row in curve] == [0.25, 0.5, 0.75, 1.0], curve
+    for row in curve:
+        assert row["rate_fps"] == pytest.approx(max(1.0, rep["paths"]["e2e"]["fps"] * row["load"]), rel=0.02, abs=0.2)
+        assert abs(row["frames"] - max(50, int(row["rate_fps"] * 0.1))) <= 1 and row["achieved_fps"] > 0, row
+        assert 0 < row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"], row
     assert rep["frames_per_path"] == 25, rep["frames_per_path"]  # --frames 25 in 5 rounds
     assert_ratios_consistent(rep)
     P = rep["paths"]

@@ -1,4 +1,4 @@
-"""The MQTT adapter: the only module that imports paho-mqtt, and where its errors become MqttError.
+"""The daemon's MQTT link: subscriptions, frames in (through edged.door), results and acknowledgements out.
 
 MQTT v5, a persistent session (fixed client id, clean_start off, a session
 expiry), manual acknowledgement: a QoS 1 frame is acknowledged to the broker
@@ -11,8 +11,7 @@ Maximum Packet Size of twice queue.max_frame_bytes (plus headroom), so the
 broker drops grossly oversized frames for us; one under that is answered
 too_large. Callbacks only translate and hand over, and never raise into
 paho (an exception there would leave paho re-reading the same packet).
-`new_client()` is the one place that sets up TLS and authentication, for the
-daemon and for `edged send` alike.
+The connection's life on the I/O loop is edged.mqtt.drive's.
 
 This link is the daemon's own connection (P/in/+, P/status, results). A
 fleet's shared subscription has a connection of its own with a session that
@@ -23,86 +22,31 @@ from __future__ import annotations
 import collections
 import logging
 import socket
-import ssl
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from edged import userfiles
 from edged.config import Config
 from edged.door import Door, Incoming, filter_matches
-from edged.errors import ConfigError, MqttError
+from edged.errors import MqttError
 from edged.ioloop import IoLoop
+from edged.mqtt.client import EVENTS_HELD, MAX_PACKET, OVERSIZE_FACTOR, PACKET_HEADROOM, frame_subscription, \
+    new_client, share_filter
+from edged.mqtt.drive import LoopDrive
 
 logger = logging.getLogger(__name__)
 
-PACKET_HEADROOM = 64 << 10  # topic and properties around a frame's payload
-OVERSIZE_FACTOR = 2  # Maximum Packet Size = this x queue.max_frame_bytes + headroom
-MAX_PACKET = 268_435_455  # MQTT's own limit
-EVENTS_HELD = 100  # P/events messages kept while the broker is away
 
-
-def _password(cfg: Config) -> str | None:
-    pf = cfg.mqtt.password_file
-    if not pf:
-        return None
-    try:
-        return userfiles.first_line(pf)
-    except userfiles.FileRefused as exc:
-        raise ConfigError(f"{cfg.source} mqtt.password_file: {exc}") from None
-
-
-def new_client(cfg: Config, client_id: str, *, manual_ack: bool = False) -> paho.Client:
-    """A paho v5 client with the config's TLS (certificates required) and username/password."""
-    m = cfg.mqtt
-    client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5,
-                         manual_ack=manual_ack)
-    if m.username:
-        client.username_pw_set(m.username, _password(cfg))
-    if m.tls is not None:
-        try:
-            client.tls_set(ca_certs=m.tls.ca, certfile=m.tls.cert, keyfile=m.tls.key, cert_reqs=ssl.CERT_REQUIRED)
-            client.tls_insecure_set(m.tls.insecure)
-        except (OSError, ssl.SSLError, ValueError) as exc:
-            raise ConfigError(f"{cfg.source} mqtt.tls: {exc}") from None
-    return client
-
-
-def share_filter(cfg: Config) -> str | None:
-    """The fleet's shared-subscription filter ($share/G/F/in/+), or None without mqtt.share."""
-    share = cfg.mqtt.share
-    return None if share is None else f"$share/{share.group}/{share.prefix.rstrip('/')}/in/+"
-
-
-def frame_subscription(topic_filter: str) -> tuple[str, SubscribeOptions]:
-    """A frame filter at QoS 1; retained frames only with a new subscription: a retained frame is answered
-    once, not at every start (the persistent session keeps the subscription; a shared one gets none)."""
-    return topic_filter, SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_SEND_IF_NEW_SUB)
-
-
-def request_properties(reply_topic: str, correlation: bytes, frame_id: str) -> Properties:
-    """PUBLISH properties of a request: where to answer, what to echo, which frame."""
-    props = Properties(PacketTypes.PUBLISH)
-    props.ResponseTopic = reply_topic
-    props.CorrelationData = correlation
-    props.UserProperty = [("frame_id", frame_id)]
-    return props
-
-
-class MqttLink:
+class MqttLink(LoopDrive):
     """paho driven by the supervisor's I/O loop (loop_read/loop_write/loop_misc), not by a thread of its own.
 
     Callbacks (frames, acknowledgements, connection changes) run on the loop
-    thread; publish() and ack() may be called from any thread. The one
-    blocking step, the TCP (and TLS) connect, runs on a short-lived helper
-    thread while the loop keeps serving the workers; reconnects back off from
-    1 s to mqtt.reconnect_max_s, as paho's own loop would.
+    thread; publish() and ack() may be called from any thread.
     """
 
     # session: the daemon's own connection keeps its session (clean_start off, mqtt.session_expiry),
@@ -113,13 +57,6 @@ class MqttLink:
                  on_connection: Callable[[bool], None] | None = None, *, loop: IoLoop,
                  door: Door | None = None, on_room: Callable[[], None] | None = None,
                  client_id: str | None = None) -> None:
-        self.cfg = cfg
-        self.loop = loop
-        self._sock: Any = None  # the socket the loop watches, while connected or connecting
-        self._writing = False
-        self._connecting = False
-        self._delay = 1.0
-        self._stopped = threading.Event()
         self.prefix = cfg.prefix
         self.on_frame = on_frame
         self.on_connection = on_connection
@@ -130,14 +67,12 @@ class MqttLink:
         biggest = OVERSIZE_FACTOR * cfg.queue.max_frame_bytes
         if cfg.model.update.enabled:  # a model bundle is one message too
             biggest = max(biggest, int(cfg.model.update.max_mb * (1 << 20)))
-        self.max_packet = min(MAX_PACKET, biggest + PACKET_HEADROOM)
+        max_packet = min(MAX_PACKET, biggest + PACKET_HEADROOM)
         self.unrouted = 0
-        self._last_failure: str | None = None  # the last connect failure said at WARNING
         # other subscriptions (add_route): (filter, qos, handler); their messages never reach on_frame
         self._routes: list[tuple[str, int, Callable[[str, bytes, bool], None]]] = []
         share = cfg.mqtt.share
         self._frame_prefixes = (f"{self.prefix}/in/",) + ((f"{share.prefix.rstrip('/')}/in/",) if share else ())
-        self.oversized = 0
         self.connected = False
         self.reconnects = 0
         self.connects = 0
@@ -145,13 +80,12 @@ class MqttLink:
         self.status_payload = b'{"state": "starting"}'
         self.events_held: collections.deque[bytes] = collections.deque(maxlen=EVENTS_HELD)
         self._lock = threading.RLock()
-        self.client = new_client(cfg, client_id or cfg.client_id, manual_ack=True)
+        super().__init__(cfg, loop, new_client(cfg, client_id or cfg.client_id, manual_ack=True), max_packet)
         # paho's own queue limit also counts results waiting for their PUBACK: a limit there drops
         # results while connected. The bound is ours instead: results held while the broker is away.
         self.client.max_queued_messages_set(0)
         self._unacked: set[int] = set()
         self._acked_early: dict[int, float] = {}  # mid -> when: acknowledged before publish() recorded it
-        self._closing = False
         self.client.max_inflight_messages_set(100)
         if self.persistent:
             self.client.will_set(f"{self.prefix}/status", b'{"state": "offline"}', qos=1, retain=True)
@@ -162,10 +96,6 @@ class MqttLink:
         self.client.on_unsubscribe = self._on_unsubscribe
         self._unsubscribed: dict[int, Callable[[], None]] = {}  # mid -> called on its UNSUBACK (loop thread)
         self.client.on_publish = self._on_publish
-        self.client.on_socket_close = self._on_socket_close
-        self.client.on_socket_register_write = self._on_register_write
-        self.client.on_socket_unregister_write = None
-        loop.after_events(self._flush)
 
     def receive_maximum(self) -> int:
         """session: QoS 1 frames the broker may have in flight to us (backpressure: it holds back what our
@@ -182,120 +112,6 @@ class MqttLink:
                                   clean_start=not self.persistent, properties=props)
         self.loop.call_soon(self._connect_later, 0.0)
         self.loop.call_soon(self._tick)
-
-    # ---- on the I/O loop ---------------------------------------------------------
-    def _connect_later(self, delay: float) -> None:
-        if self._closing or self._connecting:
-            return
-        self._connecting = True
-        self.loop.call_later(delay, lambda: threading.Thread(target=self._connect, name="mqtt-connect",
-                                                             daemon=True).start())
-
-    def _connect(self) -> None:
-        """Helper thread: paho's reconnect() (blocking connect, then CONNECT queued); the loop takes over."""
-        try:
-            ok = self.client.reconnect() == paho.MQTT_ERR_SUCCESS
-        except (OSError, ssl.SSLError, ValueError) as exc:
-            # said at WARNING the first time and whenever the reason changes; the retries in between quietly
-            why = f"{type(exc).__name__}: {exc}"
-            level = logging.WARNING if why != self._last_failure else logging.DEBUG
-            self._last_failure = why
-            logger.log(level, "connecting to %s:%s failed: %s; retrying", self.cfg.mqtt.host, self.cfg.mqtt.port, why)
-            ok = False
-        self.loop.call_soon(self._connect_done, ok)
-
-    def _connect_done(self, ok: bool) -> None:
-        self._connecting = False
-        if self._closing:
-            return
-        sock = self.client.socket()
-        if not ok or sock is None:
-            self._lost()
-            return
-        self._sock = sock
-        self._writing = False
-        self.loop.watch(sock, self._read)
-        self._flush()
-
-    def _lost(self) -> None:
-        """The connection is gone (or never came): forget the socket, try again after the back-off."""
-        if self._sock is not None:
-            self.loop.watch(self._sock, None)
-            self._sock = None
-        if self._closing:
-            self._stopped.set()
-            return
-        delay, self._delay = self._delay, min(self._delay * 2, max(1.0, float(self.cfg.mqtt.reconnect_max_s)))
-        self._connect_later(delay)
-
-    def _check(self, rc: int) -> None:
-        if rc != paho.MQTT_ERR_SUCCESS and self.client.socket() is None:
-            self._lost()
-
-    def _read(self) -> None:
-        if self._sock is None or self._connecting:
-            return
-        rc = self.client.loop_read()
-        # TLS: bytes already decrypted into the SSL object's buffer do not make the socket readable again;
-        # paho's own loop checks pending() for that, and so must we
-        sock = self.client.socket()
-        pending = getattr(sock, "pending", None)
-        while rc == paho.MQTT_ERR_SUCCESS and pending is not None and pending() > 0:
-            rc = self.client.loop_read()
-        self._check(rc)
-        self._refuse_oversized()
-
-    def _refuse_oversized(self) -> None:
-        """A packet over our Maximum Packet Size (a broker that ignores it): drop the connection, as MQTT 5 says.
-
-        paho reads a packet whole before it hands it over; its partial buffer is
-        its private state, read here only to stop it growing past the limit.
-        """
-        pkt = getattr(self.client, "_in_packet", None)
-        if not isinstance(pkt, dict) or not pkt.get("have_remaining"):
-            return
-        if int(pkt.get("remaining_length", 0)) <= self.max_packet:
-            return
-        self.oversized += 1
-        logger.error("broker sent a packet of %s bytes, over our Maximum Packet Size %d: disconnecting (0x95)",
-                     pkt.get("remaining_length"), self.max_packet)
-        sock = self.client.socket()
-        if sock is not None:
-            try:
-                sock.close()  # paho notices on its next read and frees its buffer; we reconnect
-            except OSError:
-                pass
-        self._lost()
-
-    def _flush(self) -> None:
-        """After each round of events: write what callbacks and other threads queued."""
-        if self._sock is None or self._connecting:
-            return
-        if self.client.want_write():
-            self._check(self.client.loop_write())
-        if self._sock is None:
-            return
-        pending = self.client.want_write()  # the socket buffer is full: write again when it drains
-        if pending != self._writing:
-            self._writing = pending
-            self.loop.watch(self._sock, self._read, self._flush if pending else None)
-
-    def _tick(self) -> None:
-        """Once a second: keepalive pings and the broker's silence (paho's loop_misc)."""
-        if self._sock is not None and not self._connecting:
-            self._check(self.client.loop_misc())
-        if not self._stopped.is_set():
-            self.loop.call_later(1.0, self._tick)
-
-    def _on_socket_close(self, client: paho.Client, userdata: object, sock: Any) -> None:
-        if self.loop.in_loop() and sock is self._sock:
-            self.loop.watch(sock, None)
-            self._sock = None
-            self._writing = False
-
-    def _on_register_write(self, client: paho.Client, userdata: object, sock: Any) -> None:
-        if not self.loop.in_loop():
-            self.loop.wake()  # the loop writes it; on the loop itself, _flush does after this round
 
     def subscriptions(self) -> list[tuple[str, SubscribeOptions]]:
         # the fleet's $share filter is not here: it has a connection of its own (edged.fleet)
