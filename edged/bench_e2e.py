@@ -15,7 +15,7 @@ from typing import Any
 
 import psutil
 
-from edged.bench import Windowed
+from edged.benchpaths import Windowed
 from edged.broker import Broker
 from edged.config import Config
 

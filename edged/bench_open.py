@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from edged.bench import Windowed
+from edged.benchpaths import Windowed
 
 LOADS = (0.25, 0.5, 0.75, 1.0)
 

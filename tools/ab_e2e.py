@@ -27,7 +27,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edged import bench, config, runtime
+from edged import bench, benchpaths, config, runtime
 from edged.bench_e2e import E2EPath
 
 
@@ -62,9 +62,9 @@ def main() -> int:
     try:
         for p in paths:
             p.measure(300)
-        raw.measure(300, bench.Stats("warm-up"))
+        raw.measure(300, benchpaths.Stats("warm-up"))
         for r in range(args.rounds):
-            rs = bench.Stats("raw")
+            rs = benchpaths.Stats("raw")
             raw.measure(args.frames, rs)
             raw_ms.append(rs.wall_s / rs.frames * 1e3)
             for i in ([0, 1] if r % 2 == 0 else [1, 0]):
