@@ -335,8 +335,9 @@ class Ledger:
         self.puback_failures: collections.Counter[str] = collections.Counter()
         self.wrong_examples: list[dict[str, Any]] = []
         self.known_label: str | None = None  # the top label of every frame sent with known=True
-        self.aside_until = 0.0  # results before this monotonic time stay out of the p99 slots (a burst)
+        self.aside_until = 0.0  # results before this monotonic time stay out of the p99 slots (a burst, a fault)
         self.aside = 0
+        self.slots_all: dict[int, collections.Counter[int]] = collections.defaultdict(collections.Counter)
         self.known_ok = 0
 
     def frame_id(self, seq: int) -> str:
@@ -407,6 +408,7 @@ class Ledger:
             else:
                 self.known_ok += bool(f & KNOWN)
                 total = float(body.get("timing_ms", {}).get("total", 0.0))
+                self.slots_all[int((now - self.t0) // self.slot_s)][bisect.bisect_left(BOUNDS, total)] += 1
                 if now < self.aside_until:
                     self.aside += 1
                 else:
@@ -434,11 +436,12 @@ class Ledger:
                     "win_p50_ms": percentile(tot, 50), "win_p99_ms": percentile(tot, 99),
                     "win_e2e_p99_ms": percentile(e2e, 99)}
 
-    def p99_between(self, a: float, b: float) -> tuple[float, int]:
-        """p99 of successful results received between a and b seconds after t0, and their count."""
+    def p99_between(self, a: float, b: float, everything: bool = False) -> tuple[float, int]:
+        """p99 of successful results received between a and b seconds after t0, and their count (but those
+        left aside, unless everything)."""
         merged: collections.Counter[int] = collections.Counter()
         with self.cond:
-            for k, c in self.slots.items():
+            for k, c in (self.slots_all if everything else self.slots).items():
                 if a <= k * self.slot_s < b:
                     merged.update(c)
         return hist_percentile(merged, 99), sum(merged.values())
@@ -779,10 +782,12 @@ class Faults(threading.Thread):
             self.idle.clear()
             start = time.monotonic()
             self.sampler.note(kind)
+            self.started(kind)
             try:
                 ok, detail = getattr(self, "_" + kind)()
             except Exception as exc:  # top of the fault loop: record it, keep soaking
                 ok, detail = False, f"{type(exc).__name__}: {exc}"
+            self.ended(kind)
             rec = {"t_s": round(start - self.t0, 2), "kind": kind, "ok": ok,
                    "recover_s": round(time.monotonic() - start, 2), "detail": detail}
             self.done.append(rec)
@@ -796,6 +801,12 @@ class Faults(threading.Thread):
         # stays alive until close(): a broker restarted from this thread gets its parent-death
         # signal when this thread ends
         self.stop_ev.wait()
+
+    def started(self, kind: str) -> None:
+        """Called as a fault begins (a profile's hook)."""
+
+    def ended(self, kind: str) -> None:
+        """Called once a fault is recovered from, or not (a profile's hook)."""
 
     def _status(self) -> dict[str, Any]:
         try:
@@ -1029,7 +1040,14 @@ def verdict(opts: argparse.Namespace, ledger: Ledger, facts: RunFacts) -> dict[s
     checks.append(Check("p99 drift (last quarter / second quarter)", _round(ratio), opts.max_p99_drift,
                         drift_ok if gated_drift else None,
                         f"p99 {q2} ms ({n2} results) -> {q4} ms ({n4} results); floor {opts.p99_floor_ms} ms"
-                        + (f"; {ledger.aside} results in bursts left aside" if ledger.aside else "")))
+                        + (f"; {ledger.aside} results left aside ({getattr(opts, 'aside_what', '')})"
+                           if ledger.aside else "")))
+    if ledger.aside:
+        a2, m2 = ledger.p99_between(T / 4, T / 2, everything=True)
+        a4, m4 = ledger.p99_between(3 * T / 4, T + ledger.slot_s, everything=True)
+        r_all = a4 / a2 if a2 and math.isfinite(a2) and math.isfinite(a4) else float("nan")
+        checks.append(Check("p99 drift, every result", _round(r_all), None, None,
+                            f"p99 {a2} ms ({m2} results) -> {a4} ms ({m4} results)"))
 
     checks.extend(facts.more_checks)
     ok = all(c.ok is not False for c in checks) and ledger.sent > 0
