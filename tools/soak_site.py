@@ -103,8 +103,11 @@ def configure(o: argparse.Namespace, ap: argparse.ArgumentParser) -> None:
     # 1 MB/h over the ~32 min second half of a full run is 0.5 MB: --resolve-mb 0.5 keeps the limit at 1 MB/h
     # there (1,000 samples resolve ~0.1 MB/h); shorter runs cannot judge it and get soak.py's floor
     o.resolve_mb = min(o.resolve_mb, 0.5)
-    o.max_slope_mb_h = 1.0 if o.max_slope_mb_h is None else o.max_slope_mb_h
-    o.max_worker_slope_mb_h = 1.0 if o.max_worker_slope_mb_h is None else o.max_worker_slope_mb_h
+    # below scale 0.25 the slopes are report-only: the supervisor's private memory warms up for ~10 minutes
+    # (scale 0.2, measured: 20.9 -> 24.0 MB over the first 650 s, flat after), inside a short run's second half
+    gated = 1.0 if o.scale >= 0.25 else None
+    o.max_slope_mb_h = gated if o.max_slope_mb_h is None else o.max_slope_mb_h
+    o.max_worker_slope_mb_h = gated if o.max_worker_slope_mb_h is None else o.max_worker_slope_mb_h
     # p99 drift leaves aside the results of bursts and faults (and 1-2 s after each); report-only below scale
     # 0.05, where a quarter is seconds long and holds one fault more or less
     o.max_p99_drift = (1.5 if o.scale >= 0.05 else None) if o.max_p99_drift is None else o.max_p99_drift
@@ -208,7 +211,7 @@ def hostile(rng: random.Random, prefix: str) -> tuple[str | None, Callable[[Prop
         elif kind == "long_content_type":
             p.ContentType = "image/" + "x" * 300
         elif kind == "many_user_properties":
-            p.UserProperty = list(p.UserProperty) + [(f"k{i}", "v" * 100) for i in range(40)]
+            p.UserProperty = [(f"k{i}", "v" * 100) for i in range(40)]  # paho appends them to frame_id
         elif kind == "response_topic":
             p.ResponseTopic = f"{prefix}/out/reply/site"
             p.CorrelationData = os.urandom(16)
@@ -234,6 +237,7 @@ def drive(opts: argparse.Namespace, ledger: soak.Ledger, link: soak.Mqtt, fs: Si
     """Send frames by the site's schedule until every planned frame is sent and the fault plan is done."""
     assert faults is not None
     ledger.known_label = SAMPLE_LABEL
+    ledger.service_latency = True  # at a saturating rate, queue time measures the machine's other load
     target = opts.plan_counts["frames"]
     names = list(MIX)
     rng = random.Random(opts.seed + 1)
