@@ -510,7 +510,6 @@ def checks(opts: argparse.Namespace, ledger: soak.Ledger, rows: list[dict[str, A
                         "pool_grows": grows, "pool_shrinks": shrinks, "pool_cycles": cycles,
                         "update_results": dict(getattr(faults, "update_results", {})),
                         "streams": len(seen), "visitor_streams": n_visitors, "rate": opts.rate,
-                        "known_ok": ledger.known_ok,
-                        "estimated_full_run_s": None}
+                        "known_ok": ledger.known_ok}
     return out
 
