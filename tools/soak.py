@@ -1292,6 +1292,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
         o.broker_restart_s = 1800 if o.broker_restart_s is None else o.broker_restart_s
         o.max_p99_drift = 2.0 if o.max_p99_drift is None else o.max_p99_drift
         o.max_worker_slope_mb_h = 2.0 if o.max_worker_slope_mb_h is None else o.max_worker_slope_mb_h
+    if o.profile:
+        o.site.limits(o)  # the profile's limits: given flags win, None means report-only
     if o.out is None:
         o.out = ROOT / "soak-out" / time.strftime("%Y%m%d-%H%M%S")
     return o

@@ -100,19 +100,25 @@ def configure(o: argparse.Namespace, ap: argparse.ArgumentParser) -> None:
     o.max_outstanding = max(o.max_outstanding, 400)
     o.bad_share = min(o.bad_share, 0.04)
     o.hostile_share = 0.01
-    # 1 MB/h over the ~32 min second half of a full run is 0.5 MB: --resolve-mb 0.5 keeps the limit at 1 MB/h
-    # there (1,000 samples resolve ~0.1 MB/h); shorter runs cannot judge it and get soak.py's floor
-    o.resolve_mb = min(o.resolve_mb, 0.5)
-    # below scale 0.25 the slopes are report-only: the supervisor's private memory warms up for ~10 minutes
-    # (scale 0.2, measured: 20.9 -> 24.0 MB over the first 650 s, flat after), inside a short run's second half
-    gated = 1.0 if o.scale >= 0.25 else None
-    o.max_slope_mb_h = gated if o.max_slope_mb_h is None else o.max_slope_mb_h
-    o.max_worker_slope_mb_h = gated if o.max_worker_slope_mb_h is None else o.max_worker_slope_mb_h
-    # p99 drift leaves aside the results of bursts and faults (and 1-2 s after each); report-only below scale
-    # 0.05, where a quarter is seconds long and holds one fault more or less
-    o.max_p99_drift = (1.5 if o.scale >= 0.05 else None) if o.max_p99_drift is None else o.max_p99_drift
+    o.resolve_mb = min(o.resolve_mb, 0.5)  # see limits()
+    o.given = {k: getattr(o, k) for k in ("max_slope_mb_h", "max_worker_slope_mb_h", "max_p99_drift")}
     o.aside_what = "in bursts and faults, and 1-2 s after each"
     o.reload_s = o.kill_s = o.broker_restart_s = 0  # the profile plans them (plan)
+
+
+def limits(o: argparse.Namespace) -> None:
+    """After soak.py's defaults: the profile's limits, unless given as flags (None: report-only)."""
+    # 1 MB/h over the ~32 min second half of a full run is 0.5 MB: --resolve-mb 0.5 keeps the limit at 1 MB/h
+    # there (1,000 samples resolve ~0.1 MB/h). Below scale 0.25 the slopes are report-only: the supervisor's
+    # private memory warms up for ~10 minutes (scale 0.2, measured: 20.9 -> 24.0 MB over the first 650 s, flat
+    # after), inside a short run's second half
+    slope = 1.0 if o.scale >= 0.25 else None
+    # p99 drift leaves aside the results of bursts and faults (and 1-2 s after each); report-only below scale
+    # 0.05, where a quarter is seconds long and holds one fault more or less
+    ours = {"max_slope_mb_h": slope, "max_worker_slope_mb_h": slope,
+            "max_p99_drift": 1.5 if o.scale >= 0.05 else None}
+    for k, v in ours.items():
+        setattr(o, k, o.given[k] if o.given[k] is not None else v)
 
 
 def build_delegate(dest: Path) -> Path:
