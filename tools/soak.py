@@ -129,7 +129,7 @@ MB = float(1 << 20)
 BOUNDS = [0.05 * 1.1**i for i in range(int(math.log(2e6) / math.log(1.1)) + 1)]
 GOOD_ERRORS = {"worker_crashed", "timeout", "overloaded", "expired"}  # a fault or load, not the frame
 
-SENT, ACKED, ANSWERED, BAD, DUP = 1, 2, 4, 8, 16
+SENT, ACKED, ANSWERED, BAD, DUP, KNOWN = 1, 2, 4, 8, 16, 32  # KNOWN: a frame whose top label is known
 HEX = {bytes([c]) for c in b"0123456789abcdef"}
 
 COLUMNS = ["t_s", "phase", "rate_fps", "sent", "acked", "answered", "outstanding", "errors", "duplicates",
@@ -143,7 +143,7 @@ COLUMNS = ["t_s", "phase", "rate_fps", "sent", "acked", "answered", "outstanding
 # what the verdict needs, kept in memory (the full rows go to samples.csv only: 72 h is 26,000 rows)
 KEEP = ("t_s", "phase", "sup_mem_mb", "sup_pss_mb", "sup_rss_mb", "workers_mem_mb", "worker_pids",
         "workers_min_age_s", "sup_fds",
-        "sup_threads", "pool_capacity_mb", "status_p50_ms", "status_p99_ms")
+        "sup_threads", "pool_capacity_mb", "status_p50_ms", "status_p99_ms", "pool_grows", "pool_shrinks")
 
 
 # ---- processes we own --------------------------------------------------------------------------
@@ -178,6 +178,8 @@ class OwnDaemon:
                "accelerator": {"workers": opts.workers},
                "status": {"socket": self.socket, "interval": 10},
                "logging": {"level": "INFO"}}
+        for key, val in getattr(opts, "daemon_extra", {}).items():  # a profile's sections (tools/soak_site.py)
+            cfg[key] = {**cfg.get(key, {}), **val} if isinstance(val, dict) else val
         self.cfg_path = out / "edged.yaml"
         self.cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         self.log = out / "edged.log"
@@ -332,14 +334,20 @@ class Ledger:
         self.wrong: collections.Counter[str] = collections.Counter()
         self.puback_failures: collections.Counter[str] = collections.Counter()
         self.wrong_examples: list[dict[str, Any]] = []
+        self.known_label: str | None = None  # the top label of every frame sent with known=True
+        self.aside_until = 0.0  # results before this monotonic time stay out of the p99 slots (a burst, a fault)
+        self.aside = 0
+        self.slots_all: dict[int, collections.Counter[int]] = collections.defaultdict(collections.Counter)
+        self.service_latency = False  # the slots hold total - queue (dispatch to reply), not total
+        self.known_ok = 0
 
     def frame_id(self, seq: int) -> str:
         return f"{self.run_id}-{seq}"
 
-    def new_frame(self, stream: str, bad: bool) -> int:
+    def new_frame(self, stream: str, bad: bool, known: bool = False) -> int:
         with self.cond:
             seq = len(self.flags)
-            self.flags.append(SENT | (BAD if bad else 0))
+            self.flags.append(SENT | (BAD if bad else 0) | (KNOWN if known else 0))
             self.outstanding[seq] = (time.monotonic(), stream)
             self.sent += 1
             self.bad_sent += bad
@@ -396,9 +404,19 @@ class Ledger:
                     self._wrong(f"good frame answered {code}", fid, body)
             elif f & BAD:
                 self._wrong("bad frame answered without an error", fid, body)
+            elif f & KNOWN and _top_label(body) != self.known_label:
+                self._wrong(f"known frame answered {_top_label(body)!r}, not {self.known_label!r}", fid, body)
             else:
-                total = float(body.get("timing_ms", {}).get("total", 0.0))
-                self.slots[int((now - self.t0) // self.slot_s)][bisect.bisect_left(BOUNDS, total)] += 1
+                self.known_ok += bool(f & KNOWN)
+                timing = body.get("timing_ms", {})
+                total = float(timing.get("total", 0.0))
+                slot = int((now - self.t0) // self.slot_s)
+                self.slots_all[slot][bisect.bisect_left(BOUNDS, total)] += 1
+                if now < self.aside_until:
+                    self.aside += 1
+                else:
+                    gated = total - float(timing.get("queue", 0.0)) if self.service_latency else total
+                    self.slots[slot][bisect.bisect_left(BOUNDS, gated)] += 1
                 self.win_total.append(total)
                 self.win_e2e.append((now - t_sent) * 1e3)
             self.cond.notify_all()
@@ -422,11 +440,12 @@ class Ledger:
                     "win_p50_ms": percentile(tot, 50), "win_p99_ms": percentile(tot, 99),
                     "win_e2e_p99_ms": percentile(e2e, 99)}
 
-    def p99_between(self, a: float, b: float) -> tuple[float, int]:
-        """p99 of successful results received between a and b seconds after t0, and their count."""
+    def p99_between(self, a: float, b: float, everything: bool = False) -> tuple[float, int]:
+        """p99 of successful results received between a and b seconds after t0, and their count (but those
+        left aside, unless everything)."""
         merged: collections.Counter[int] = collections.Counter()
         with self.cond:
-            for k, c in self.slots.items():
+            for k, c in (self.slots_all if everything else self.slots).items():
                 if a <= k * self.slot_s < b:
                     merged.update(c)
         return hist_percentile(merged, 99), sum(merged.values())
@@ -440,6 +459,13 @@ class Ledger:
                    "acked_by_broker": bool(self.flags[seq] & ACKED), "bad_frame": bool(self.flags[seq] & BAD)}
                   for seq, (t, stream) in items[:limit]]
             return acked, len(items) - acked, ex
+
+
+def _top_label(body: dict[str, Any]) -> str | None:
+    classes = body.get("classes")
+    if isinstance(classes, list) and classes and isinstance(classes[0], dict):
+        return str(classes[0].get("label"))
+    return None
 
 
 # ---- MQTT side ---------------------------------------------------------------------------------
@@ -493,11 +519,14 @@ class Mqtt:
     def up(self) -> bool:
         return all(self.connected.values())
 
-    def send(self, stream: str, payload: bytes, frame_id: str, content_type: str | None) -> int:
+    def send(self, stream: str, payload: bytes, frame_id: str, content_type: str | None,
+             extra: Callable[[Properties], None] | None = None) -> int:
         props = Properties(PacketTypes.PUBLISH)
         props.UserProperty = [("frame_id", frame_id)]
         if content_type:
             props.ContentType = content_type
+        if extra is not None:  # a profile's hostile properties (tools/soak_site.py)
+            extra(props)
         return int(self.src.publish(f"{self.prefix}/in/{stream}", payload, qos=1, properties=props).mid)
 
     def close(self) -> None:
@@ -745,18 +774,24 @@ class Faults(threading.Thread):
         self.csv = csv.DictWriter(self.fh, ["t_s", "kind", "ok", "recover_s", "detail"])
         self.csv.writeheader()
         self.rng = random.Random(len(plan))
+        self.gap_s = 0.0  # least time from the end of one fault to the start of the next
+        self.finished = threading.Event()  # the plan is done (or halted)
+        self.opts: argparse.Namespace | None = None  # set by the profile's subclass, when it needs them
 
     def run(self) -> None:
+        last_end = 0.0
         for t, kind in self.plan:
-            if self.halt_ev.wait(max(0.0, self.t0 + t - time.monotonic())):
+            if self.halt_ev.wait(max(0.0, self.t0 + t - time.monotonic(), last_end + self.gap_s - time.monotonic())):
                 break
             self.idle.clear()
             start = time.monotonic()
             self.sampler.note(kind)
+            self.started(kind)
             try:
                 ok, detail = getattr(self, "_" + kind)()
             except Exception as exc:  # top of the fault loop: record it, keep soaking
                 ok, detail = False, f"{type(exc).__name__}: {exc}"
+            self.ended(kind)
             rec = {"t_s": round(start - self.t0, 2), "kind": kind, "ok": ok,
                    "recover_s": round(time.monotonic() - start, 2), "detail": detail}
             self.done.append(rec)
@@ -765,9 +800,17 @@ class Faults(threading.Thread):
             print(f"[{rec['t_s']:8.1f} s] {kind}: {'ok' if ok else 'NOT RECOVERED'} in {rec['recover_s']} s  {detail}",
                   flush=True)
             self.idle.set()
+            last_end = time.monotonic()
+        self.finished.set()
         # stays alive until close(): a broker restarted from this thread gets its parent-death
         # signal when this thread ends
         self.stop_ev.wait()
+
+    def started(self, kind: str) -> None:
+        """Called as a fault begins (a profile's hook)."""
+
+    def ended(self, kind: str) -> None:
+        """Called once a fault is recovered from, or not (a profile's hook)."""
 
     def _status(self) -> dict[str, Any]:
         try:
@@ -912,6 +955,7 @@ class RunFacts:
     daemon_died: str | None
     mem_kinds: set[float]
     extra: dict[str, Any] = field(default_factory=dict)
+    more_checks: list[Check] = field(default_factory=list)  # a profile's own (tools/soak_site.py)
 
 
 def verdict(opts: argparse.Namespace, ledger: Ledger, facts: RunFacts) -> dict[str, Any]:
@@ -997,17 +1041,27 @@ def verdict(opts: argparse.Namespace, ledger: Ledger, facts: RunFacts) -> dict[s
     ratio = q4 / q2 if q2 and math.isfinite(q2) and math.isfinite(q4) else float("nan")
     gated_drift = opts.max_p99_drift is not None and n2 >= 50 and n4 >= 50
     drift_ok = not (math.isfinite(ratio) and ratio > (opts.max_p99_drift or 0) and q4 - q2 > opts.p99_floor_ms)
-    checks.append(Check("p99 drift (last quarter / second quarter)", _round(ratio), opts.max_p99_drift,
+    what = " of dispatch to reply (total - queue)" if ledger.service_latency else ""
+    checks.append(Check(f"p99 drift{what} (last quarter / second quarter)", _round(ratio), opts.max_p99_drift,
                         drift_ok if gated_drift else None,
-                        f"p99 {q2} ms ({n2} results) -> {q4} ms ({n4} results); floor {opts.p99_floor_ms} ms"))
+                        f"p99 {q2} ms ({n2} results) -> {q4} ms ({n4} results); floor {opts.p99_floor_ms} ms"
+                        + (f"; {ledger.aside} results left aside ({getattr(opts, 'aside_what', '')})"
+                           if ledger.aside else "")))
+    if ledger.aside:
+        a2, m2 = ledger.p99_between(T / 4, T / 2, everything=True)
+        a4, m4 = ledger.p99_between(3 * T / 4, T + ledger.slot_s, everything=True)
+        r_all = a4 / a2 if a2 and math.isfinite(a2) and math.isfinite(a4) else float("nan")
+        checks.append(Check("p99 drift of total, every result", _round(r_all), None, None,
+                            f"p99 {a2} ms ({m2} results) -> {a4} ms ({m4} results)"))
 
+    checks.extend(facts.more_checks)
     ok = all(c.ok is not False for c in checks) and ledger.sent > 0
     faults = collections.Counter(f["kind"] for f in facts.faults)
     faults_ok = collections.Counter(f["kind"] for f in facts.faults if f["ok"])
     last = facts.rows[-1] if facts.rows else {}
     return {
         "pass": ok,
-        "mode": "ci" if opts.ci else "long",
+        "mode": getattr(opts, "profile", None) or ("ci" if opts.ci else "long"),
         "load_s": round(T, 1),
         "out": str(opts.out),
         "frames": {
@@ -1121,6 +1175,11 @@ def plot(out: Path) -> str:
     ax[1].plot(t, col("pool_used_mb"), label="pool used")
     ax[1].set_ylabel("MB")
     ax[1].set_title("frame pool")
+    if any(_num(r.get("pool_shrinks")) for r in rows):
+        ax1b = ax[1].twinx()
+        ax1b.plot(t, col("pool_shrinks"), color="tab:gray", ls="--", label="segments given back (cumulative)")
+        ax1b.set_ylabel("count")
+        ax1b.legend(loc="upper right", fontsize=7)
     ax[2].plot(t, col("win_p50_ms"), label="p50 (per sample)")
     ax[2].plot(t, col("win_p99_ms"), label="p99 (per sample)")
     ax[2].plot(t, col("status_p99_ms"), label="p99 since start (status)", alpha=0.6)
@@ -1135,14 +1194,20 @@ def plot(out: Path) -> str:
     ax3b.set_ylabel("count")
     ax[3].set_title("load; fds and threads")
     ax[3].set_xlabel(unit)
-    colors = {"reload": "0.7", "kill": "tab:red", "broker_restart": "tab:blue"}
+    colors = {"reload": "0.7", "kill": "tab:red", "broker_restart": "tab:blue", "failover": "tab:orange",
+              "failback": "tab:green", "update": "tab:olive", "update_rejected": "tab:brown",
+              "update_rolled_back": "tab:pink"}
+    lw, alpha = (0.6, 0.5) if len(events) < 150 else (0.3, 0.25)  # site72h: ~530 faults
     for e in events:
         for a in ax:
-            a.axvline(float(e["t_s"]) / div, color=colors.get(e["kind"], "0.5"), lw=0.6, alpha=0.5)
+            a.axvline(float(e["t_s"]) / div, color=colors.get(e["kind"], "0.5"), lw=lw, alpha=alpha)
     for a in ax:
         a.legend(loc="upper left", fontsize=7)
     ax3b.legend(loc="upper right", fontsize=7)
-    fig.suptitle(f"edged soak: {out.name} (grey: reload, red: worker kill, blue: broker restart)")
+    kinds = {e["kind"] for e in events}
+    site = "; orange/green: fail-over/back, olive/brown/pink: update applied/rejected/rolled back" \
+        if kinds & {"failover", "update"} else ""
+    fig.suptitle(f"edged soak: {out.name} (grey: reload, red: worker kill, blue: broker restart{site})", fontsize=10)
     fig.tight_layout()
     fig.savefig(out / "soak.png", dpi=90)
     plt.close(fig)
@@ -1189,6 +1254,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--max-thread-growth", type=float, default=0)
     ap.add_argument("--max-p99-drift", type=float, help="p99 ratio limit (2.0; --ci: report only)")
     ap.add_argument("--p99-floor-ms", type=float, default=25.0)
+    ap.add_argument("--profile", choices=["site72h"],
+                    help="site72h: 72 hours of a busy site's frames and faults in ~1 hour (tools/soak_site.py)")
+    ap.add_argument("--scale", type=float, default=1.0, help="with --profile: every planned count times this")
+    ap.add_argument("--rate", type=float, default=300.0, help="with --profile: frames/s in its steady phases")
     o = ap.parse_args(argv)
     if o.plot:
         return o
@@ -1201,6 +1270,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ci = o.ci
     o.duration_s = (o.hours * 3600 if o.hours is not None else o.minutes * 60 if o.minutes is not None
                     else 180 if ci else 3600)
+    if o.profile:
+        import soak_site  # tools/ is on sys.path: this script's directory
+
+        soak_site.configure(o, ap)  # its counts, schedule, config knobs and defaults
     if o.duration_s < 20:
         ap.error("run at least 20 seconds")
     defaults = {
@@ -1219,6 +1292,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
         o.broker_restart_s = 1800 if o.broker_restart_s is None else o.broker_restart_s
         o.max_p99_drift = 2.0 if o.max_p99_drift is None else o.max_p99_drift
         o.max_worker_slope_mb_h = 2.0 if o.max_worker_slope_mb_h is None else o.max_worker_slope_mb_h
+    if o.profile:
+        o.site.limits(o)  # the profile's limits: given flags win, None means report-only
     if o.out is None:
         o.out = ROOT / "soak-out" / time.strftime("%Y%m%d-%H%M%S")
     return o
@@ -1246,6 +1321,9 @@ def run(opts: argparse.Namespace) -> int:
     faults: Faults | None = None
     extra: dict[str, Any] = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
     try:
+        site = getattr(opts, "site", None)  # a profile (tools/soak_site.py), or None
+        if site is not None:
+            site.setup(opts, out, tmp)
         if opts.own:
             broker = own_broker(out)
             broker.start()
@@ -1260,11 +1338,12 @@ def run(opts: argparse.Namespace) -> int:
         inp = st.get("model", {}).get("input") or {}
         print(f"daemon online: pid {pid}, model {st.get('model', {}).get('name')} input {inp}, "
               f"{len(st.get('workers', []))} worker(s); broker {host}:{port}; prefix {prefix}; out {out}", flush=True)
-        frames = FrameSet(opts.seed, inp.get("shape") or [1], inp.get("dtype") or "uint8", opts.bad_share)
+        frames = (site.frames if site else FrameSet)(opts.seed, inp.get("shape") or [1], inp.get("dtype") or "uint8",
+                                                     opts.bad_share)
         extra["frame_sizes_bytes"] = {**frames.sizes(), "raw": frames.raw_bytes}
         extra["daemon"] = {"pid": pid, "socket": sock, "prefix": prefix, "broker": f"{host}:{port}",
                            "model": st.get("model", {}).get("path"), "owned": opts.own}
-        plan = fault_plan(opts, opts.duration_s, opts.own, random.Random(opts.seed + 2))
+        plan = (site.plan(opts) if site else fault_plan(opts, opts.duration_s, opts.own, random.Random(opts.seed + 2)))
         ledger = Ledger(run_id, slot_s=min(60.0, max(1.0, opts.duration_s / 48)))
         link = Mqtt(host, port, prefix, run_id, ledger)
         link.start()
@@ -1272,7 +1351,10 @@ def run(opts: argparse.Namespace) -> int:
         sampler = Sampler(out / "samples.csv", sock, pid, ledger, opts.sample_s,
                           lambda: (str(current["phase"]), float(current["rate"])))
         ledger.t0 = time.monotonic()
-        faults = Faults(plan, ledger.t0, pid, sock, broker, link, sampler, out / "events.csv", opts.outage_s)
+        faults = (site.SiteFaults if site else Faults)(plan, ledger.t0, pid, sock, broker, link, sampler,
+                                                       out / "events.csv", opts.outage_s)
+        if site is not None:
+            site.attach(opts, faults, ledger, host, port, prefix)
         sampler.start()
         faults.start()
         print(f"load: {opts.duration_s:.0f} s, faults planned: {dict(collections.Counter(k for _, k in plan))}, "
@@ -1284,7 +1366,7 @@ def run(opts: argparse.Namespace) -> int:
                 return None if rc is None else f"daemon exited {rc}"
             return None if psutil.pid_exists(pid) else f"daemon pid {pid} is gone"
 
-        died = drive(opts, ledger, link, frames, current, stop, alive)
+        died = (site.drive if site else drive)(opts, ledger, link, frames, current, stop, alive, faults)
         load_s = time.monotonic() - ledger.t0
         # the drain: no new frames, no new faults; a fault still under way finishes first
         current.update(phase="drain", rate=0.0)
@@ -1312,8 +1394,9 @@ def run(opts: argparse.Namespace) -> int:
         exit_status = daemon.stop() if daemon is not None else None
         daemon = None
         faults.close()
+        more = site.checks(opts, ledger, sampler.rows, final_rows, faults, extra) if site else []
         facts = RunFacts(load_s, sampler.rows, final_rows, faults.done, exit_status, died, sampler.mem_kinds,
-                         dict(extra, status_query_failures=sampler.status_failures))
+                         dict(extra, status_query_failures=sampler.status_failures), more)
         v = verdict(opts, ledger, facts)
         (out / "verdict.json").write_text(json.dumps(v, indent=2, default=str) + "\n")
         print_verdict(v)
@@ -1355,7 +1438,7 @@ def wait_online(sock: str, daemon: OwnDaemon | None, timeout: float) -> dict[str
 
 
 def drive(opts: argparse.Namespace, ledger: Ledger, link: Mqtt, frames: FrameSet, current: dict[str, Any],
-          stop: Stop, alive: Callable[[], str | None]) -> str | None:
+          stop: Stop, alive: Callable[[], str | None], faults: Faults | None = None) -> str | None:
     """Send frames by the phase schedule until the duration is over; returns why the daemon died, if it did."""
     names = list(STREAMS)
     shares = [STREAMS[s][0] for s in names]
@@ -1407,4 +1490,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    sys.modules.setdefault("soak", sys.modules[__name__])  # tools/soak_site.py imports us by name: one copy
     sys.exit(main())
