@@ -43,7 +43,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -95,12 +95,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--edged", type=parse_edged, action="append", default=None,
                     help="NAME=WORKERSxTHREADS, repeatable (default: default=1x1 best=2x1)")
-    ap.add_argument("--pause", type=float, default=0.0, help="seconds to wait between the two modes (py-spy)")
+    ap.add_argument("--profile", default=None, metavar="SERVER",
+                    help="after the rounds, py-spy the named edged server (e.g. edged-default) under --clients load")
+    ap.add_argument("--profile-s", type=int, default=20)
+    ap.add_argument("--profile-dir", type=Path, default=Path("vs_doods_profile"))
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     if args.rounds < 1 or args.requests < 10 or args.clients < 1 or args.warmup < 0:
         ap.error("--rounds >= 1, --requests >= 10, --clients >= 1, --warmup >= 0")
     args.edged = args.edged or [parse_edged("default=1x1"), parse_edged("best=2x1")]
+    if args.profile is not None and args.profile not in {s.name for s in args.edged}:
+        ap.error(f"--profile names one of {', '.join(s.name for s in args.edged)}")
     return args
 
 
@@ -207,9 +212,10 @@ class Doods2:
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")  # as its Dockerfile
         env.pop("PYTHONPATH", None)
         t0 = time.monotonic()
-        self.proc = subprocess.Popen([str(self.args.peer_venv / "bin" / "python"), "main.py", "-c", str(self.cfg), "api"],
-                                     cwd=self.args.peer_dir, env=env, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=open(self.tmp / "doods2.log", "ab"))  # noqa: SIM115
+        exe = str(self.args.peer_venv / "bin" / "python")
+        self.proc = subprocess.Popen([exe, "main.py", "-c", str(self.cfg), "api"], cwd=self.args.peer_dir, env=env,
+                                     stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=open(self.tmp / "doods2.log", "ab"))
         wait_for(lambda: _listening(self.port), 120, "doods2 READY (port)", self.proc)
         ready = time.monotonic() - t0
         dets = self.request(0)
@@ -273,7 +279,7 @@ class Edged:
         t0 = time.monotonic()
         self.proc = subprocess.Popen([sys.executable, "-m", "edged", "run", "-c", str(self.cfg)], cwd=ROOT, env=env,
                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=open(self.tmp / "edged.log", "ab"))  # noqa: SIM115
+                                     stderr=open(self.tmp / "edged.log", "ab"))
         seen = b""
 
         def ready() -> bool:
@@ -425,48 +431,103 @@ def closed_loop(request: Callable[[int], Any], clients: int, total: int) -> dict
 
 
 def measured(server: Doods2 | Edged, clients: int, total: int) -> dict[str, float]:
-    """closed_loop plus CPU: the server's (its tree; edged: supervisor + workers), the broker's, this client's, and
-    the rest of the host's (other people's jobs on a shared machine), per request in ms and in cores."""
+    """closed_loop plus CPU per request: the server's (its process tree; edged: supervisor + workers), its broker's,
+    this client process's; and the cores the rest of the host used meanwhile (other people's jobs)."""
     pid, broker = server.pids()
-    me = os.getpid()
-    c0 = (tree_cpu(pid), tree_cpu(broker), tree_cpu(me), host_busy(), time.monotonic())
+    me = psutil_process()
+
+    def snap() -> tuple[float, ...]:
+        t = me.cpu_times()
+        return tree_cpu(pid), tree_cpu(broker), t.user + t.system, tree_cpu(me.pid), host_busy(), time.monotonic()
+
+    c0 = snap()
     out = closed_loop(server.request, clients, total)
-    c1 = (tree_cpu(pid), tree_cpu(broker), tree_cpu(me), host_busy(), time.monotonic())
-    d = [b - a for a, b in zip(c0, c1, strict=True)]
+    d = [b - a for a, b in zip(c0, snap(), strict=True)]
     out["server_cpu_ms"] = d[0] / total * 1e3
     out["broker_cpu_ms"] = d[1] / total * 1e3
     out["client_cpu_ms"] = d[2] / total * 1e3
-    out["others_cores"] = max(0.0, d[3] - d[0] - d[1] - d[2]) / d[4]
+    out["others_cores"] = max(0.0, d[4] - d[3]) / d[5]  # tree_cpu(me): this process, every server, every broker
     return out
 
 
-def one_round(server: Doods2 | Edged, args: argparse.Namespace) -> dict[str, Any]:
-    ready, first, dets = server.start()
-    try:
-        closed_loop(server.request, 1, args.warmup)
-        serial = measured(server, 1, args.requests)
-        if args.pause:
-            time.sleep(args.pause)
-        closed_loop(server.request, args.clients, args.warmup)
-        conc = measured(server, args.clients, args.requests)
-        pid, broker = server.pids()
-        return {"ready_s": ready, "first_answer_s": first, "labels": labels_of(dets),
-                "top": max(dets, key=lambda d: d[1])[0] if dets else None,
-                "serial": serial, "concurrent": conc, "pss_mib": tree_pss(pid),
-                "broker_pss_mib": tree_pss(broker) if broker else None}
-    finally:
-        server.stop()
+def psutil_process() -> Any:
+    import psutil
+
+    return psutil.Process()
 
 
-def medians(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+def order_of(specs: list[ServerSpec], r: int) -> list[ServerSpec]:
+    """Round r's order: rotated by r, reversed on odd rounds (A,B,C / C,A,B reversed / ...)."""
+    order = specs[r % len(specs):] + specs[:r % len(specs)]
+    return order[::-1] if r % 2 else order
+
+
+def cold_starts(servers: dict[str, Doods2 | Edged], specs: list[ServerSpec], args: argparse.Namespace,
+                out: dict[str, list[dict[str, Any]]]) -> None:
+    """Each server alone (PSS splits pages shared between processes: edged instances share numpy and LiteRT), in
+    each round: started cold, its first answer, a warm-up in both modes, then the PSS of its tree, then stopped."""
+    for r in range(args.rounds):
+        for s in order_of(specs, r):
+            srv = servers[s.name]
+            try:
+                ready, first, dets = srv.start()
+                closed_loop(srv.request, 1, args.warmup)
+                closed_loop(srv.request, args.clients, args.warmup)
+                pid, broker = srv.pids()
+                pss, broker_pss = tree_pss(pid), tree_pss(broker) if broker else None
+            finally:
+                srv.stop()
+            out[s.name].append({"ready_s": ready, "first_answer_s": first, "labels": labels_of(dets),
+                                "top": max(dets, key=lambda d: d[1])[0] if dets else None,
+                                "pss_mib": pss, "broker_pss_mib": broker_pss})
+            print(f"cold start {r + 1} {s.name}: READY {ready:.2f} s, first answer {first:.2f} s, "
+                  f"{labels_of(dets)}; PSS after warm-up {pss:.1f} MiB", flush=True)
+
+
+def load_rounds(servers: dict[str, Doods2 | Edged], specs: list[ServerSpec], args: argparse.Namespace,
+                out: dict[str, dict[str, list[dict[str, float]]]]) -> None:
+    """Every server up at once (idle ones cost nothing measurable); per round, mode (a) on each server in that
+    round's order, then mode (b): adjacent slices, so a burst of someone else's work hits each alike."""
+    for r in range(args.rounds):
+        for mode, clients in (("serial", 1), ("concurrent", args.clients)):
+            for s in order_of(specs, r):
+                m = measured(servers[s.name], clients, args.requests)
+                out[s.name][mode].append(m)
+                print(f"round {r + 1} {mode} {s.name}: {m['rps']:.1f} req/s, p50 {m['p50']:.1f} ms, p99 "
+                      f"{m['p99']:.1f} ms, server CPU {m['server_cpu_ms']:.1f} ms/req, others "
+                      f"{m['others_cores']:.2f} cores", flush=True)
+
+
+def profile(srv: Edged, args: argparse.Namespace) -> None:
+    """py-spy record on the supervisor and each worker while `clients` clients load this server."""
+    import psutil
+
+    pid, _ = srv.pids()
+    targets = {"supervisor": pid, **{f"worker{i}": c.pid for i, c in enumerate(psutil.Process(pid).children())}}
+    args.profile_dir.mkdir(parents=True, exist_ok=True)
+    spy = Path(sys.executable).with_name("py-spy")
+    procs = [subprocess.Popen([str(spy), "record", "--nonblocking", "-r", "200", "-d", str(args.profile_s), "-f",
+                               fmt, "-o", str(args.profile_dir / f"{srv.spec.name}-{name}.{ext}"), "-p", str(p)],
+                              stdout=subprocess.DEVNULL, stderr=open(args.profile_dir / f"{name}.log", "ab"))
+             for name, p in targets.items() for fmt, ext in (("speedscope", "json"), ("raw", "txt"))]
+    deadline = time.monotonic() + args.profile_s + 2
+    while time.monotonic() < deadline:
+        closed_loop(srv.request, args.clients, args.clients * 10)
+    for p in procs:
+        p.wait(60)
+    print(f"py-spy profiles of {srv.spec.name} ({', '.join(f'{k} {v}' for k, v in targets.items())}) in "
+          f"{args.profile_dir}", flush=True)
+
+
+def medians(cold: list[dict[str, Any]], load: dict[str, list[dict[str, float]]]) -> dict[str, Any]:
     med = statistics.median
-    out: dict[str, Any] = {k: med(r[k] for r in rounds) for k in ("ready_s", "first_answer_s", "pss_mib")}
-    if rounds[0]["broker_pss_mib"] is not None:
-        out["broker_pss_mib"] = med(r["broker_pss_mib"] for r in rounds)
-    for mode in ("serial", "concurrent"):
-        out[mode] = {k: med(r[mode][k] for r in rounds) for k in rounds[0][mode]}
-    out["labels"] = rounds[0]["labels"]
-    out["top"] = rounds[0]["top"]
+    out: dict[str, Any] = {k: med(r[k] for r in cold) for k in ("ready_s", "first_answer_s", "pss_mib")}
+    if cold[0]["broker_pss_mib"] is not None:
+        out["broker_pss_mib"] = med(r["broker_pss_mib"] for r in cold)
+    for mode, rs in load.items():
+        out[mode] = {k: med(r[k] for r in rs) for k in rs[0]}
+    out["labels"] = cold[0]["labels"]
+    out["top"] = cold[0]["top"]
     return out
 
 
@@ -533,26 +594,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     specs = [ServerSpec("doods2", "doods2"), *args.edged]
     servers: dict[str, Doods2 | Edged] = {s.name: (Doods2 if s.kind == "doods2" else Edged)(s, args, tmp, jpeg)
                                           for s in specs}
-    rounds: dict[str, list[dict[str, Any]]] = {s.name: [] for s in specs}
+    cold: dict[str, list[dict[str, Any]]] = {s.name: [] for s in specs}
+    load: dict[str, dict[str, list[dict[str, float]]]] = {s.name: {"serial": [], "concurrent": []} for s in specs}
     try:
-        for r in range(args.rounds):
-            order = specs[r % len(specs):] + specs[:r % len(specs)]
-            if r % 2:
-                order.reverse()
-            for s in order:
-                got = one_round(servers[s.name], args)
-                rounds[s.name].append(got)
-                print(f"round {r + 1} {s.name}: serial {got['serial']['rps']:.1f} req/s p50 {got['serial']['p50']:.1f}"
-                      f" ms; {args.clients} clients {got['concurrent']['rps']:.1f} req/s p99 "
-                      f"{got['concurrent']['p99']:.1f} ms; PSS {got['pss_mib']:.1f} MiB; first answer "
-                      f"{got['first_answer_s']:.2f} s; {got['labels']}", flush=True)
+        cold_starts(servers, specs, args, cold)
+        for s in specs:
+            srv = servers[s.name]
+            srv.start()
+            closed_loop(srv.request, 1, args.warmup)
+            closed_loop(srv.request, args.clients, args.warmup)
+        load_rounds(servers, specs, args, load)
+        if args.profile:
+            profile(servers[args.profile], args)  # type: ignore[arg-type]
     finally:
         for srv in servers.values():
             srv.stop()
             if isinstance(srv, Edged):
                 srv.close()
-    res = {name: medians(rs) for name, rs in rounds.items()}
-    like = len({tuple(r["labels"]) for rs in rounds.values() for r in rs}) == 1
+    res = {s.name: medians(cold[s.name], load[s.name]) for s in specs}
+    like = len({tuple(r["labels"]) for rs in cold.values() for r in rs}) == 1
     g = goals(res)
     print(f"\nimage: {args.image.name}" + (f" cropped/resized to {args.size[0]}x{args.size[1]}" if args.size else "")
           + f", {len(jpeg)} bytes; {args.rounds} interleaved rounds, medians; {args.requests} requests per mode")
@@ -562,7 +622,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps({"image": str(args.image), "size": args.size, "jpeg_bytes": len(jpeg),
                                          "rounds": args.rounds, "requests": args.requests, "clients": args.clients,
-                                         "medians": res, "per_round": rounds, "goals": g, "same_labels": like},
+                                         "medians": res, "cold_starts": cold, "rounds_load": load, "goals": g,
+                                         "same_labels": like},
                                         indent=1))
     return 0 if like else 1
 
