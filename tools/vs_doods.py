@@ -96,7 +96,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--edged", type=parse_edged, action="append", default=None,
                     help="NAME=WORKERSxTHREADS, repeatable (default: default=1x1 best=2x1)")
     ap.add_argument("--profile", default=None, metavar="SERVER",
-                    help="after the rounds, py-spy the named edged server (e.g. edged-default) under --clients load")
+                    help="after the rounds, py-spy the named server (doods2, edged-default, ...) under --clients load")
     ap.add_argument("--profile-s", type=int, default=20)
     ap.add_argument("--profile-dir", type=Path, default=Path("vs_doods_profile"))
     ap.add_argument("--json", type=Path, default=None)
@@ -104,8 +104,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.rounds < 1 or args.requests < 10 or args.clients < 1 or args.warmup < 0:
         ap.error("--rounds >= 1, --requests >= 10, --clients >= 1, --warmup >= 0")
     args.edged = args.edged or [parse_edged("default=1x1"), parse_edged("best=2x1")]
-    if args.profile is not None and args.profile not in {s.name for s in args.edged}:
-        ap.error(f"--profile names one of {', '.join(s.name for s in args.edged)}")
+    if args.profile is not None and args.profile not in {"doods2", *(s.name for s in args.edged)}:
+        ap.error(f"--profile names doods2 or one of {', '.join(s.name for s in args.edged)}")
     return args
 
 
@@ -172,6 +172,16 @@ def tree_cpu(pid: int | None) -> float:
     return total
 
 
+def proc_cpu(pid: int) -> float:
+    import psutil
+
+    try:
+        t = psutil.Process(pid).cpu_times()
+    except psutil.NoSuchProcess:
+        return 0.0
+    return t.user + t.system
+
+
 def host_busy() -> float:
     """CPU seconds the whole host has spent busy (all cores)."""
     import psutil
@@ -221,6 +231,12 @@ class Doods2:
         dets = self.request(0)
         return ready, time.monotonic() - t0, dets
 
+    def fresh(self) -> None:
+        """Before a slice: uvicorn closes a keep-alive connection idle for 5 s (while the others were measured)."""
+        for c in self.conns.values():
+            c.close()
+        self.conns.clear()
+
     def request(self, client: int) -> list[tuple[str, float]]:
         conn = self.conns.get(client)
         if conn is None:
@@ -228,6 +244,9 @@ class Doods2:
         conn.request("POST", "/detect", self.body, {"Content-Type": "application/json"})
         resp = conn.getresponse()
         got = resp.read()
+        if resp.getheader("connection", "").lower() == "close":
+            conn.close()
+            del self.conns[client]
         if resp.status != 200:
             raise RuntimeError(f"doods2 answered {resp.status}: {got[:200]!r}")
         body = json.loads(got)
@@ -238,9 +257,7 @@ class Doods2:
         return self.proc.pid, None
 
     def stop(self) -> None:
-        for c in self.conns.values():
-            c.close()
-        self.conns.clear()
+        self.fresh()
         _stop(self.proc)
         self.proc = None
 
@@ -297,6 +314,9 @@ class Edged:
         t_ready = time.monotonic() - t0
         dets = client.request(self.jpeg)
         return t_ready, time.monotonic() - t0, dets
+
+    def fresh(self) -> None:
+        """MQTT connections stay up between slices (keepalive pings): nothing to renew."""
 
     def _client(self, n: int) -> _MqttClient:
         c = self.clients.get(n)
@@ -438,12 +458,15 @@ def measured(server: Doods2 | Edged, clients: int, total: int) -> dict[str, floa
 
     def snap() -> tuple[float, ...]:
         t = me.cpu_times()
-        return tree_cpu(pid), tree_cpu(broker), t.user + t.system, tree_cpu(me.pid), host_busy(), time.monotonic()
+        return (tree_cpu(pid), tree_cpu(broker), t.user + t.system, tree_cpu(me.pid), host_busy(), time.monotonic(),
+                proc_cpu(pid))
 
+    server.fresh()
     c0 = snap()
     out = closed_loop(server.request, clients, total)
     d = [b - a for a, b in zip(c0, snap(), strict=True)]
     out["server_cpu_ms"] = d[0] / total * 1e3
+    out["main_cpu_ms"] = d[6] / total * 1e3  # edged: the supervisor alone; DOODS2: its only process
     out["broker_cpu_ms"] = d[1] / total * 1e3
     out["client_cpu_ms"] = d[2] / total * 1e3
     out["others_cores"] = max(0.0, d[4] - d[3]) / d[5]  # tree_cpu(me): this process, every server, every broker
@@ -498,12 +521,13 @@ def load_rounds(servers: dict[str, Doods2 | Edged], specs: list[ServerSpec], arg
                       f"{m['others_cores']:.2f} cores", flush=True)
 
 
-def profile(srv: Edged, args: argparse.Namespace) -> None:
-    """py-spy record on the supervisor and each worker while `clients` clients load this server."""
+def profile(srv: Doods2 | Edged, args: argparse.Namespace) -> None:
+    """py-spy record on the server's process and its children (edged: supervisor, workers) while `clients` clients
+    load it; speedscope JSON and raw collapsed stacks (one line per stack, its sample count last)."""
     import psutil
 
     pid, _ = srv.pids()
-    targets = {"supervisor": pid, **{f"worker{i}": c.pid for i, c in enumerate(psutil.Process(pid).children())}}
+    targets = {"main": pid, **{f"worker{i}": c.pid for i, c in enumerate(psutil.Process(pid).children())}}
     args.profile_dir.mkdir(parents=True, exist_ok=True)
     spy = Path(sys.executable).with_name("py-spy")
     procs = [subprocess.Popen([str(spy), "record", "--nonblocking", "-r", "200", "-d", str(args.profile_s), "-f",
@@ -568,13 +592,14 @@ def table(res: dict[str, dict[str, Any]], clients: int) -> str:
         rows.append(f"| {name} | {s['rps']:.1f} | {s['p50']:.1f} | {s['p95']:.1f} | {s['p99']:.1f} | {c['rps']:.1f} "
                     f"| {c['p50']:.1f} | {c['p99']:.1f} | {pss} | {r['ready_s']:.2f} | {r['first_answer_s']:.2f} "
                     f"| {', '.join(r['labels'])} |")
-    head = ("| server | mode | server CPU ms/req | broker CPU ms/req | client CPU ms/req | other jobs on the host, "
-            "cores |")
+    head = ("| server | mode | server CPU ms/req | of which supervisor | broker CPU ms/req | client CPU ms/req "
+            "| other jobs on the host, cores |")
     rows += ["", head, "|" + " --- |" * (head.count("|") - 1)]
     for name, r in res.items():
         for mode, label in (("serial", "1 at a time"), ("concurrent", f"{clients} clients")):
             m = r[mode]
-            rows.append(f"| {name} | {label} | {m['server_cpu_ms']:.2f} | {m['broker_cpu_ms']:.2f} "
+            sup = f"{m['main_cpu_ms']:.2f}" if name != "doods2" else "-"
+            rows.append(f"| {name} | {label} | {m['server_cpu_ms']:.2f} | {sup} | {m['broker_cpu_ms']:.2f} "
                         f"| {m['client_cpu_ms']:.2f} | {m['others_cores']:.2f} |")
     return "\n".join(rows)
 
@@ -605,7 +630,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             closed_loop(srv.request, args.clients, args.warmup)
         load_rounds(servers, specs, args, load)
         if args.profile:
-            profile(servers[args.profile], args)  # type: ignore[arg-type]
+            profile(servers[args.profile], args)
     finally:
         for srv in servers.values():
             srv.stop()
