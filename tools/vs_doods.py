@@ -50,7 +50,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-MODELS = ROOT.parent / "shared" / "models"
+MODELS = Path(os.environ.get("EDGED_SHARED_MODELS") or ROOT.parent / "shared" / "models")
 MODEL = MODELS / "coco_ssd_mobilenet_v1_1.0_quant_2018_06_29_detect.tflite"
 # The SSD's labelmap has a "???" background line 0, but its postprocess answers class 0 = person: both servers
 # read coco_labels.txt (the labelmap without that line, "n/a" for the unused ids), DOODS2 with labelsStartFromZero
@@ -534,6 +534,7 @@ def profile(srv: Doods2 | Edged, args: argparse.Namespace) -> None:
                                fmt, "-o", str(args.profile_dir / f"{srv.spec.name}-{name}.{ext}"), "-p", str(p)],
                               stdout=subprocess.DEVNULL, stderr=open(args.profile_dir / f"{name}.log", "ab"))
              for name, p in targets.items() for fmt, ext in (("speedscope", "json"), ("raw", "txt"))]
+    srv.fresh()
     deadline = time.monotonic() + args.profile_s + 2
     while time.monotonic() < deadline:
         closed_loop(srv.request, args.clients, args.clients * 10)
@@ -609,6 +610,25 @@ def goal_lines(g: dict[str, dict[str, Any]], clients: int) -> str:
                      f"{v['doods2']:g} (ratio {v['ratio']:g})" for k, v in g.items())
 
 
+def report(args: argparse.Namespace, jpeg: bytes, cold: dict[str, list[dict[str, Any]]],
+           load: dict[str, dict[str, list[dict[str, float]]]]) -> bool:
+    """Print the tables and the goals, write --json; whether every server found the same labels."""
+    res = {name: medians(cold[name], load[name]) for name in cold}
+    like = len({tuple(r["labels"]) for rs in cold.values() for r in rs}) == 1
+    g = goals(res)
+    print(f"\nimage: {args.image.name}" + (f" cropped/resized to {args.size[0]}x{args.size[1]}" if args.size else "")
+          + f", {len(jpeg)} bytes; {args.rounds} interleaved rounds, medians; {args.requests} requests per mode")
+    print(table(res, args.clients))
+    print(goal_lines(g, args.clients))
+    print("same labels from every server and round:", like, flush=True)
+    if args.json:
+        args.json.write_text(json.dumps({"image": str(args.image), "size": args.size, "jpeg_bytes": len(jpeg),
+                                         "rounds": args.rounds, "requests": args.requests, "clients": args.clients,
+                                         "medians": res, "cold_starts": cold, "rounds_load": load, "goals": g,
+                                         "same_labels": like}, indent=1))
+    return like
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if not (args.peer_dir / "main.py").is_file() or not (args.peer_venv / "bin" / "python").exists():
@@ -629,6 +649,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             closed_loop(srv.request, 1, args.warmup)
             closed_loop(srv.request, args.clients, args.warmup)
         load_rounds(servers, specs, args, load)
+        like = report(args, jpeg, cold, load)
         if args.profile:
             profile(servers[args.profile], args)
     finally:
@@ -636,20 +657,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             srv.stop()
             if isinstance(srv, Edged):
                 srv.close()
-    res = {s.name: medians(cold[s.name], load[s.name]) for s in specs}
-    like = len({tuple(r["labels"]) for rs in cold.values() for r in rs}) == 1
-    g = goals(res)
-    print(f"\nimage: {args.image.name}" + (f" cropped/resized to {args.size[0]}x{args.size[1]}" if args.size else "")
-          + f", {len(jpeg)} bytes; {args.rounds} interleaved rounds, medians; {args.requests} requests per mode")
-    print(table(res, args.clients))
-    print(goal_lines(g, args.clients))
-    print("same labels from every server and round:", like)
-    if args.json:
-        args.json.write_text(json.dumps({"image": str(args.image), "size": args.size, "jpeg_bytes": len(jpeg),
-                                         "rounds": args.rounds, "requests": args.requests, "clients": args.clients,
-                                         "medians": res, "cold_starts": cold, "rounds_load": load, "goals": g,
-                                         "same_labels": like},
-                                        indent=1))
     return 0 if like else 1
 
 
