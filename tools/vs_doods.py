@@ -284,6 +284,7 @@ class Edged:
             "state_dir": str(self.tmp / "state")}))
         self.proc: subprocess.Popen[bytes] | None = None
         self.clients: dict[int, _MqttClient] = {}
+        self.notify: socket.socket | None = None
 
     def start(self) -> tuple[float, float, list[tuple[str, float]]]:
         sock_path = self.tmp / "notify.sock"
@@ -309,8 +310,10 @@ class Edged:
 
         try:
             wait_for(ready, 120, "edged READY=1", self.proc)
-        finally:
+        except BaseException:
             ns.close()
+            raise
+        self.notify = ns  # open until stop(): the daemon's STOPPING=1 finds a listener (a handful of datagrams)
         t_ready = time.monotonic() - t0
         dets = client.request(self.jpeg)
         return t_ready, time.monotonic() - t0, dets
@@ -334,6 +337,9 @@ class Edged:
     def stop(self) -> None:
         _stop(self.proc)
         self.proc = None
+        if self.notify is not None:
+            self.notify.close()
+            self.notify = None
         for c in self.clients.values():
             c.close()
         self.clients.clear()
