@@ -98,7 +98,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--profile", default=None, metavar="SERVER",
                     help="after the rounds, py-spy the named server (doods2, edged-default, ...) under --clients load")
     ap.add_argument("--profile-s", type=int, default=20)
-    ap.add_argument("--profile-dir", type=Path, default=Path("vs_doods_profile"))
+    ap.add_argument("--profile-dir", type=Path, default=Path(tempfile.gettempdir()) / "vs_doods_profile")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     if args.rounds < 1 or args.requests < 10 or args.clients < 1 or args.warmup < 0:
