@@ -93,6 +93,8 @@ def metrics(st: dict[str, Any]) -> Iterator[Metric]:
     )
     yield CounterMetricFamily("edged_mqtt_result_overflows", "results not held while the broker was away "
                               "(mqtt.result_buffer full)", value=_num(mqtt.get("result_overflows")))
+    yield CounterMetricFamily("edged_mqtt_redelivered", "frames the broker sent again after a reconnect that "
+                              "were answered or in hand already (not run twice)", value=_num(mqtt.get("redelivered")))
 
     yield from _accelerator(st.get("accelerator") or {})
     yield from _workers(st)

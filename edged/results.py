@@ -121,6 +121,8 @@ class Results:
         return False
 
     def _not_held(self, frame: Frame) -> None:
+        if frame.qos and frame.ack is None:
+            self.link.release(frame.mid)  # the broker delivers it again, and that delivery is run
         key = "not_held" if frame.qos else "results_lost"
         self.metrics.count(key)
         now = time.monotonic()
@@ -160,6 +162,9 @@ class Results:
     def connection_lost(self) -> None:
         """The broker delivers unacknowledged QoS 1 frames again: their waiting answers would be duplicates.
         A fleet frame's answer stays: nobody delivers that frame to us again."""
+        for frame, _payload, _error in self.waiting:
+            if frame.qos and frame.ack is None:
+                self.link.release(frame.mid)
         self.waiting = collections.deque(item for item in self.waiting if not item[0].qos or item[0].ack)
         self.waiting_qos0 = sum(not item[0].qos for item in self.waiting)
 

@@ -93,6 +93,8 @@ class Snapshot:
                 "connected": self.link.connected,
                 "reconnects": self.link.reconnects,
                 "result_overflows": self.link.overflows,
+                # frames the broker sent again after a reconnect that were answered or in hand already
+                "redelivered": self.link.redelivered_acked + self.link.redelivered_dropped,
                 "results_waiting": len(self.results.waiting),
                 "results_unacked": self.link.held(),
                 "unrouted": self.link.unrouted,

@@ -291,6 +291,40 @@ def test_reconnect_back_off_starts_afresh_after_each_connection(tmp_path, persis
         loop.close()
 
 
+def test_a_frame_sent_again_is_told_from_a_new_one_under_the_same_packet_id(tmp_path):
+    """The link's bookkeeping of redeliveries (DUP) on real paho messages, without a broker: in hand or
+    answered on an earlier connection -> not run again; another frame under a reused packet id -> run."""
+    from edged import config
+    from edged.ioloop import IoLoop
+    from edged.mqtt import MqttLink
+
+    cfg = config.parse(yaml.safe_dump({"device_id": "dup", "model": {"path": str(BUNDLED / "digits.tflite")},
+                                       "status": {"socket": str(tmp_path / "s.sock")}}), "edged.yaml")
+    got: list[Any] = []
+    link = MqttLink(cfg, got.append, loop=IoLoop())
+
+    def msg(mid: int, payload: bytes, dup: bool) -> mqtt.MQTTMessage:
+        m = mqtt.MQTTMessage(mid, b"edged/dup/in/cam1")
+        m.payload, m.qos, m.dup = payload, 1, dup
+        return m
+
+    link.connects = 1
+    link._on_message(link.client, None, msg(7, b"frame-a", False))
+    link._on_message(link.client, None, msg(7, b"frame-a", True))  # sent again while still in hand
+    assert len(got) == 1 and link.redelivered_dropped == 1
+    link.ack(7, 1)  # answered; its PUBACK goes nowhere (not connected)
+    link.connects = 2  # the reconnect, session kept
+    link._on_message(link.client, None, msg(7, b"frame-a", True))
+    assert len(got) == 1 and link.redelivered_acked == 1
+    link._on_message(link.client, None, msg(7, b"frame-b", True))  # the id reused for another frame
+    assert len(got) == 2
+    link.ack(7, 1)
+    link._on_message(link.client, None, msg(8, b"frame-c", False))
+    link.ack(8, 1)
+    link._on_message(link.client, None, msg(8, b"frame-c", True))  # same connection: not a redelivery
+    assert len(got) == 4 and link.redelivered_acked + link.redelivered_dropped == 2
+
+
 def test_broker_restart_mid_stream_persistent_sessions_every_frame_answered(daemon_factory, persistent_broker,
                                                                             session_client):
     pb = persistent_broker()
@@ -365,7 +399,14 @@ def test_broker_outage_results_held_and_published_after_return(daemon_factory, p
     assert not missing, f"{len(missing)} unanswered, e.g. {missing[:5]}; daemon log: {d.log()[-1500:]}"
     assert all(served_ok(v) for v in got.values())
     assert all(got[k]["ts"] < t_back for k in q0), "QoS 0 results must be the ones produced during the outage"
+    # the PUBACKs of the 20 QoS 1 frames went nowhere: the kept session sends them again (DUP), and the
+    # daemon acknowledges them again instead of answering twice. A sentinel sent after them proves they came.
+    c.send(RAW, "sentinel", qos=1)
+    assert served_ok(c.wait(["sentinel"], 20)["sentinel"])
     st = d.status()
+    assert st["mqtt"]["redelivered"] == 20, st["mqtt"]
+    twice = [k for k in q0 + q1 if c.counts[k] != 1]
+    assert not twice, f"answered twice: {twice[:5]}"
     assert st["mqtt"]["reconnects"] >= 1 and st["mqtt"]["connected"] is True, st["mqtt"]
     assert st["mqtt"]["result_overflows"] == 0
     assert "session present: True" in d.log()
@@ -399,18 +440,23 @@ def test_broker_outage_result_buffer_full_qos1_frames_redelivered_and_answered(d
         pb.start()
         held = c.wait(ids[:10], 20)
         assert all(served_ok(v) for v in held.values()), held  # the held results, out on reconnect
-        # the broker redelivers every frame: acknowledgements sent while it was away were lost
-        until(lambda: frames(d)["received"] == 28, 20, "the frames redelivered")
+        # the broker redelivers every frame: acknowledgements sent while it was away were lost. The 10
+        # answered ones are acknowledged again, not run; the 4 whose answers were not held are run again
+        until(lambda: frames(d)["received"] == 18, 20, "the frames redelivered",
+              detail=lambda: str(d.status()["mqtt"]))
+        assert d.status()["mqtt"]["redelivered"] == 10
         # the broker acknowledged each held result before forwarding it to us, so a frame sent now reaches
         # the daemon behind those PUBACKs: once it is admitted, the daemon has them (QoS 0: no Receive Maximum)
         c.send(frame, "rb-after-pubacks", qos=0)
-        until(lambda: frames(d)["received"] == 29, 20, "a frame sent after the held results arrived")
+        until(lambda: frames(d)["received"] == 19, 20, "a frame sent after the held results arrived")
     got = c.wait(ids, 30)
     missing = [k for k, v in got.items() if v is None]
     assert not missing, f"{len(missing)} unanswered, e.g. {missing[:5]}; daemon log: {d.log()[-1500:]}"
     assert all(served_ok(v) for v in got.values())
     assert "results already held (mqtt.result_buffer)" in d.log()
     assert d.status()["mqtt"]["reconnects"] >= 1
+    twice = [k for k in ids if c.counts[k] != 1]
+    assert not twice, f"answered twice: {twice[:5]}"
 
 
 def test_broker_stall_result_buffer_full_qos1_frames_still_answered(daemon_factory, broker, session_client):

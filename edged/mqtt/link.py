@@ -24,6 +24,7 @@ import logging
 import socket
 import threading
 import time
+import zlib
 from collections.abc import Callable
 
 import paho.mqtt.client as paho
@@ -86,6 +87,18 @@ class MqttLink(LoopDrive):
         self.client.max_queued_messages_set(0)
         self._unacked: set[int] = set()
         self._acked_early: dict[int, float] = {}  # mid -> when: acknowledged before publish() recorded it
+        # session: QoS 1 frames in hand (delivered, not yet acknowledged) and answered (mid -> the connection
+        # its PUBACK went out on). A PUBACK queued as the connection died is lost, and the kept session gets
+        # that frame again (DUP) after the reconnect: one answered on an earlier connection is acknowledged
+        # again, not run twice; one still in hand is dropped (its own acknowledgement covers it). The broker
+        # has at most receive_maximum() frames unacknowledged to us, so the last few times that are enough.
+        # Each is kept with the connection it came on and a fingerprint (topic, size, ends of the payload,
+        # user properties): a broker that reuses a packet id at once must not make a new frame look answered.
+        self._in_hand: dict[int, tuple[int, tuple[object, ...]]] = {}
+        self._answered: collections.OrderedDict[int, tuple[int, tuple[object, ...]]] = collections.OrderedDict()
+        self._answered_kept = min(65535, max(1024, 4 * self.receive_maximum()))
+        self.redelivered_acked = 0
+        self.redelivered_dropped = 0
         self.client.max_inflight_messages_set(100)
         if self.persistent:
             self.client.will_set(f"{self.prefix}/status", b'{"state": "offline"}', qos=1, retain=True)
@@ -152,6 +165,10 @@ class MqttLink(LoopDrive):
         self.connected = True
         logger.info("connected to broker %s:%s (session present: %s)", self.cfg.mqtt.host, self.cfg.mqtt.port,
                     getattr(flags, "session_present", "?"))
+        if not getattr(flags, "session_present", False):
+            with self._lock:  # a new session: its packet ids mean nothing of the old one's
+                self._in_hand.clear()
+                self._answered.clear()
         sub_rc, _mid = client.subscribe(self.subscriptions())
         if sub_rc != paho.MQTT_ERR_SUCCESS:
             logger.error("subscribing failed: %s", paho.error_string(sub_rc))
@@ -216,16 +233,42 @@ class MqttLink(LoopDrive):
             if self._routes and topic is not None and not topic.startswith(self._frame_prefixes):
                 self._on_other(topic, msg)
                 return
+            fp = _fingerprint(topic, msg) if msg.qos and self.persistent else ()
+            if msg.qos and msg.dup and self.persistent and self._seen(msg.mid, fp):
+                return
             inc = self.door.inspect(topic, bytes(msg.payload), msg.qos, msg.mid, bool(msg.retain),
                                     getattr(msg, "properties", None))
             if inc is None:
                 self.unrouted += 1
                 self.ack(msg.mid, msg.qos)
                 return
+            if msg.qos and self.persistent:
+                with self._lock:
+                    self._in_hand[msg.mid] = (self.connects, fp)
             self._deliver(inc)
         except Exception:  # top of paho's callback: one message must not wedge the reader
             logger.exception("handling the message on %r (mid %s) failed", msg._topic[:200], msg.mid)
             self.ack(msg.mid, msg.qos)
+
+    def _seen(self, mid: int, fp: tuple[object, ...]) -> bool:
+        """A frame sent again (DUP) that this session has in hand or answered already: dropped, or acknowledged
+        again when its answer's PUBACK was lost with the last connection."""
+        with self._lock:
+            held = self._in_hand.get(mid)
+            if held is not None and held[1] == fp:
+                self.redelivered_dropped += 1
+                return True
+            done = self._answered.get(mid)
+            if done is None or done[1] != fp or done[0] >= self.connects:
+                return False
+            self.redelivered_acked += 1
+        self.ack(mid, 1)
+        return True
+
+    def release(self, mid: int) -> None:
+        """A QoS 1 frame left unacknowledged on purpose, for the broker to deliver again: that delivery is run."""
+        with self._lock:
+            self._in_hand.pop(mid, None)
 
     def _deliver(self, inc: Incoming) -> None:
         """session: hand a checked frame on (edged.fleet binds its acknowledgement to this connection)."""
@@ -285,6 +328,14 @@ class MqttLink(LoopDrive):
     def ack(self, mid: int, qos: int) -> None:
         """Acknowledge a frame; one that cannot be acknowledged now is delivered again after the reconnect."""
         if qos > 0:
+            if self.persistent:
+                with self._lock:
+                    held = self._in_hand.pop(mid, None)
+                    if held is not None:
+                        self._answered[mid] = held
+                        self._answered.move_to_end(mid)
+                        if len(self._answered) > self._answered_kept:
+                            self._answered.popitem(last=False)
             try:
                 rc = self.client.ack(mid, qos)
             except (ValueError, OSError) as exc:
@@ -347,3 +398,11 @@ class MqttLink(LoopDrive):
         self._flush()
         if self.client.socket() is None:
             self._lost()
+
+
+def _fingerprint(topic: str | None, msg: paho.MQTTMessage) -> tuple[object, ...]:
+    """What tells a frame sent again from a new one under the same packet id, for a few microseconds."""
+    p = msg.payload
+    props = getattr(msg, "properties", None)
+    return (topic, len(p), zlib.crc32(p[:1024]), zlib.crc32(p[-1024:]),
+            repr(getattr(props, "UserProperty", None)), getattr(props, "CorrelationData", None))
