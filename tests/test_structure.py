@@ -91,3 +91,13 @@ def test_no_import_cycle_among_edged_modules():
 def test_every_module_is_about_one_concept_in_size():
     big = {str(p.relative_to(ROOT)): n for p in PKG.rglob("*.py") if (n := len(p.read_text().splitlines())) > BUDGET}
     assert not big, f"modules over {BUDGET} lines: {big}"
+
+
+def test_every_package_of_edged_is_installed():
+    """A subpackage missing from [tool.setuptools] packages is missing from every non-editable install (make
+    install, the device image, the contract checks) while the editable one used by the tests still works."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {_module(p.parent / "__init__.py") for p in PKG.rglob("__init__.py")}
+    assert found <= listed, f"packages not installed: {sorted(found - listed)}"
