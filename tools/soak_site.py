@@ -251,8 +251,10 @@ def drive(opts: argparse.Namespace, ledger: soak.Ledger, link: soak.Mqtt, fs: Si
     phase = next(gen)
     visitors: collections.deque[str] = collections.deque()
     n_visitors = 0
-    visitor_every = opts.est_s / opts.plan_counts["streams"]
-    next_visitor = 0.0
+    # by frames sent, not by time: every planned name is made while frames flow (one made in an idle spell
+    # or a broker outage, or after the last frame, would never be seen)
+    visitor_every = max(1, target // opts.plan_counts["streams"])
+    next_visitor = 0
     credit, last, next_check = 0.0, time.monotonic(), 0.0
     opts.streams_seen = set()
     while not stop.ev.is_set():
@@ -269,8 +271,8 @@ def drive(opts: argparse.Namespace, ledger: soak.Ledger, link: soak.Mqtt, fs: Si
             died = alive()
             if died is not None:
                 return died + " during the load"
-        if t >= next_visitor:  # stream names that come and go: three at a time, a new one every visitor_every
-            next_visitor = t + visitor_every
+        if ledger.sent >= next_visitor:  # stream names that come and go: three at a time, one every visitor_every
+            next_visitor = ledger.sent + visitor_every
             n_visitors += 1
             visitors.append(f"visitor{n_visitors:05d}")
             if len(visitors) > 3:
@@ -450,7 +452,8 @@ class SiteFaults(soak.Faults):
         cases: list[tuple[str, Callable[[], bytes]]] = [
             ("bad signature", lambda: good[:100] + bytes([good[100] ^ 0xFF]) + good[101:]),
             ("another key", lambda: self._bundle(self.serial + 1, self.opts.other_key_path)),  # type: ignore[union-attr]
-            ("serial replayed", lambda: self._bundle(max(self.serial, 1) - (0 if self.serial else 1))),
+            # an older bundle than the serving one (the serving one offered again is a no-op, not a replay)
+            ("serial replayed", lambda: self._bundle(max(self.current - 1, 0))),
             ("truncated", lambda: good[: len(good) // 2]),
             ("random bytes as model", lambda: bundle.build(os.urandom(4096), self.serial + 1,
                                                            bundle.load_private_key(str(self.opts.key_path)),
