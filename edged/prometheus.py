@@ -100,23 +100,24 @@ def metrics(st: dict[str, Any]) -> Iterator[Metric]:
     yield from _workers(st)
 
 
+def _one_per_kind(name: str, text: str, entries: Any) -> Metric:
+    """A gauge of 1 for each {"kind": ...} entry of a status list (entries of another shape are skipped)."""
+    gauge = GaugeMetricFamily(name, text, labels=["kind"])
+    for e in entries or []:
+        if isinstance(e, dict):
+            gauge.add_metric([str(e.get("kind"))], 1)
+    return gauge
+
+
 def _accelerator(acc: dict[str, Any]) -> Iterator[Metric]:
     chosen = GaugeMetricFamily("edged_accelerator_info", "the accelerator serving (always 1)", labels=["kind"])
     chosen.add_metric([str(acc.get("chosen") or "none")], 1)
     yield chosen
-    skipped = GaugeMetricFamily("edged_accelerator_skipped", "1 for each preferred accelerator that was not used",
-                                labels=["kind"])
-    for s in acc.get("skipped") or []:
-        if isinstance(s, dict):
-            skipped.add_metric([str(s.get("kind"))], 1)
-    yield skipped
+    yield _one_per_kind("edged_accelerator_skipped", "1 for each preferred accelerator that was not used",
+                        acc.get("skipped"))
     if "set_aside" in acc:  # accelerator health (wave 2): present once the daemon reports it
-        aside = GaugeMetricFamily("edged_accelerator_set_aside", "1 for each accelerator set aside after failures",
-                                  labels=["kind"])
-        for s in acc.get("set_aside") or []:
-            if isinstance(s, dict):
-                aside.add_metric([str(s.get("kind"))], 1)
-        yield aside
+        yield _one_per_kind("edged_accelerator_set_aside", "1 for each accelerator set aside after failures",
+                            acc.get("set_aside"))
     kinds = acc.get("kinds") if isinstance(acc.get("kinds"), dict) else {}
     if kinds:  # accelerator health: failures, frames and inference time per accelerator kind
         fails = CounterMetricFamily("edged_accelerator_failures", "failures of each accelerator since start, by cause",
