@@ -87,13 +87,13 @@ class MqttLink(LoopDrive):
         self.client.max_queued_messages_set(0)
         self._unacked: set[int] = set()
         self._acked_early: dict[int, float] = {}  # mid -> when: acknowledged before publish() recorded it
-        # session: QoS 1 frames in hand (delivered, not yet acknowledged) and answered (mid -> the connection
-        # its PUBACK went out on). A PUBACK queued as the connection died is lost, and the kept session gets
-        # that frame again (DUP) after the reconnect: one answered on an earlier connection is acknowledged
-        # again, not run twice; one still in hand is dropped (its own acknowledgement covers it). The broker
-        # has at most receive_maximum() frames unacknowledged to us, so the last few times that are enough.
-        # Each is kept with the connection it came on and a fingerprint (topic, size, ends of the payload,
-        # user properties): a broker that reuses a packet id at once must not make a new frame look answered.
+        # session: QoS 1 frames in hand (delivered, not yet acknowledged) and answered, each as mid -> (the
+        # connection it came on, a fingerprint: topic, size, ends of the payload, user properties). A PUBACK
+        # queued as the connection died is lost, and the kept session gets that frame again (DUP) after the
+        # reconnect: one answered that came on an earlier connection is acknowledged again, not run twice;
+        # one still in hand is dropped (its own acknowledgement covers it); the fingerprint keeps a broker
+        # that reuses a packet id at once from making a new frame look answered. The broker has at most
+        # receive_maximum() frames unacknowledged to us, so the last 4 x that many answers are enough.
         self._in_hand: dict[int, tuple[int, tuple[object, ...]]] = {}
         self._answered: collections.OrderedDict[int, tuple[int, tuple[object, ...]]] = collections.OrderedDict()
         self._answered_kept = min(65535, max(1024, 4 * self.receive_maximum()))
