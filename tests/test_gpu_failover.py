@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 from conftest import Client, shared, until
 from edged import runtime
 from test_accel import _gpu_or_skip
+from test_health import Stream
 
 
 def _cpu_top1(model: Path, image: Path) -> int:
@@ -29,30 +29,6 @@ def _cpu_top1(model: Path, image: Path) -> int:
     m.set_input(x)
     m.invoke()
     return int(np.argmax(m.output(0).reshape(-1)))
-
-
-class Stream(threading.Thread):
-    """QoS 1 frames, one every `period` s, until stopped; remembers every frame id."""
-
-    def __init__(self, c: Client, payload: bytes, period: float = 0.02) -> None:
-        super().__init__(daemon=True)
-        self.c, self.payload, self.period = c, payload, period
-        self.ids: list[str] = []
-        self.halt = threading.Event()
-        self.start()
-
-    def run(self) -> None:
-        i = 0
-        while not self.halt.is_set():
-            self.ids.append(f"g{i}")
-            self.c.send(self.payload, f"g{i}", content_type="image/bmp")
-            i += 1
-            self.halt.wait(self.period)
-
-    def stop(self) -> list[str]:
-        self.halt.set()
-        self.join(5)
-        return list(self.ids)
 
 
 def _ordered(c: Client) -> list[dict[str, Any]]:
@@ -79,7 +55,7 @@ def test_gpu_worker_killed_mid_stream_fails_over_to_cpu_and_back(daemon_factory,
     st = d.status()
     assert st["accelerator"]["chosen"] == "gpu", st["accelerator"]
     c = client_factory(d.prefix)
-    stream = Stream(c, cat.read_bytes())
+    stream = Stream(c, period=0.02, payload=cat.read_bytes(), content_type="image/bmp")
     until(lambda: len(_ordered(c)) >= 30, 60, "30 results on the GPU", detail=lambda: d.log()[-2500:])
     assert all(r.get("accelerator") == "gpu" for r in _ordered(c)), _ordered(c)[:3]
     pid = d.status()["workers"][0]["pid"]

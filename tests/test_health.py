@@ -202,11 +202,13 @@ def _cfg(lib: Path, ctl: Control, name: str = "coral", **extra: Any) -> dict[str
 
 
 class Stream:
-    """A steady stream of QoS 1 frames (the digits sample), one every `period` s, until stopped."""
+    """A steady stream of QoS 1 frames (the digits sample unless told), one every `period` s, until stopped."""
 
-    def __init__(self, client: Client, period: float = 0.03) -> None:
+    def __init__(self, client: Client, period: float = 0.03, payload: bytes = SAMPLE,
+                 content_type: str | None = None) -> None:
         self.c = client
         self.period = period
+        self.payload, self.content_type = payload, content_type
         self.ids: list[str] = []
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
@@ -217,7 +219,7 @@ class Stream:
         while not self._stop.is_set():
             fid = f"s{i}"
             self.ids.append(fid)
-            self.c.send(SAMPLE, fid)
+            self.c.send(self.payload, fid, content_type=self.content_type)
             i += 1
             self._stop.wait(self.period)
 
