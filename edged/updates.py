@@ -160,10 +160,7 @@ class ModelUpdates:
             self.busy = True
             try:
                 if kind == "bundle":
-                    with self._lock:
-                        payload, self._pending = self._pending, None
-                    if payload is not None:
-                        self.apply(payload)
+                    self._apply_pending()
                 elif kind == "rollback":
                     arg.put(self.rollback("asked by edged model rollback"))
                 elif kind == "probation":
@@ -172,6 +169,14 @@ class ModelUpdates:
                 logger.exception("model update failed")
             finally:
                 self.busy = False
+
+    def _apply_pending(self) -> None:
+        """The newest bundle, taken and applied in this frame: once it returns, nothing holds the payload
+        (a loop variable in _run would keep a refused 5 MB bundle in RSS until the next one came)."""
+        with self._lock:
+            payload, self._pending = self._pending, None
+        if payload is not None:
+            self.apply(payload)
 
     def apply(self, payload: bytes) -> None:
         t0 = time.monotonic()

@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import os
+import queue
 import signal
 import subprocess
 import tarfile
@@ -455,3 +456,47 @@ def test_push_without_broker_exits_69(tmp_path: Path, keys: dict[str, Any]) -> N
                                  keys["key"], "-c", str(cfg)), env=dict(os.environ, PYTHONPATH=str(ROOT)),
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 69, r.stderr
+
+
+# ---- a refused bundle is not kept ----------------------------------------------------------------------------
+def _big_bytes_held(thread: threading.Thread, nbytes: int) -> list[str]:
+    """The locals of `thread`'s frames that are bytes of at least nbytes (what keeps a payload in RSS)."""
+    import sys
+
+    frame = sys._current_frames().get(thread.ident or -1)
+    held = []
+    while frame is not None:
+        held += [f"{frame.f_code.co_name}.{k}" for k, v in frame.f_locals.items()
+                 if isinstance(v, (bytes, bytearray)) and len(v) >= nbytes]
+        frame = frame.f_back
+    return held
+
+
+def test_a_refused_bundle_is_not_held_by_the_update_thread(tmp_path: Path, keys: dict[str, Any]) -> None:
+    """The 72-hour soak's supervisor kept 4-5 MB after an over-max_mb bundle until the next update came: the
+    update thread's loop variable still named it. A refused bundle is gone once its refusal is published."""
+    import yaml
+
+    from edged import config
+    from edged.updates import ModelUpdates
+
+    doc = updates_cfg(tmp_path, keys, max_mb=1)
+    doc["model"].update(path=str(BUNDLED / "digits.tflite"), labels=str(BUNDLED / "digits_labels.txt"))
+    cfg = config.parse(yaml.safe_dump(doc), "edged.yaml", tmp_path)
+    published: queue.Queue[tuple[str, bytes]] = queue.Queue()
+    # the refusal is made before any worker is needed: none is given, so a path that wanted one would fail here
+    u = ModelUpdates(cfg, None, lambda topic, payload, qos, retain: published.put((topic, payload)) or True)  # type: ignore[arg-type]
+    u.open()
+    u.start()
+    assert u._thread is not None
+    big = make_bundle(keys, os.urandom(3 << 20), 5)
+    u.on_message(u.topic, big, False)
+    del big
+    while True:
+        topic, payload = published.get(timeout=30)
+        if topic.endswith("/model/state"):
+            lu = json.loads(payload)["last_update"]
+            break
+    assert lu["result"] == "rejected" and lu["kind"] == "size", lu
+    until(lambda: not u.busy, 10, "the update thread idle")
+    assert _big_bytes_held(u._thread, 1 << 20) == []
