@@ -19,9 +19,11 @@ F/in/<stream> over `$share/G/F/in/+` on this second connection (client id
   again anyway; its answer still goes out on the daemon's own link).
 - leaving (SIGTERM): UNSUBSCRIBE, then serve every frame the broker still
   sends (it may have queued some for us before the UNSUBSCRIBE) until one
-  more UNSUBSCRIBE comes back with nothing outstanding and nothing arrived
-  since it went out: the broker answers in order on one connection, so
-  nothing was left behind. Only then is the connection closed.
+  more UNSUBSCRIBE comes back with nothing outstanding, nothing arrived
+  and no PUBACK sent since it went out: the broker answers in order on one
+  connection, so nothing was left behind. (A PUBACK sent behind the marker
+  frees a Receive Maximum slot, and the broker may fill it from its queue
+  after the UNSUBACK: the round does not count.) Only then is the connection closed.
 
 Answers go out on the daemon's own link (edged.results), whose persistent
 session holds them across a reconnect: a frame a member already holds is
@@ -73,6 +75,8 @@ class ShareLink(MqttLink):
         self._arrived = False  # a frame came since the last marker went out
         self._rounds = 0  # markers sent while leaving
         self._taken_at_leave = 0
+        self._acks = 0  # PUBACKs queued on this connection
+        self._acks_at_marker = 0  # ... when the last marker went out
 
     # ---- session hooks (MqttLink) --------------------------------------------------------------------------
     def receive_maximum(self) -> int:
@@ -122,6 +126,8 @@ class ShareLink(MqttLink):
             self._outstanding.discard(mid)
             empty = not self._outstanding
         super().ack(mid, qos)
+        with self._olock:  # counted once the PUBACK is queued: a marker that saw this count went out after it
+            self._acks += 1
         if empty and self.leaving:
             self.loop.call_soon(self._next_marker)
 
@@ -152,6 +158,8 @@ class ShareLink(MqttLink):
 
     def _send_marker(self) -> None:
         self._arrived = False
+        with self._olock:
+            self._acks_at_marker = self._acks
         self._marker_out = True
         self._rounds += 1
         if not self.unsubscribe([self.filter], self._marker_back):
@@ -163,8 +171,12 @@ class ShareLink(MqttLink):
         self.subscribed = False
         if self.outstanding():
             return  # the ack that empties it sends the next marker
-        if self._arrived:
-            self._send_marker()  # frames came while it travelled: one more round
+        with self._olock:
+            acked_since = self._acks != self._acks_at_marker
+        if self._arrived or acked_since:
+            # frames came while it travelled, or a PUBACK went out behind it: the broker may send what that
+            # PUBACK made room for after this UNSUBACK (what it had queued for us): one more round
+            self._send_marker()
             return
         logger.info("fleet: left %s, nothing left behind (%d frame(s) came after the UNSUBSCRIBE, %d round(s))",
                     self.filter, self.taken - self._taken_at_leave, self._rounds)
