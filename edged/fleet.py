@@ -23,7 +23,8 @@ F/in/<stream> over `$share/G/F/in/+` on this second connection (client id
   and no PUBACK sent since it went out: the broker answers in order on one
   connection, so nothing was left behind. (A PUBACK sent behind the marker
   frees a Receive Maximum slot, and the broker may fill it from its queue
-  after the UNSUBACK: the round does not count.) Only then is the connection closed.
+  after the UNSUBACK: that round does not count.) Only then is the
+  connection closed.
 
 Answers go out on the daemon's own link (edged.results), whose persistent
 session holds them across a reconnect: a frame a member already holds is
@@ -75,8 +76,7 @@ class ShareLink(MqttLink):
         self._arrived = False  # a frame came since the last marker went out
         self._rounds = 0  # markers sent while leaving
         self._taken_at_leave = 0
-        self._acks = 0  # PUBACKs queued on this connection
-        self._acks_at_marker = 0  # ... when the last marker went out
+        self._acked = False  # a PUBACK was queued since the last marker went out (set once it is queued)
 
     # ---- session hooks (MqttLink) --------------------------------------------------------------------------
     def receive_maximum(self) -> int:
@@ -126,8 +126,7 @@ class ShareLink(MqttLink):
             self._outstanding.discard(mid)
             empty = not self._outstanding
         super().ack(mid, qos)
-        with self._olock:  # counted once the PUBACK is queued: a marker that saw this count went out after it
-            self._acks += 1
+        self._acked = True  # after the PUBACK is queued: a marker that clears it goes out behind that PUBACK
         if empty and self.leaving:
             self.loop.call_soon(self._next_marker)
 
@@ -157,9 +156,7 @@ class ShareLink(MqttLink):
         self._send_marker()
 
     def _send_marker(self) -> None:
-        self._arrived = False
-        with self._olock:
-            self._acks_at_marker = self._acks
+        self._arrived = self._acked = False
         self._marker_out = True
         self._rounds += 1
         if not self.unsubscribe([self.filter], self._marker_back):
@@ -171,9 +168,7 @@ class ShareLink(MqttLink):
         self.subscribed = False
         if self.outstanding():
             return  # the ack that empties it sends the next marker
-        with self._olock:
-            acked_since = self._acks != self._acks_at_marker
-        if self._arrived or acked_since:
+        if self._arrived or self._acked:
             # frames came while it travelled, or a PUBACK went out behind it: the broker may send what that
             # PUBACK made room for after this UNSUBACK (what it had queued for us): one more round
             self._send_marker()

@@ -6,10 +6,9 @@ Runs `edged bench -c CONFIG --frames N` and attaches `py-spy record --format raw
 daemon (`edged run -c /tmp/edged-bench-*`) for --seconds (or until the bench ends), idle samples
 left out. --gil samples only the thread holding the GIL: Python's own CPU; without it, every busy
 thread, system calls included (a send() on loopback TCP does the receiver's work in the caller's
-time). Prints the share of the
-samples by module (paho counted as one) and the top leaf functions. py-spy: --py-spy, else
-`py-spy` beside this Python or on PATH (`pip install py-spy`); it needs ptrace (root, or
-kernel.yama.ptrace_scope 0).
+time). Prints the share of the samples by module (paho counted as one) and the top leaf
+functions. py-spy: --py-spy, else `py-spy` beside this Python or on PATH (`pip install py-spy`);
+it needs ptrace (root, or kernel.yama.ptrace_scope 0).
 """
 from __future__ import annotations
 
